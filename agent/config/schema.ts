@@ -1,0 +1,69 @@
+import { z } from 'zod';
+
+/** Execution providers in the order the agent tries them; onnxruntime itself never falls back. */
+export const EXECUTION_PROVIDERS = ['tensorrt', 'cuda', 'webgpu', 'cpu'] as const;
+export type ExecutionProviderName = (typeof EXECUTION_PROVIDERS)[number];
+
+export const DEFAULT_LISTEN = ['127.0.0.1:50051', 'unix:var/edge-agent.sock'] as const;
+
+const listenAddress = z.string().refine((s) => /^unix:.+/.test(s) || /^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$/.test(s), {
+  message: "expected 'host:port', '[v6addr]:port' or 'unix:/path'",
+});
+
+export const providerOptionsSchema = z.strictObject({
+  device_id: z.number().int().min(0).default(0),
+  /** TensorRT: build fp16/int8 engines; the engine cache lives under the data dir. */
+  trt_fp16: z.boolean().default(true),
+  trt_int8: z.boolean().default(false),
+  intra_op_threads: z.number().int().min(0).default(0),
+  inter_op_threads: z.number().int().min(0).default(0),
+});
+
+export const runtimeSchema = z.strictObject({
+  execution_providers: z.array(z.enum(EXECUTION_PROVIDERS)).min(1).default([...EXECUTION_PROVIDERS]),
+  provider_options: providerOptionsSchema.default(providerOptionsSchema.parse({})),
+  graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).default('all'),
+  /** Cache the optimised graph under the data dir (keyed by model hash, provider, onnxruntime version). */
+  graph_cache: z.boolean().default(true),
+  default_qos: z.enum(['LOSSLESS', 'LATEST_ONLY']).default('LOSSLESS'),
+  /** A sequence (KServe) or stream state that saw no request for this long is freed. */
+  sequence_idle_timeout_s: z.number().positive().default(60),
+  max_sequences: z.number().int().positive().default(1024),
+  /** Frames queued per model before new ones are refused with RESOURCE_EXHAUSTED. */
+  max_queue: z.number().int().positive().default(4096),
+  /** What to do with NaN/Inf in float inputs: serve them, or refuse with INVALID_ARGUMENT. */
+  non_finite_inputs: z.enum(['serve', 'refuse']).default('serve'),
+});
+
+export const serverSchema = z.strictObject({
+  listen: z.array(listenAddress).min(1).default([...DEFAULT_LISTEN]),
+  /** Largest gRPC message accepted; bigger ones get RESOURCE_EXHAUSTED before they are decoded. */
+  max_message_bytes: z.number().int().positive().default(16 * 1024 * 1024),
+  /** Frames a native stream may have in flight when it does not ask (and the most it may ask for). */
+  default_max_in_flight: z.number().int().positive().default(8),
+  max_in_flight_limit: z.number().int().positive().default(64),
+  max_streams: z.number().int().positive().default(1024),
+  max_streams_per_peer: z.number().int().positive().default(256),
+  /** On SIGTERM: how long accepted frames may take to finish before the process exits anyway. */
+  drain_timeout_ms: z.number().int().min(0).default(10_000),
+  unix_socket_mode: z.string().regex(/^0?[0-7]{3}$/).default('0660'),
+  /** Allow plain TCP on a non-loopback address without TLS. */
+  insecure: z.boolean().default(false),
+});
+
+export const logSchema = z.strictObject({
+  level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
+});
+
+export const agentConfigSchema = z.strictObject({
+  model_repository: z.string().min(1).default('models'),
+  data_dir: z.string().min(1).default('var'),
+  server: serverSchema.default(serverSchema.parse({})),
+  runtime: runtimeSchema.default(runtimeSchema.parse({})),
+  log: logSchema.default(logSchema.parse({})),
+});
+
+export type AgentConfig = z.infer<typeof agentConfigSchema>;
+export type RuntimeConfig = z.infer<typeof runtimeSchema>;
+export type ServerConfig = z.infer<typeof serverSchema>;
+export type ProviderOptions = z.infer<typeof providerOptionsSchema>;

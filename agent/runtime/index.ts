@@ -1,0 +1,11 @@
+export { InferenceRuntime } from './inference-runtime.js';
+export type { InferenceRuntimeOptions } from './inference-runtime.js';
+export { ModelScheduler } from './model-scheduler.js';
+export type { LoadedModel, SchedulerOptions } from './model-scheduler.js';
+export { createSession, graphCacheKey, ORT_VERSION } from './session-factory.js';
+export type { CreatedSession, SessionRequest, GraphOptimizationLevel } from './session-factory.js';
+export type { VariantChooser } from './model-loader.js';
+export { SequenceStore } from './sequence-store.js';
+export { gatherAlongAxis, scatterAlongAxis } from './batch-assembly.js';
+export * from './tensor.js';
+export type * from './types.js';

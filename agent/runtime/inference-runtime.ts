@@ -1,0 +1,286 @@
+import { join } from 'node:path';
+import type { RuntimeConfig } from '../config/index.js';
+import { errorMessage, InvalidInputError, ModelLoadError, ModelNotFoundError, UnavailableError } from '../errors.js';
+import type { Logger } from '../logger.js';
+import type { ModelEntry, ModelRepository } from '../models/index.js';
+import { loadModelVersion, type VariantChooser } from './model-loader.js';
+import { ModelScheduler } from './model-scheduler.js';
+import type {
+  InferenceRequest, InferenceResult, InferenceRuntimeApi, ModelInfo, ModelState, ModelStatistics, RuntimeObserver,
+} from './types.js';
+
+export interface InferenceRuntimeOptions {
+  readonly repository: ModelRepository;
+  readonly config: RuntimeConfig;
+  /** Data dir: the optimised-graph cache lives under `<dataDir>/cache`. */
+  readonly dataDir: string;
+  readonly log: Logger;
+  readonly observer?: RuntimeObserver;
+  readonly chooseVariant?: VariantChooser;
+}
+
+interface ModelSlot {
+  entry: ModelEntry;
+  state: ModelState;
+  reason?: string;
+  /** The version that serves requests without an explicit version. */
+  active?: ModelScheduler;
+  /** Other loaded versions (kept while they drain after a switch, or pinned by a deployment). */
+  readonly others: Map<number, ModelScheduler>;
+  /** Serialises load/unload/activate of this model. */
+  op: Promise<unknown>;
+}
+
+/**
+ * Every loaded model of the agent, behind the one interface both gRPC APIs (and the benchmark) use. Owns the
+ * schedulers, loads and unloads from the repository, and switches versions atomically for deployments.
+ */
+export class InferenceRuntime implements InferenceRuntimeApi {
+  private readonly slots = new Map<string, ModelSlot>();
+  private ready = false;
+  private sweeper: NodeJS.Timeout | undefined;
+
+  constructor(private readonly options: InferenceRuntimeOptions) {}
+
+  /** Loads every model in the repository; a model that fails is reported and the others still serve. */
+  async start(): Promise<void> {
+    const entries = this.options.repository.scan();
+    for (const entry of entries) {
+      this.slots.set(entry.name, { entry, state: 'LOADING', others: new Map(), op: Promise.resolve() });
+    }
+    for (const entry of entries) await this.loadModel(entry.name).catch(() => undefined);
+    const idle = this.options.config.sequence_idle_timeout_s * 1000;
+    this.sweeper = setInterval(() => {
+      for (const slot of this.slots.values()) slot.active?.sequences.sweep();
+    }, Math.min(idle / 2, 10_000));
+    this.sweeper.unref();
+    this.ready = true;
+  }
+
+  isReady(): boolean {
+    return this.ready;
+  }
+
+  private slot(model: string): ModelSlot {
+    const slot = this.slots.get(model);
+    if (!slot) throw new ModelNotFoundError(model);
+    return slot;
+  }
+
+  private scheduler(model: string, version: number | undefined): ModelScheduler {
+    const slot = this.slot(model);
+    const active = slot.active;
+    if (!active) {
+      if (slot.state === 'UNAVAILABLE' && slot.reason) throw new UnavailableError(`model '${model}' is not available: ${slot.reason}`);
+      throw new UnavailableError(`model '${model}' is ${slot.state.toLowerCase()}`);
+    }
+    if (version === undefined || version === active.model.version) return active;
+    const other = slot.others.get(version);
+    if (other) return other;
+    if (slot.entry.versions.some((v) => v.version === version)) {
+      throw new UnavailableError(`model '${model}' version ${version} is on disk but not loaded (serving version ${active.model.version})`);
+    }
+    throw new ModelNotFoundError(model, version);
+  }
+
+  submit(model: string, version: number | undefined, request: InferenceRequest): Promise<InferenceResult> {
+    let s: ModelScheduler;
+    try {
+      s = this.scheduler(model, version);
+      if (s.stateful && !request.sequence) {
+        throw new InvalidInputError(`model '${model}' is stateful: requests must belong to a stream or a sequence (sequence_id)`);
+      }
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return s.submit(request);
+  }
+
+  private info(slot: ModelSlot, s: ModelScheduler | undefined): ModelInfo {
+    const m = s?.model;
+    const cfg = slot.entry.config;
+    return {
+      name: slot.entry.name,
+      version: m?.version ?? slot.entry.servedVersion ?? 0,
+      versions: slot.entry.versions.map((v) => v.version),
+      state: slot.state,
+      ...(slot.reason ? { reason: slot.reason } : {}),
+      inputs: m?.inputs ?? [],
+      outputs: m?.outputs ?? [],
+      state_tensors: m?.state ?? [],
+      provider: m?.provider ?? '',
+      variant: m?.variant ?? '',
+      maxBatchSize: m ? (m.maxBatchSize > 0 ? m.maxBatchSize : cfg?.max_batch_size ?? 0) : 0,
+      batching: (m?.maxBatchSize ?? 0) > 0,
+      instanceCount: m?.sessions.length ?? cfg?.instance_count ?? 1,
+      path: m?.path ?? slot.entry.dir,
+    };
+  }
+
+  modelInfo(model: string, version?: number): ModelInfo {
+    const slot = this.slot(model);
+    if (version === undefined) return this.info(slot, slot.active);
+    return this.info(slot, this.scheduler(model, version));
+  }
+
+  listModels(): readonly ModelInfo[] {
+    // The repository may have gained models since start (RepositoryIndex shows them as unloaded).
+    for (const entry of this.options.repository.scan()) {
+      if (!this.slots.has(entry.name)) this.slots.set(entry.name, { entry, state: 'UNAVAILABLE', reason: 'not loaded', others: new Map(), op: Promise.resolve() });
+    }
+    return [...this.slots.values()].sort((a, b) => a.entry.name.localeCompare(b.entry.name)).map((s) => this.info(s, s.active));
+  }
+
+  private serialize<T>(slot: ModelSlot, fn: () => Promise<T>): Promise<T> {
+    const next = slot.op.then(fn, fn);
+    slot.op = next.catch(() => undefined);
+    return next;
+  }
+
+  /** (Re)loads a model from the repository and makes its served version active; the old one drains first. */
+  loadModel(model: string): Promise<void> {
+    const entry = this.options.repository.read(model);
+    if (!entry) return Promise.reject(new ModelNotFoundError(model));
+    let slot = this.slots.get(model);
+    if (!slot) {
+      slot = { entry, state: 'LOADING', others: new Map(), op: Promise.resolve() };
+      this.slots.set(model, slot);
+    }
+    const s = slot;
+    return this.serialize(s, async () => {
+      s.entry = this.options.repository.read(model) ?? entry;
+      const version = s.entry.servedVersion;
+      const ve = s.entry.versions.find((v) => v.version === version);
+      if (!ve) {
+        const reason = s.entry.configError ?? (s.entry.config?.version !== undefined ? `pinned version ${s.entry.config.version} is not on disk` : 'no version folder with a model.onnx');
+        if (!s.active) { s.state = 'UNAVAILABLE'; s.reason = reason; }
+        const err = new ModelLoadError(model, s.entry.dir, reason);
+        this.options.log.error({ model, path: s.entry.dir, err: err.message }, 'model failed to load');
+        this.options.observer?.onModelEvent?.({ type: 'model-failed', model, reason });
+        throw err;
+      }
+      await this.activateLoaded(s, ve.version);
+    });
+  }
+
+  /**
+   * Loads and warms `version` while the current version keeps serving, then switches in one step: frames
+   * accepted before the switch finish on the old version, frames after it run on the new one.
+   */
+  activate(model: string, version: number): Promise<void> {
+    const slot = this.slot(model);
+    return this.serialize(slot, async () => {
+      slot.entry = this.options.repository.read(model) ?? slot.entry;
+      await this.activateLoaded(slot, version);
+    });
+  }
+
+  private async activateLoaded(slot: ModelSlot, version: number): Promise<void> {
+    const model = slot.entry.name;
+    const ve = slot.entry.versions.find((v) => v.version === version);
+    if (!ve) throw new ModelNotFoundError(model, version);
+    if (!slot.active) slot.state = 'LOADING';
+    const t0 = performance.now();
+    try {
+      const cfg = this.options.config;
+      const outcome = await loadModelVersion(slot.entry, ve, {
+        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization,
+        ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
+      }, this.options.log, this.options.chooseVariant);
+      const scheduler = new ModelScheduler(outcome.model, {
+        maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
+        refuseNonFinite: cfg.non_finite_inputs === 'refuse', observer: this.options.observer,
+      });
+      const previous = slot.active;
+      slot.active = scheduler;
+      slot.state = 'READY';
+      delete slot.reason;
+      const m = outcome.model;
+      this.options.log.info({
+        model, version: m.version, provider: m.provider, variant: m.variant, instances: m.sessions.length,
+        max_batch_size: m.maxBatchSize, graph_cache: outcome.graphCache, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
+      }, 'model ready');
+      this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
+      if (previous && previous !== scheduler) {
+        slot.others.set(previous.model.version, previous);
+        void previous.close().finally(() => {
+          if (slot.others.get(previous.model.version) === previous) slot.others.delete(previous.model.version);
+        });
+      }
+    } catch (err) {
+      if (!slot.active) { slot.state = 'UNAVAILABLE'; slot.reason = errorMessage(err); }
+      this.options.log.error({ model, version, err: errorMessage(err) }, 'model failed to load');
+      this.options.observer?.onModelEvent?.({ type: 'model-failed', model, version, reason: errorMessage(err) });
+      throw err;
+    }
+  }
+
+  unloadModel(model: string): Promise<void> {
+    let slot: ModelSlot;
+    try {
+      slot = this.slot(model);
+    } catch (err) {
+      return Promise.reject(err);
+    }
+    return this.serialize(slot, async () => {
+      const active = slot.active;
+      slot.state = 'UNLOADING';
+      const closing = [active, ...slot.others.values()].filter((s): s is ModelScheduler => s !== undefined);
+      await Promise.all(closing.map((s) => s.close()));
+      slot.active = undefined;
+      slot.others.clear();
+      slot.state = 'UNAVAILABLE';
+      slot.reason = 'unloaded';
+      this.options.log.info({ model }, 'model unloaded');
+      this.options.observer?.onModelEvent?.({ type: 'model-unloaded', model });
+    });
+  }
+
+  endSequence(id: string): void {
+    for (const slot of this.slots.values()) {
+      slot.active?.sequences.end(id);
+      for (const o of slot.others.values()) o.sequences.end(id);
+    }
+  }
+
+  statistics(model?: string, version?: number): readonly ModelStatistics[] {
+    if (model !== undefined) return [this.scheduler(model, version).statistics()];
+    const out: ModelStatistics[] = [];
+    for (const slot of this.slots.values()) if (slot.active) out.push(slot.active.statistics());
+    return out;
+  }
+
+  /** Requests queued or running across every model. */
+  inFlight(): number {
+    let n = 0;
+    for (const slot of this.slots.values()) {
+      n += slot.active?.inFlight ?? 0;
+      for (const o of slot.others.values()) n += o.inFlight;
+    }
+    return n;
+  }
+
+  /** Stops accepting and waits for every accepted request to be answered. */
+  async drain(): Promise<void> {
+    const all: ModelScheduler[] = [];
+    for (const slot of this.slots.values()) {
+      if (slot.active) all.push(slot.active);
+      all.push(...slot.others.values());
+    }
+    await Promise.all(all.map((s) => s.drain()));
+  }
+
+  async close(): Promise<void> {
+    if (this.sweeper) clearInterval(this.sweeper);
+    this.ready = false;
+    const all: Promise<void>[] = [];
+    for (const slot of this.slots.values()) {
+      if (slot.active) all.push(slot.active.close());
+      for (const o of slot.others.values()) all.push(o.close());
+      slot.active = undefined;
+      slot.others.clear();
+      slot.state = 'UNAVAILABLE';
+    }
+    await Promise.all(all);
+  }
+}

@@ -1,0 +1,145 @@
+import { randomFillSync } from 'node:crypto';
+import * as ort from 'onnxruntime-node';
+import type { ProviderOptions, ExecutionProviderName } from '../config/index.js';
+import { errorMessage, ModelLoadError } from '../errors.js';
+import type { Logger } from '../logger.js';
+import type { ModelConfig, ModelEntry, ModelVersionEntry } from '../models/index.js';
+import type { LoadedModel } from './model-scheduler.js';
+import { createSession, type GraphOptimizationLevel } from './session-factory.js';
+import { allocate, elementCount, isDType, type TensorSpec } from './tensor.js';
+import type { StateSpec } from './types.js';
+
+export interface LoaderDefaults {
+  readonly providers: readonly ExecutionProviderName[];
+  readonly providerOptions: ProviderOptions;
+  readonly graphOptimization: GraphOptimizationLevel;
+  /** Where optimised graphs are cached; undefined disables the cache. */
+  readonly cacheDir?: string;
+}
+
+/** Picks the file variant to serve. `auto` prefers what the variant selector allows (see compress/). */
+export type VariantChooser = (args: { provider: string; version: ModelVersionEntry; config: ModelConfig }) => 'fp32' | 'int8' | 'fp16';
+
+const DEFAULT_MAX_BATCH = 32;
+
+function specsFrom(model: string, path: string, meta: readonly ort.InferenceSession.ValueMetadata[], kind: string): TensorSpec[] {
+  return meta.map((m) => {
+    if (!m.isTensor) throw new ModelLoadError(model, path, `${kind} '${m.name}' is not a tensor (sequences and maps are not served)`);
+    if (!isDType(m.type)) throw new ModelLoadError(model, path, `${kind} '${m.name}' has element type ${m.type}, which the agent does not serve`);
+    return { name: m.name, dtype: m.type, shape: m.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)) };
+  });
+}
+
+function stateSpecs(model: string, path: string, config: ModelConfig, inputs: TensorSpec[], outputs: TensorSpec[]): StateSpec[] {
+  return config.state.map((s) => {
+    const input = inputs.find((i) => i.name === s.input);
+    const output = outputs.find((o) => o.name === s.output);
+    if (!input) throw new ModelLoadError(model, path, `config state.input '${s.input}' is not an input of the model`);
+    if (!output) throw new ModelLoadError(model, path, `config state.output '${s.output}' is not an output of the model`);
+    if (input.dtype !== output.dtype) throw new ModelLoadError(model, path, `state '${s.input}' is ${input.dtype} but '${s.output}' is ${output.dtype}`);
+    if (s.batch_axis >= input.shape.length) throw new ModelLoadError(model, path, `state '${s.input}': batch_axis ${s.batch_axis} is past its rank ${input.shape.length}`);
+    const shape = input.shape.map((d, i) => (i === s.batch_axis ? 1 : d));
+    if (shape.some((d) => d < 0)) throw new ModelLoadError(model, path, `state '${s.input}' has a dynamic dimension besides its batch axis ${s.batch_axis}: its size must be fixed`);
+    return { input: s.input, output: s.output, dtype: input.dtype, shape, batchAxis: s.batch_axis };
+  });
+}
+
+function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean): Record<string, ort.Tensor> {
+  const feeds: Record<string, ort.Tensor> = {};
+  for (const spec of inputs) {
+    const shape = spec.shape.map((d, i) => (i === 0 && d === -1 ? rows : d === -1 ? 1 : d));
+    const data = allocate(spec.dtype, elementCount(shape));
+    if (random) {
+      if (data instanceof Float32Array || data instanceof Float64Array) for (let i = 0; i < data.length; i++) data[i] = Math.random() * 2 - 1;
+      else if (!(data instanceof BigInt64Array || data instanceof BigUint64Array)) randomFillSync(data);
+    }
+    feeds[spec.name] = new ort.Tensor(spec.dtype, data as ort.Tensor.DataType, shape);
+  }
+  for (const st of state) {
+    const shape = st.shape.map((d, i) => (i === st.batchAxis ? rows : d));
+    feeds[st.input] = new ort.Tensor(st.dtype, allocate(st.dtype, elementCount(shape)) as ort.Tensor.DataType, shape);
+  }
+  return feeds;
+}
+
+export interface LoadOutcome {
+  readonly model: LoadedModel;
+  readonly graphCache: string;
+  readonly skipped: readonly { provider: string; reason: string }[];
+  readonly warmupMs: number;
+}
+
+/**
+ * Creates the sessions of one model version (instance_count of them), derives its tensors from onnxruntime's
+ * metadata and the config, and warms every instance so the first real frame pays no lazy initialisation.
+ */
+export async function loadModelVersion(
+  entry: ModelEntry, versionEntry: ModelVersionEntry, defaults: LoaderDefaults, log: Logger, chooseVariant?: VariantChooser,
+): Promise<LoadOutcome> {
+  const config = entry.config;
+  if (!config) throw new ModelLoadError(entry.name, entry.dir, entry.configError ?? 'invalid config.yaml');
+  const providers = config.execution_providers ?? defaults.providers;
+  const fp32Path = versionEntry.variants.fp32 ?? Object.values(versionEntry.variants)[0] as string;
+
+  const sessions: ort.InferenceSession[] = [];
+  try {
+    // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
+    const probe = await createSession({
+      model: entry.name, path: fp32Path, providers, providerOptions: defaults.providerOptions,
+      graphOptimization: config.graph_optimization ?? defaults.graphOptimization, cacheDir: defaults.cacheDir,
+    });
+    for (const s of probe.skipped) log.warn({ model: entry.name, provider: s.provider, reason: s.reason }, 'execution provider skipped');
+    let variant: 'fp32' | 'int8' | 'fp16' = 'fp32';
+    let path = fp32Path;
+    const wanted = chooseVariant ? chooseVariant({ provider: probe.provider, version: versionEntry, config })
+      : config.variant === 'auto' ? 'fp32' : config.variant;
+    let graphCache: string = probe.graphCache;
+    if (wanted !== 'fp32' && versionEntry.variants[wanted]) {
+      await probe.session.release();
+      variant = wanted;
+      path = versionEntry.variants[wanted] as string;
+    } else {
+      sessions.push(probe.session);
+    }
+    while (sessions.length < config.instance_count) {
+      const s = await createSession({
+        model: entry.name, path, providers: [probe.provider], providerOptions: defaults.providerOptions,
+        graphOptimization: config.graph_optimization ?? defaults.graphOptimization, cacheDir: defaults.cacheDir,
+      });
+      graphCache = sessions.length === 0 ? s.graphCache : graphCache;
+      sessions.push(s.session);
+    }
+    const first = sessions[0] as ort.InferenceSession;
+    const allInputs = specsFrom(entry.name, path, first.inputMetadata, 'input');
+    const allOutputs = specsFrom(entry.name, path, first.outputMetadata, 'output');
+    const state = stateSpecs(entry.name, path, config, allInputs, allOutputs);
+    const inputs = allInputs.filter((i) => !state.some((s) => s.input === i.name));
+    const outputs = allOutputs.filter((o) => !state.some((s) => s.output === o.name));
+    const dynamicBatch = inputs.length > 0 && inputs.every((i) => i.shape[0] === -1) && state.every((s) => allInputs.find((i) => i.name === s.input)?.shape[s.batchAxis] === -1);
+    const configured = config.max_batch_size ?? (dynamicBatch ? DEFAULT_MAX_BATCH : 0);
+    if (configured > 0 && !dynamicBatch) {
+      throw new ModelLoadError(entry.name, path, `max_batch_size ${configured} needs a dynamic first dimension on every input, but the model's inputs are ${inputs.map((i) => `${i.name}[${i.shape.join(',')}]`).join(', ')}`);
+    }
+    const batching = configured > 0 && (config.dynamic_batching?.enabled ?? true);
+    const model: LoadedModel = {
+      name: entry.name, version: versionEntry.version, path, provider: probe.provider, variant,
+      inputs, outputs, state,
+      maxBatchSize: batching ? configured : 0,
+      preferredBatchSizes: config.dynamic_batching?.preferred_batch_sizes ?? [],
+      maxQueueDelayUs: config.dynamic_batching?.max_queue_delay_us ?? 0,
+      sessions,
+    };
+    const t0 = performance.now();
+    const sizes = batching ? [1, configured] : [1];
+    for (const session of sessions) {
+      for (let r = 0; r < config.warmup.runs; r++) {
+        for (const rows of sizes) await session.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random'));
+      }
+    }
+    return { model, graphCache, skipped: probe.skipped, warmupMs: performance.now() - t0 };
+  } catch (err) {
+    await Promise.all(sessions.map((s) => s.release().catch(() => undefined)));
+    if (err instanceof ModelLoadError) throw err;
+    throw new ModelLoadError(entry.name, fp32Path, errorMessage(err), { cause: err });
+  }
+}

@@ -1,0 +1,366 @@
+import { performance } from 'node:perf_hooks';
+import * as ort from 'onnxruntime-node';
+import {
+  DeadlineExceededError, EdgeAgentError, errorMessage, FrameDroppedError, InternalError, ResourceExhaustedError, UnavailableError,
+} from '../errors.js';
+import { gatherAlongAxis, scatterAlongAxis } from './batch-assembly.js';
+import { validateRequest } from './request-validation.js';
+import { SequenceStore } from './sequence-store.js';
+import { allocate, elementCount, type Tensor, type TensorData, type TensorSpec } from './tensor.js';
+import type {
+  InferenceRequest, InferenceResult, ModelStatistics, RequestOutcome, RuntimeObserver, StateSpec,
+} from './types.js';
+
+/** A loaded, warmed model version: what the scheduler runs. */
+export interface LoadedModel {
+  readonly name: string;
+  readonly version: number;
+  readonly path: string;
+  readonly provider: string;
+  readonly variant: string;
+  /** Client-visible inputs/outputs (state tensors excluded). */
+  readonly inputs: readonly TensorSpec[];
+  readonly outputs: readonly TensorSpec[];
+  readonly state: readonly StateSpec[];
+  /** 0: every request runs alone. */
+  readonly maxBatchSize: number;
+  readonly preferredBatchSizes: readonly number[];
+  readonly maxQueueDelayUs: number;
+  readonly sessions: readonly ort.InferenceSession[];
+}
+
+export interface SchedulerOptions {
+  readonly maxQueue: number;
+  readonly sequenceIdleTimeoutMs: number;
+  readonly maxSequences: number;
+  readonly refuseNonFinite: boolean;
+  readonly observer?: RuntimeObserver;
+}
+
+interface Pending {
+  readonly request: InferenceRequest;
+  readonly rows: number;
+  readonly groupKey: string;
+  readonly enqueuedAt: number;
+  readonly resolve: (r: InferenceResult) => void;
+  readonly reject: (e: Error) => void;
+  /** Set when a newer LATEST_ONLY frame superseded it or its deadline passed while queued. */
+  cancelled: boolean;
+  /** Taken from the queue into a batch: from then on it is never dropped. */
+  started: boolean;
+}
+
+interface Instance {
+  readonly session: ort.InferenceSession;
+  busy: boolean;
+  /** Batch input buffers, reused run after run so a batch is written once and never reallocated. */
+  readonly buffers: Map<string, TensorData>;
+}
+
+const NS_PER_US = 1000;
+
+function zeroStats(): { count: number; ns: number } {
+  return { count: 0, ns: 0 };
+}
+
+/**
+ * Queue, dynamic batcher and instance pool of one model version. Frames from every stream and API meet here:
+ * compatible frames (same non-batch shapes) are stacked into one `session.run` on an idle instance, and the
+ * results are split back as views of the batch outputs. Stateful models batch too: each sequence's state rows
+ * are gathered along the state's batch axis and scattered back after the run.
+ */
+export class ModelScheduler {
+  private queue: Pending[] = [];
+  private live = 0;
+  private readonly instances: Instance[];
+  private readonly latestByStream = new WeakMap<object, Pending>();
+  readonly sequences: SequenceStore;
+  private accepting = true;
+  private drainWaiters: (() => void)[] = [];
+  private delayTimer: NodeJS.Timeout | undefined;
+  private readonly stats = {
+    lastInference: 0, inferenceCount: 0, executionCount: 0,
+    success: zeroStats(), fail: zeroStats(), queue: zeroStats(),
+    computeInput: zeroStats(), computeInfer: zeroStats(), computeOutput: zeroStats(),
+  };
+  private readonly outputNames: string[];
+  private readonly outputSpecByName: Map<string, TensorSpec>;
+
+  constructor(readonly model: LoadedModel, private readonly options: SchedulerOptions) {
+    this.instances = model.sessions.map((session) => ({ session, busy: false, buffers: new Map() }));
+    this.sequences = new SequenceStore({ idleTimeoutMs: options.sequenceIdleTimeoutMs, maxSequences: options.maxSequences });
+    this.outputNames = model.outputs.map((o) => o.name);
+    this.outputSpecByName = new Map(model.outputs.map((o) => [o.name, o]));
+  }
+
+  get stateful(): boolean {
+    return this.model.state.length > 0;
+  }
+
+  /** Requests queued or running. */
+  get inFlight(): number {
+    return this.live;
+  }
+
+  submit(request: InferenceRequest): Promise<InferenceResult> {
+    if (!this.accepting) return Promise.reject(new UnavailableError(`model '${this.model.name}' version ${this.model.version} is being unloaded`));
+    let rows: number;
+    let groupKey: string;
+    try {
+      ({ rows, groupKey } = validateRequest(this.model, request, this.options.refuseNonFinite));
+      if (this.live >= this.options.maxQueue) {
+        throw new ResourceExhaustedError('runtime.max_queue', `model '${this.model.name}' has ${this.live} requests queued (limit runtime.max_queue = ${this.options.maxQueue})`);
+      }
+      const seq = request.sequence;
+      if (seq && this.stateful) {
+        if (seq.start) this.sequences.start(seq.id);
+        else this.sequences.require(seq.id);
+      }
+    } catch (err) {
+      this.report({ status: 'ERROR' });
+      this.stats.fail.count++;
+      return Promise.reject(err);
+    }
+    return new Promise<InferenceResult>((resolve, reject) => {
+      const pending: Pending = { request, rows, groupKey, enqueuedAt: performance.now(), resolve, reject, cancelled: false, started: false };
+      const key = request.streamKey;
+      if (key && request.qos === 'LATEST_ONLY') {
+        const previous = this.latestByStream.get(key);
+        if (previous && !previous.cancelled && !previous.started) this.cancel(previous, new FrameDroppedError(), 'DROPPED');
+        this.latestByStream.set(key, pending);
+      }
+      this.queue.push(pending);
+      this.live++;
+      this.pump();
+    });
+  }
+
+  private report(o: Omit<RequestOutcome, 'model' | 'version'>): void {
+    this.options.observer?.onRequest?.({ model: this.model.name, version: this.model.version, ...o });
+  }
+
+  private cancel(p: Pending, err: EdgeAgentError, status: RequestOutcome['status']): void {
+    p.cancelled = true;
+    this.live--;
+    this.report({ status });
+    if (status !== 'DROPPED') this.stats.fail.count++;
+    p.reject(err);
+    this.notifyDrained();
+  }
+
+  /** Assigns queued requests to idle instances, forming batches; called whenever either changes. */
+  private pump(): void {
+    for (;;) {
+      const instance = this.instances.find((i) => !i.busy);
+      if (!instance || this.live === 0) return;
+      const batch = this.takeBatch();
+      if (!batch) return;
+      void this.execute(instance, batch);
+    }
+  }
+
+  private takeBatch(): Pending[] | undefined {
+    const now = performance.now();
+    const max = Math.max(1, this.model.maxBatchSize);
+    const batch: Pending[] = [];
+    const seqs = new Set<string>();
+    let rows = 0;
+    let groupKey: string | undefined;
+    const remaining: Pending[] = [];
+    for (const p of this.queue) {
+      if (p.cancelled) continue;
+      if (p.request.deadline !== undefined && now > p.request.deadline) {
+        this.cancel(p, new DeadlineExceededError(`deadline passed ${Math.round((now - p.request.deadline) * 1000)} us before the frame could start`), 'DEADLINE_EXCEEDED');
+        continue;
+      }
+      const seqId = this.stateful ? p.request.sequence?.id : undefined;
+      const blocked = seqId !== undefined && (seqs.has(seqId) || this.sequences.isBusy(seqId));
+      const fits = groupKey === undefined || (p.groupKey === groupKey && rows + p.rows <= max && this.model.maxBatchSize > 0);
+      if (!blocked && fits && rows < max) {
+        batch.push(p);
+        rows += p.rows;
+        groupKey = p.groupKey;
+        if (seqId !== undefined) seqs.add(seqId);
+      } else {
+        remaining.push(p);
+      }
+    }
+    if (batch.length === 0) {
+      this.queue = remaining;
+      return undefined;
+    }
+    const delayUs = this.model.maxQueueDelayUs;
+    if (delayUs > 0 && this.accepting) {
+      const target = this.model.preferredBatchSizes.length > 0 ? Math.max(...this.model.preferredBatchSizes) : max;
+      const waitedUs = (now - (batch[0] as Pending).enqueuedAt) * 1000;
+      if (rows < target && waitedUs < delayUs) {
+        // Not full yet and the oldest frame may still wait: leave everything queued and come back.
+        this.queue = this.queue.filter((p) => !p.cancelled);
+        if (!this.delayTimer) {
+          this.delayTimer = setTimeout(() => { this.delayTimer = undefined; this.pump(); }, Math.max(0, (delayUs - waitedUs) / 1000));
+        }
+        return undefined;
+      }
+    }
+    this.queue = remaining;
+    for (const p of batch) p.started = true;
+    return batch;
+  }
+
+  private buffer(instance: Instance, name: string, spec: { dtype: Tensor['dtype'] }, length: number): TensorData {
+    let buf = instance.buffers.get(name);
+    if (!buf || buf.length < length) {
+      buf = allocate(spec.dtype, length);
+      instance.buffers.set(name, buf);
+    }
+    return buf.subarray(0, length) as TensorData;
+  }
+
+  private async execute(instance: Instance, batch: Pending[]): Promise<void> {
+    instance.busy = true;
+    const m = this.model;
+    const startedAt = performance.now();
+    const rows = batch.map((p) => p.rows);
+    const totalRows = rows.reduce((a, b) => a + b, 0);
+    const seqIds = this.stateful ? batch.map((p) => p.request.sequence?.id as string) : [];
+    let runStart = startedAt;
+    let runEnd = startedAt;
+    let nextStates: Record<string, TensorData>[] | undefined;
+    try {
+      const feeds: Record<string, ort.Tensor> = {};
+      const first = batch[0] as Pending;
+      for (const spec of m.inputs) {
+        const t = first.request.inputs[spec.name] as Tensor;
+        if (batch.length === 1) {
+          // One request: its bytes go to onnxruntime as they came off the wire.
+          feeds[spec.name] = new ort.Tensor(t.dtype, t.data as ort.Tensor.DataType, t.shape as number[]);
+          continue;
+        }
+        const shape = [totalRows, ...t.shape.slice(1)];
+        const out = this.buffer(instance, spec.name, t, elementCount(shape));
+        gatherAlongAxis(batch.map((p) => (p.request.inputs[spec.name] as Tensor).data), rows, t.shape, 0, out);
+        feeds[spec.name] = new ort.Tensor(t.dtype, out as ort.Tensor.DataType, shape);
+      }
+      if (this.stateful) {
+        const states = batch.map((p, i) => {
+          const s = this.sequences.acquire(seqIds[i] as string);
+          return p.request.sequence?.start ? undefined : s;
+        });
+        for (const st of m.state) {
+          const one = elementCount(st.shape);
+          const shape = st.shape.map((d, i) => (i === st.batchAxis ? batch.length : d));
+          const out = this.buffer(instance, `state:${st.input}`, st, one * batch.length);
+          const parts = states.map((s) => s?.[st.input] ?? allocate(st.dtype, one));
+          gatherAlongAxis(parts, batch.map(() => 1), st.shape, st.batchAxis, out);
+          feeds[st.input] = new ort.Tensor(st.dtype, out as ort.Tensor.DataType, shape);
+        }
+      }
+      runStart = performance.now();
+      const results = await instance.session.run(feeds);
+      runEnd = performance.now();
+
+      const perRequest: Record<string, Tensor>[] = batch.map(() => ({}));
+      for (const name of this.outputNames) {
+        const r = results[name];
+        if (!r) throw new InternalError(`model '${m.name}' produced no output '${name}'`);
+        const dims = r.dims as number[];
+        const parts = batch.length === 1 ? [r.data as TensorData] : scatterAlongAxis(r.data as TensorData, dims, 0, rows);
+        const dtype = (this.outputSpecByName.get(name) as TensorSpec).dtype;
+        for (let i = 0; i < batch.length; i++) {
+          (perRequest[i] as Record<string, Tensor>)[name] = { dtype, shape: batch.length === 1 ? dims : [rows[i] as number, ...dims.slice(1)], data: parts[i] as TensorData };
+        }
+      }
+      if (this.stateful) {
+        nextStates = batch.map(() => ({}));
+        for (const st of m.state) {
+          const r = results[st.output];
+          if (!r) throw new InternalError(`model '${m.name}' produced no state output '${st.output}'`);
+          const parts = scatterAlongAxis(r.data as TensorData, r.dims as number[], st.batchAxis, batch.map(() => 1));
+          for (let i = 0; i < batch.length; i++) (nextStates[i] as Record<string, TensorData>)[st.input] = parts[i] as TensorData;
+        }
+      }
+      const done = performance.now();
+      const inferUs = (runEnd - runStart) * 1000;
+      this.stats.executionCount++;
+      this.stats.inferenceCount += totalRows;
+      this.stats.lastInference = Date.now();
+      this.stats.computeInput.ns += (runStart - startedAt) * 1e6;
+      this.stats.computeInfer.ns += inferUs * NS_PER_US;
+      this.stats.computeOutput.ns += (done - runEnd) * 1e6;
+      this.stats.computeInput.count++;
+      this.stats.computeInfer.count++;
+      this.stats.computeOutput.count++;
+      this.options.observer?.onExecution?.({ model: m.name, version: m.version, batchSize: batch.length, inferUs });
+      for (let i = 0; i < batch.length; i++) {
+        const p = batch[i] as Pending;
+        const wanted = p.request.outputs;
+        let outputs = perRequest[i] as Record<string, Tensor>;
+        if (wanted && wanted.length > 0) {
+          const subset: Record<string, Tensor> = {};
+          for (const n of wanted) subset[n] = outputs[n] as Tensor;
+          outputs = subset;
+        }
+        const timings = { queueUs: (startedAt - p.enqueuedAt) * 1000, inferUs, totalUs: (done - p.enqueuedAt) * 1000 };
+        this.stats.success.count++;
+        this.stats.success.ns += timings.totalUs * NS_PER_US;
+        this.stats.queue.count++;
+        this.stats.queue.ns += timings.queueUs * NS_PER_US;
+        this.report({ status: 'OK', timings });
+        p.resolve({ model: m.name, version: m.version, outputs, timings, batchSize: batch.length });
+      }
+    } catch (err) {
+      const failure = err instanceof EdgeAgentError ? err : new InternalError(`onnxruntime failed on model '${m.name}': ${errorMessage(err)}`, { cause: err });
+      for (const p of batch) {
+        this.stats.fail.count++;
+        this.report({ status: 'ERROR' });
+        p.reject(failure);
+      }
+    } finally {
+      for (let i = 0; i < seqIds.length; i++) {
+        const p = batch[i] as Pending;
+        this.sequences.release(seqIds[i] as string, nextStates?.[i], p.request.sequence?.end === true);
+      }
+      this.live -= batch.length;
+      instance.busy = false;
+      this.notifyDrained();
+      this.pump();
+    }
+  }
+
+  private notifyDrained(): void {
+    if (this.live === 0 && this.drainWaiters.length > 0) {
+      const waiters = this.drainWaiters;
+      this.drainWaiters = [];
+      for (const w of waiters) w();
+    }
+  }
+
+  /** Stops accepting; resolves when every accepted request has been answered. */
+  drain(): Promise<void> {
+    this.accepting = false;
+    if (this.delayTimer) {
+      clearTimeout(this.delayTimer);
+      this.delayTimer = undefined;
+      this.pump();
+    }
+    if (this.live === 0) return Promise.resolve();
+    return new Promise((resolve) => this.drainWaiters.push(resolve));
+  }
+
+  /** Drains, then frees the onnxruntime sessions (native memory). */
+  async close(): Promise<void> {
+    await this.drain();
+    this.sequences.clear();
+    await Promise.all(this.instances.map((i) => i.session.release().catch(() => undefined)));
+  }
+
+  statistics(): ModelStatistics {
+    const s = this.stats;
+    return {
+      name: this.model.name, version: this.model.version, lastInference: s.lastInference,
+      inferenceCount: s.inferenceCount, executionCount: s.executionCount,
+      success: { ...s.success }, fail: { ...s.fail }, queue: { ...s.queue },
+      computeInput: { ...s.computeInput }, computeInfer: { ...s.computeInfer }, computeOutput: { ...s.computeOutput },
+    };
+  }
+}

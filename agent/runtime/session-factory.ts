@@ -1,0 +1,112 @@
+import { createHash } from 'node:crypto';
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import * as ort from 'onnxruntime-node';
+import type { ExecutionProviderName, ProviderOptions } from '../config/index.js';
+import { errorMessage, ModelLoadError } from '../errors.js';
+
+export type GraphOptimizationLevel = 'disabled' | 'basic' | 'extended' | 'all';
+
+export interface SessionRequest {
+  readonly model: string;
+  readonly path: string;
+  readonly providers: readonly ExecutionProviderName[];
+  readonly providerOptions: ProviderOptions;
+  readonly graphOptimization: GraphOptimizationLevel;
+  /** Folder for optimised graphs (and TensorRT engines); undefined disables the cache. */
+  readonly cacheDir?: string;
+}
+
+export interface CreatedSession {
+  readonly session: ort.InferenceSession;
+  readonly provider: ExecutionProviderName;
+  /** Providers tried before the one that served, with onnxruntime's reason. */
+  readonly skipped: readonly { provider: ExecutionProviderName; reason: string }[];
+  /** 'hit': loaded the cached optimised graph; 'stored': optimised now and cached; 'off': no cache. */
+  readonly graphCache: 'hit' | 'stored' | 'off';
+}
+
+export const ORT_VERSION: string = ort.env.versions.node ?? ort.env.versions.common;
+
+function providerConfig(name: ExecutionProviderName, o: ProviderOptions, cacheDir: string | undefined): ort.InferenceSession.ExecutionProviderConfig {
+  switch (name) {
+    case 'cuda':
+      return { name: 'cuda', deviceId: o.device_id };
+    case 'tensorrt': {
+      // Engine building takes minutes on a Jetson; the cache under the data dir makes it a one-time cost.
+      const trt: Record<string, unknown> = { name: 'tensorrt', deviceId: o.device_id, trt_fp16_enable: o.trt_fp16, trt_int8_enable: o.trt_int8 };
+      if (cacheDir) Object.assign(trt, { trt_engine_cache_enable: true, trt_engine_cache_path: join(cacheDir, 'tensorrt') });
+      return trt as unknown as ort.InferenceSession.ExecutionProviderConfig;
+    }
+    case 'webgpu':
+      return { name: 'webgpu' } as ort.InferenceSession.ExecutionProviderConfig;
+    case 'cpu':
+      return { name: 'cpu' };
+  }
+}
+
+/**
+ * The graph cache key: the model's bytes, the provider, onnxruntime's version and the optimisation level —
+ * an optimised graph at level 'all' holds provider- and hardware-specific fused kernels, so any change there
+ * must miss the cache.
+ */
+export function graphCacheKey(modelBytes: Uint8Array, provider: string, level: GraphOptimizationLevel): string {
+  const h = createHash('sha256').update(modelBytes).update(`\0${provider}\0${ORT_VERSION}\0${level}`);
+  return h.digest('hex').slice(0, 32);
+}
+
+/**
+ * Creates an onnxruntime session on the first provider of the preference list that works. onnxruntime throws
+ * at creation when a provider's libraries or device are missing and never falls back by itself, so each is
+ * tried in turn and the reasons are kept for the log.
+ */
+export async function createSession(req: SessionRequest): Promise<CreatedSession> {
+  const skipped: { provider: ExecutionProviderName; reason: string }[] = [];
+  let bytes: Uint8Array | undefined;
+  for (const provider of req.providers) {
+    const base: ort.InferenceSession.SessionOptions = {
+      executionProviders: [providerConfig(provider, req.providerOptions, req.cacheDir)],
+      graphOptimizationLevel: req.graphOptimization,
+      logSeverityLevel: 3,
+    };
+    if (req.providerOptions.intra_op_threads > 0) base.intraOpNumThreads = req.providerOptions.intra_op_threads;
+    if (req.providerOptions.inter_op_threads > 0) base.interOpNumThreads = req.providerOptions.inter_op_threads;
+    try {
+      // TensorRT compiles whole subgraphs; such a graph cannot be serialised, and TensorRT has its own engine cache.
+      if (req.cacheDir && provider !== 'tensorrt' && req.graphOptimization !== 'disabled') {
+        bytes ??= readFileSync(req.path);
+        const dir = join(req.cacheDir, 'graphs');
+        const cached = join(dir, `${req.model}-${graphCacheKey(bytes, provider, req.graphOptimization)}.onnx`);
+        if (existsSync(cached)) {
+          try {
+            // Already optimised: loading it with optimisation off is what saves the start-up time.
+            const session = await ort.InferenceSession.create(cached, { ...base, graphOptimizationLevel: 'disabled' });
+            return { session, provider, skipped, graphCache: 'hit' };
+          } catch {
+            rmSync(cached, { force: true }); // a stale or truncated cache file is rebuilt below
+          }
+        }
+        mkdirSync(dir, { recursive: true });
+        const tmp = `${cached}.tmp-${process.pid}`;
+        try {
+          const session = await ort.InferenceSession.create(req.path, { ...base, optimizedModelFilePath: tmp });
+          if (existsSync(tmp)) renameSync(tmp, cached);
+          return { session, provider, skipped, graphCache: existsSync(cached) ? 'stored' : 'off' };
+        } catch (err) {
+          rmSync(tmp, { force: true });
+          // Some providers refuse to serialise their optimised graph; they still serve without the cache.
+          if (!/serializ/i.test(errorMessage(err))) throw err;
+        }
+      }
+      const session = await ort.InferenceSession.create(req.path, base);
+      return { session, provider, skipped, graphCache: 'off' };
+    } catch (err) {
+      skipped.push({ provider, reason: errorMessage(err).split('\n')[0] ?? 'unknown' });
+    }
+  }
+  throw new ModelLoadError(
+    req.model,
+    req.path,
+    `no execution provider could load it: ${skipped.map((s) => `${s.provider}: ${s.reason}`).join('; ')}`,
+  );
+}

@@ -1,0 +1,95 @@
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { createServer, connect } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+/** A free TCP port on loopback, found by binding port 0 and closing again. */
+export function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const addr = srv.address();
+      const port = typeof addr === 'object' && addr ? addr.port : 0;
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+function waitForPort(port: number, timeoutMs: number): Promise<void> {
+  const until = Date.now() + timeoutMs;
+  return new Promise((resolve, reject) => {
+    const attempt = (): void => {
+      const sock = connect(port, '127.0.0.1');
+      sock.once('connect', () => { sock.destroy(); resolve(); });
+      sock.once('error', () => {
+        sock.destroy();
+        if (Date.now() > until) reject(new Error(`mosquitto did not listen on ${port} within ${timeoutMs} ms`));
+        else setTimeout(attempt, 50);
+      });
+    };
+    attempt();
+  });
+}
+
+export interface MosquittoOptions {
+  /** Extra lines appended to the generated mosquitto.conf (TLS listeners, for example). */
+  readonly extraConfig?: string;
+  readonly port?: number;
+}
+
+/**
+ * A real mosquitto broker on a free loopback port with its own config file, for tests. `stop()` and `start()`
+ * can be called repeatedly to simulate a broker outage; the port stays the same across restarts.
+ */
+export class MosquittoBroker {
+  private child: ChildProcess | undefined;
+  private readonly dir = mkdtempSync(join(tmpdir(), 'edge-mqtt-'));
+
+  private constructor(readonly port: number, private readonly options: MosquittoOptions) {}
+
+  static async start(options: MosquittoOptions = {}): Promise<MosquittoBroker> {
+    const broker = new MosquittoBroker(options.port ?? (await freePort()), options);
+    await broker.start();
+    return broker;
+  }
+
+  get url(): string {
+    return `mqtt://127.0.0.1:${this.port}`;
+  }
+
+  async start(): Promise<void> {
+    if (this.child) return;
+    const conf = join(this.dir, 'mosquitto.conf');
+    writeFileSync(conf, [
+      `listener ${this.port} 127.0.0.1`,
+      'allow_anonymous true',
+      'persistence false',
+      'log_dest none',
+      this.options.extraConfig ?? '',
+    ].join('\n') + '\n');
+    const bin = process.env.MOSQUITTO_BIN ?? (['/usr/sbin/mosquitto', '/usr/bin/mosquitto'].find((p) => existsSync(p)) ?? 'mosquitto');
+    const child = spawn(bin, ['-c', conf], { stdio: ['ignore', 'ignore', 'pipe'] });
+    this.child = child;
+    let stderr = '';
+    child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
+    const exited = new Promise<never>((_, reject) => child.once('exit', (code) => reject(new Error(`mosquitto exited (${code}): ${stderr}`))));
+    await Promise.race([waitForPort(this.port, 5000), exited]);
+    exited.catch(() => undefined);
+  }
+
+  /** Stops the broker (SIGKILL by default, as a crash or a cut link would look to clients). */
+  async stop(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
+    const child = this.child;
+    if (!child) return;
+    this.child = undefined;
+    if (child.exitCode !== null) return;
+    await new Promise<void>((resolve) => { child.once('exit', () => resolve()); child.kill(signal); });
+  }
+
+  async close(): Promise<void> {
+    await this.stop('SIGTERM');
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}

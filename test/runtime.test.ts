@@ -1,0 +1,146 @@
+import t from 'tap';
+import { join } from 'node:path';
+import * as ort from 'onnxruntime-node';
+import { DeadlineExceededError, FrameDroppedError, InvalidInputError, ModelNotFoundError, FailedPreconditionError } from '../agent/errors.js';
+import type { Tensor } from '../agent/runtime/index.js';
+import { DEMO_REPO, startRuntime, copyDemoRepo } from './helpers/runtime.js';
+
+function seeded(seed: number): () => number {
+  let a = seed >>> 0;
+  return () => {
+    a = (a + 0x6d2b79f5) >>> 0;
+    let r = Math.imul(a ^ (a >>> 15), 1 | a);
+    r = (r + Math.imul(r ^ (r >>> 7), 61 | r)) ^ r;
+    return ((r ^ (r >>> 14)) >>> 0) / 4294967296;
+  };
+}
+
+function randomTensor(shape: number[], rnd: () => number): Tensor {
+  const data = new Float32Array(shape.reduce((a, b) => a * b, 1));
+  for (let i = 0; i < data.length; i++) data[i] = rnd() * 2 - 1;
+  return { dtype: 'float32', shape, data };
+}
+
+async function direct(model: string, feeds: Record<string, Tensor>): Promise<Record<string, Float32Array>> {
+  const s = await ort.InferenceSession.create(join(DEMO_REPO, model, '1', 'model.onnx'));
+  const inputs: Record<string, ort.Tensor> = {};
+  for (const [k, v] of Object.entries(feeds)) inputs[k] = new ort.Tensor(v.dtype, v.data as Float32Array, v.shape as number[]);
+  const out = await s.run(inputs);
+  await s.release();
+  return Object.fromEntries(Object.entries(out).map(([k, v]) => [k, v.data as Float32Array]));
+}
+
+function maxAbsDiff(a: ArrayLike<number>, b: ArrayLike<number>): number {
+  let m = a.length === b.length ? 0 : Infinity;
+  for (let i = 0; i < a.length; i++) m = Math.max(m, Math.abs((a[i] as number) - (b[i] as number)));
+  return m;
+}
+
+t.test('a frame returns what a direct session.run returns', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']));
+  const input = randomTensor([1, 3, 112, 112], seeded(1));
+  const res = await rt.submit('classifier', undefined, { inputs: { image: input } });
+  const want = await direct('classifier', { image: input });
+  t.same(res.outputs.logits?.shape, [1, 10]);
+  t.ok(maxAbsDiff(res.outputs.logits?.data as Float32Array, want.logits as Float32Array) < 1e-5, 'logits equal direct run');
+  t.equal(res.version, 1);
+  t.equal(rt.modelInfo('classifier').provider, 'cpu');
+});
+
+t.test('concurrent frames batch into one run and each gets its own rows', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']));
+  const rnd = seeded(2);
+  const inputs = Array.from({ length: 24 }, () => randomTensor([1, 1024], rnd));
+  const results = await Promise.all(inputs.map((x) => rt.submit('tiny', undefined, { inputs: { x } })));
+  t.ok(results.some((r) => r.batchSize > 1), `batches formed (sizes ${[...new Set(results.map((r) => r.batchSize))].join(',')})`);
+  for (let i = 0; i < inputs.length; i++) {
+    const want = await direct('tiny', { x: inputs[i] as Tensor });
+    t.ok(maxAbsDiff(results[i]?.outputs.y?.data as Float32Array, want.y as Float32Array) < 1e-5, `frame ${i} equals its own direct run`);
+  }
+  const stats = rt.statistics('tiny')[0];
+  t.equal(stats?.inferenceCount, 24);
+  t.ok((stats?.executionCount ?? 0) < 24, 'fewer executions than frames');
+});
+
+t.test('frames whose shapes cannot stack run alone', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']));
+  const rnd = seeded(3);
+  const a = randomTensor([1, 1024], rnd);
+  const b = randomTensor([3, 1024], rnd);
+  const [ra, rb] = await Promise.all([rt.submit('tiny', undefined, { inputs: { x: a } }), rt.submit('tiny', undefined, { inputs: { x: b } })]);
+  t.same(ra.outputs.y?.shape, [1, 16]);
+  t.same(rb.outputs.y?.shape, [3, 16]);
+  const want = await direct('tiny', { x: b });
+  t.ok(maxAbsDiff(rb.outputs.y?.data as Float32Array, want.y as Float32Array) < 1e-5);
+});
+
+t.test('stateful model: batched streams equal sequential runs with state fed back', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['filter']));
+  const rnd = seeded(4);
+  const streams = ['s1', 's2', 's3'];
+  const steps = 5;
+  const frames = streams.map(() => Array.from({ length: steps }, () => randomTensor([1, 8], rnd)));
+  const got: Float32Array[][] = streams.map(() => []);
+  for (let k = 0; k < steps; k++) {
+    const rs = await Promise.all(streams.map((id, i) => rt.submit('filter', undefined, { inputs: { x: frames[i]?.[k] as Tensor }, sequence: { id, start: k === 0 } })));
+    rs.forEach((r, i) => got[i]?.push(r.outputs.y?.data as Float32Array));
+    t.notOk('h_out' in (rs[0]?.outputs ?? {}), 'state outputs stay inside the agent');
+  }
+  for (let i = 0; i < streams.length; i++) {
+    let h: Tensor = { dtype: 'float32', shape: [1, 32], data: new Float32Array(32) };
+    for (let k = 0; k < steps; k++) {
+      const out = await direct('filter', { x: frames[i]?.[k] as Tensor, h_in: h });
+      t.ok(maxAbsDiff(got[i]?.[k] as Float32Array, out.y as Float32Array) < 1e-5, `stream ${i} step ${k} equals the hand-fed run`);
+      h = { dtype: 'float32', shape: [1, 32], data: out.h_out as Float32Array };
+    }
+  }
+  await t.rejects(rt.submit('filter', undefined, { inputs: { x: randomTensor([1, 8], rnd) }, sequence: { id: 'never-started' } }), FailedPreconditionError);
+  await t.rejects(rt.submit('filter', undefined, { inputs: { x: randomTensor([1, 8], rnd) } }), InvalidInputError);
+});
+
+t.test('LATEST_ONLY drops only frames a newer one superseded; LOSSLESS drops none', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']), {}, undefined);
+  const rnd = seeded(5);
+  const latest = {};
+  const lossless = {};
+  const submissions: { key: string; p: Promise<unknown> }[] = [];
+  for (let i = 0; i < 12; i++) {
+    submissions.push({ key: 'latest', p: rt.submit('classifier', undefined, { inputs: { image: randomTensor([1, 3, 112, 112], rnd) }, qos: 'LATEST_ONLY', streamKey: latest }) });
+    submissions.push({ key: 'lossless', p: rt.submit('classifier', undefined, { inputs: { image: randomTensor([1, 3, 112, 112], rnd) }, qos: 'LOSSLESS', streamKey: lossless }) });
+  }
+  const settled = await Promise.allSettled(submissions.map((s) => s.p));
+  const latestOutcomes = settled.filter((_, i) => submissions[i]?.key === 'latest');
+  const losslessOutcomes = settled.filter((_, i) => submissions[i]?.key === 'lossless');
+  t.ok(losslessOutcomes.every((o) => o.status === 'fulfilled'), 'every LOSSLESS frame answered');
+  const dropped = latestOutcomes.filter((o) => o.status === 'rejected');
+  t.ok(dropped.length > 0, `LATEST_ONLY under overload dropped ${dropped.length} of 12`);
+  t.ok(dropped.every((o) => o.status === 'rejected' && o.reason instanceof FrameDroppedError), 'drops are reported as DROPPED');
+  t.equal(latestOutcomes.at(-1)?.status, 'fulfilled', 'the newest frame is never dropped');
+});
+
+t.test('a frame whose deadline passed before it could start is not run', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']));
+  const rnd = seeded(6);
+  const busy = Array.from({ length: 6 }, () => rt.submit('classifier', undefined, { inputs: { image: randomTensor([4, 3, 112, 112], rnd) } }));
+  const late = rt.submit('classifier', undefined, { inputs: { image: randomTensor([1, 3, 112, 112], rnd) }, deadline: performance.now() + 0.5 });
+  await t.rejects(late, DeadlineExceededError);
+  await Promise.all(busy);
+  const fine = await rt.submit('classifier', undefined, { inputs: { image: randomTensor([1, 3, 112, 112], rnd) }, deadline: performance.now() + 60_000 });
+  t.same(fine.outputs.logits?.shape, [1, 10]);
+});
+
+t.test('bad requests are refused with messages naming the problem', async (t) => {
+  const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']));
+  const x = randomTensor([1, 1024], seeded(7));
+  await t.rejects(rt.submit('nope', undefined, { inputs: { x } }), ModelNotFoundError);
+  await t.rejects(rt.submit('tiny', 7, { inputs: { x } }), ModelNotFoundError);
+  await t.rejects(rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1000], seeded(1)) } }), { message: /input 'x': shape \[1,1000\]/ });
+  await t.rejects(rt.submit('tiny', undefined, { inputs: { x: { dtype: 'int32', shape: [1, 1024], data: new Int32Array(1024) } } }), { message: /dtype int32 does not match the model's float32/ });
+  await t.rejects(rt.submit('tiny', undefined, { inputs: {} }), { message: /missing input 'x'/ });
+  await t.rejects(rt.submit('tiny', undefined, { inputs: { x, z: x } }), { message: /unknown input 'z'/ });
+  await t.rejects(rt.submit('tiny', undefined, { inputs: { x: randomTensor([64, 1024], seeded(1)) } }), { message: /exceeds max_batch_size 32/ });
+  await t.rejects(rt.submit('tiny', undefined, { inputs: { x: randomTensor([0, 1024], seeded(1)) } }), { message: /empty tensor/ });
+  await t.rejects(rt.submit('tiny', undefined, { inputs: { x }, outputs: ['nope'] }), { message: /unknown output 'nope'/ });
+  const ok = await rt.submit('tiny', undefined, { inputs: { x } });
+  t.same(ok.outputs.y?.shape, [1, 16], 'the next good request is served');
+});
