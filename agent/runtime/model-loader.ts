@@ -88,7 +88,7 @@ export async function loadModelVersion(
       model: entry.name, path: fp32Path, providers, providerOptions: defaults.providerOptions,
       graphOptimization: config.graph_optimization ?? defaults.graphOptimization, cacheDir: defaults.cacheDir,
     });
-    for (const s of probe.skipped) log.warn({ model: entry.name, provider: s.provider, reason: s.reason }, 'execution provider skipped');
+    if (probe.skipped.length > 0) log.info({ model: entry.name, provider: probe.provider, skipped: probe.skipped }, 'execution providers skipped before the one that serves');
     let variant: 'fp32' | 'int8' | 'fp16' = 'fp32';
     let path = fp32Path;
     const wanted = chooseVariant ? chooseVariant({ provider: probe.provider, version: versionEntry, config })

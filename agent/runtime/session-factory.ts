@@ -28,6 +28,17 @@ export interface CreatedSession {
 
 export const ORT_VERSION: string = ort.env.versions.node ?? ort.env.versions.common;
 
+// onnxruntime prints each provider it cannot load to stderr itself; the agent logs the same reason once, as
+// structured JSON, so its own printing is limited to fatal errors.
+ort.env.logLevel = 'fatal';
+
+/**
+ * Providers whose libraries or device are missing on this machine: that does not change while the process
+ * runs, so later models skip them at once instead of failing (and logging) again.
+ */
+const unavailableProviders = new Map<ExecutionProviderName, string>();
+const MACHINE_WIDE_FAILURE = /shared library|adapter|libvulkan|not (?:built|compiled|supported) |no.*device/i;
+
 function providerConfig(name: ExecutionProviderName, o: ProviderOptions, cacheDir: string | undefined): ort.InferenceSession.ExecutionProviderConfig {
   switch (name) {
     case 'cuda':
@@ -64,6 +75,11 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
   const skipped: { provider: ExecutionProviderName; reason: string }[] = [];
   let bytes: Uint8Array | undefined;
   for (const provider of req.providers) {
+    const known = unavailableProviders.get(provider);
+    if (known !== undefined) {
+      skipped.push({ provider, reason: known });
+      continue;
+    }
     const base: ort.InferenceSession.SessionOptions = {
       executionProviders: [providerConfig(provider, req.providerOptions, req.cacheDir)],
       graphOptimizationLevel: req.graphOptimization,
@@ -101,7 +117,9 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
       const session = await ort.InferenceSession.create(req.path, base);
       return { session, provider, skipped, graphCache: 'off' };
     } catch (err) {
-      skipped.push({ provider, reason: errorMessage(err).split('\n')[0] ?? 'unknown' });
+      const reason = errorMessage(err).split('\n')[0] ?? 'unknown';
+      if (provider !== 'cpu' && MACHINE_WIDE_FAILURE.test(reason)) unavailableProviders.set(provider, reason);
+      skipped.push({ provider, reason });
     }
   }
   throw new ModelLoadError(

@@ -1,0 +1,182 @@
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
+import { NATIVE_LOADER_OPTIONS, SENSOR_STREAM_PROTO } from '../server/index.js';
+import { tensorBytes, viewBytes, type DType, type Tensor } from '../runtime/index.js';
+
+const WIRE: Record<DType, string> = {
+  float32: 'FLOAT32', float16: 'FLOAT16', float64: 'FLOAT64', int8: 'INT8', int16: 'INT16', int32: 'INT32', int64: 'INT64',
+  uint8: 'UINT8', uint16: 'UINT16', uint32: 'UINT32', uint64: 'UINT64', bool: 'BOOL',
+};
+const FROM_WIRE = Object.fromEntries(Object.entries(WIRE).map(([k, v]) => [v, k])) as Record<string, DType>;
+
+export type Qos = 'LOSSLESS' | 'LATEST_ONLY';
+export type ResultStatus = 'OK' | 'DROPPED' | 'INVALID_ARGUMENT' | 'DEADLINE_EXCEEDED' | 'UNAVAILABLE' | 'RESOURCE_EXHAUSTED' | 'INTERNAL' | 'FAILED_PRECONDITION';
+
+export interface StreamOpenOptions {
+  readonly model: string;
+  readonly version?: number;
+  readonly qos?: Qos;
+  readonly maxInFlight?: number;
+  readonly defaultDeadlineUs?: number;
+}
+
+export interface OpenedInfo {
+  readonly model: string;
+  readonly version: number;
+  readonly inputs: readonly { name: string; dtype: DType; shape: number[] }[];
+  readonly outputs: readonly { name: string; dtype: DType; shape: number[] }[];
+  readonly provider: string;
+  readonly variant: string;
+  readonly qos: Qos;
+  readonly maxInFlight: number;
+  readonly stateful: boolean;
+}
+
+export interface FrameResult {
+  readonly seq: number;
+  readonly status: ResultStatus;
+  readonly message: string;
+  readonly outputs: Readonly<Record<string, Tensor>>;
+  readonly version: number;
+  readonly timings: { queueUs: number; inferenceUs: number; totalUs: number };
+  readonly captureTimeUs: number;
+  readonly batchSize: number;
+}
+
+export interface FrameToSend {
+  readonly seq: number;
+  readonly inputs: Readonly<Record<string, Tensor>>;
+  readonly captureTimeUs?: number;
+  readonly deadlineUs?: number;
+}
+
+interface WireTensor { name: string; dtype: string; shape: number[]; data: Buffer }
+
+function fromWire(t: WireTensor): Tensor {
+  const dtype = FROM_WIRE[t.dtype] as DType;
+  return { dtype, shape: t.shape, data: viewBytes(dtype, t.data) };
+}
+
+/** Frame → wire: tensors become raw bytes over the caller's buffers (no copy before grpc serialises). */
+export function encodeFrame(frame: FrameToSend): { frame: object } {
+  return {
+    frame: {
+      seq: frame.seq,
+      capture_time_us: frame.captureTimeUs ?? 0,
+      deadline_us: frame.deadlineUs ?? 0,
+      inputs: Object.entries(frame.inputs).map(([name, t]) => ({ name, dtype: WIRE[t.dtype], shape: t.shape, data: tensorBytes(t) })),
+    },
+  };
+}
+
+type Duplex = grpc.ClientDuplexStream<object, { kind: string; opened?: Record<string, unknown>; result?: Record<string, unknown> }>;
+
+/**
+ * One open sensor stream. `send` honours gRPC flow control (it resolves once the transport takes the frame),
+ * results arrive through `results()` in sequence order.
+ */
+export class SensorStreamHandle {
+  private constructor(private readonly call: Duplex, readonly opened: OpenedInfo) {}
+
+  static open(client: grpc.Client & { Stream(options?: grpc.CallOptions): Duplex }, options: StreamOpenOptions, callOptions: grpc.CallOptions = {}): Promise<SensorStreamHandle> {
+    const call = client.Stream(callOptions);
+    call.write({
+      open: {
+        model: options.model, model_version: options.version ?? 0, qos: options.qos ?? 'QOS_POLICY_UNSPECIFIED',
+        max_in_flight: options.maxInFlight ?? 0, default_deadline_us: options.defaultDeadlineUs ?? 0,
+      },
+    });
+    return new Promise((resolve, reject) => {
+      const onError = (err: Error): void => reject(err);
+      call.once('error', onError);
+      call.once('data', (msg) => {
+        call.removeListener('error', onError);
+        call.pause();
+        if (!msg.opened) {
+          reject(new Error('the agent did not answer `open` with `opened`'));
+          return;
+        }
+        const o = msg.opened as { model: string; model_version: number; inputs: WireTensor[]; outputs: WireTensor[]; execution_provider: string; variant: string; qos: Qos; max_in_flight: number; stateful: boolean };
+        const info = (l: WireTensor[]): { name: string; dtype: DType; shape: number[] }[] => l.map((x) => ({ name: x.name, dtype: FROM_WIRE[x.dtype] as DType, shape: x.shape }));
+        resolve(new SensorStreamHandle(call, {
+          model: o.model, version: o.model_version, inputs: info(o.inputs), outputs: info(o.outputs), provider: o.execution_provider,
+          variant: o.variant, qos: o.qos, maxInFlight: o.max_in_flight, stateful: o.stateful,
+        }));
+      });
+    });
+  }
+
+  /** Writes one frame; resolves when grpc-js accepted it into the transport (waits on backpressure). */
+  send(frame: FrameToSend): Promise<void> {
+    const ok = this.call.write(encodeFrame(frame));
+    if (ok) return Promise.resolve();
+    return new Promise((resolve) => this.call.once('drain', () => resolve()));
+  }
+
+  /** Writes without waiting: for tests that flood the agent. Returns false when the transport is full. */
+  sendNoWait(frame: FrameToSend): boolean {
+    return this.call.write(encodeFrame(frame));
+  }
+
+  /** No more frames; results of frames already sent still arrive. */
+  end(): void {
+    this.call.end();
+  }
+
+  cancel(): void {
+    this.call.cancel();
+  }
+
+  /** Results in sequence order; ends when the agent ends the stream, throws its status if that was an error. */
+  async *results(): AsyncGenerator<FrameResult> {
+    for await (const msg of this.call as AsyncIterable<{ result?: Record<string, unknown> }>) {
+      const r = msg.result as { seq: number; status: ResultStatus; message: string; outputs: WireTensor[]; model_version: number; timings?: { queue_us: number; inference_us: number; total_us: number }; capture_time_us: number; batch_size: number } | undefined;
+      if (!r) continue;
+      const outputs: Record<string, Tensor> = {};
+      for (const t of r.outputs) outputs[t.name] = fromWire(t);
+      yield {
+        seq: r.seq, status: r.status, message: r.message, outputs, version: r.model_version,
+        timings: { queueUs: r.timings?.queue_us ?? 0, inferenceUs: r.timings?.inference_us ?? 0, totalUs: r.timings?.total_us ?? 0 },
+        captureTimeUs: r.capture_time_us, batchSize: r.batch_size,
+      };
+    }
+  }
+}
+
+export interface EdgeAgentClientOptions {
+  /** 'host:port' or 'unix:/path'. */
+  readonly address: string;
+  readonly credentials?: grpc.ChannelCredentials;
+  readonly channelOptions?: grpc.ChannelOptions;
+}
+
+/** A typed client of edge-agent's native streaming API and its health service. */
+export class EdgeAgentClient {
+  private readonly client: grpc.Client & { Stream(options?: grpc.CallOptions): Duplex };
+  private readonly health: grpc.Client & { Check(req: { service: string }, cb: (err: grpc.ServiceError | null, res?: { status: string }) => void): void };
+
+  constructor(readonly options: EdgeAgentClientOptions) {
+    const pkg = grpc.loadPackageDefinition(protoLoader.loadSync([SENSOR_STREAM_PROTO, 'grpc/health/v1/health.proto'], NATIVE_LOADER_OPTIONS)) as unknown as {
+      edge: { v1: { SensorStream: grpc.ServiceClientConstructor } };
+      grpc: { health: { v1: { Health: grpc.ServiceClientConstructor } } };
+    };
+    const creds = options.credentials ?? grpc.credentials.createInsecure();
+    const chanOpts = { 'grpc.max_receive_message_length': 64 * 1024 * 1024, ...options.channelOptions };
+    this.client = new pkg.edge.v1.SensorStream(options.address, creds, chanOpts) as unknown as EdgeAgentClient['client'];
+    this.health = new pkg.grpc.health.v1.Health(options.address, creds, chanOpts) as unknown as EdgeAgentClient['health'];
+  }
+
+  openStream(options: StreamOpenOptions, callOptions?: grpc.CallOptions): Promise<SensorStreamHandle> {
+    return SensorStreamHandle.open(this.client, options, callOptions);
+  }
+
+  /** grpc.health.v1 status of the agent ('') or of a model. */
+  checkHealth(service = ''): Promise<string> {
+    return new Promise((resolve, reject) => this.health.Check({ service }, (err, res) => (err ? reject(err) : resolve(res?.status ?? 'UNKNOWN'))));
+  }
+
+  close(): void {
+    this.client.close();
+    this.health.close();
+  }
+}

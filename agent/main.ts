@@ -1,0 +1,116 @@
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import type { AgentConfig } from './config/index.js';
+import { errorMessage } from './errors.js';
+import type { Logger } from './logger.js';
+import { ModelRepository } from './models/index.js';
+import { InferenceRuntime, type RuntimeObserver } from './runtime/index.js';
+import {
+  createKServeService, createSensorStreamService, GrpcListeners, HealthService, StreamAdmission,
+  type BoundAddress, type SensorStreamService,
+} from './server/index.js';
+import { Database } from './store/index.js';
+
+export const AGENT_NAME = 'edge-agent';
+export const AGENT_VERSION = '0.1.0';
+
+export interface AgentOptions {
+  readonly config: Readonly<AgentConfig>;
+  /** The config file the values came from, for error messages. */
+  readonly configSource: string;
+  readonly log: Logger;
+}
+
+/**
+ * The composition root: builds every part from the config, in dependency order, and owns the start and stop
+ * order. Nothing else constructs parts, so each can be built alone in tests.
+ */
+export class Agent {
+  readonly runtime: InferenceRuntime;
+  readonly listeners: GrpcListeners;
+  readonly health: HealthService;
+  readonly sensorStreams: SensorStreamService;
+  private db: Database | undefined;
+  private stopping: Promise<void> | undefined;
+
+  constructor(private readonly o: AgentOptions) {
+    const { config, log } = o;
+    const observers: RuntimeObserver[] = [];
+    const observer: RuntimeObserver = {
+      onRequest: (x) => { for (const ob of observers) ob.onRequest?.(x); },
+      onExecution: (x) => { for (const ob of observers) ob.onExecution?.(x); },
+      onModelEvent: (e) => {
+        for (const ob of observers) ob.onModelEvent?.(e);
+        this.health?.refresh();
+      },
+    };
+    this.runtime = new InferenceRuntime({
+      repository: new ModelRepository(config.model_repository),
+      config: config.runtime,
+      dataDir: config.data_dir,
+      log: log.child({ part: 'runtime' }),
+      observer,
+    });
+    this.health = new HealthService(this.runtime);
+    this.sensorStreams = createSensorStreamService({
+      runtime: this.runtime,
+      log: log.child({ part: 'sensor-stream' }),
+      defaultQos: config.runtime.default_qos,
+      defaultMaxInFlight: config.server.default_max_in_flight,
+      maxInFlightLimit: config.server.max_in_flight_limit,
+      admission: new StreamAdmission({ maxStreams: config.server.max_streams, maxStreamsPerPeer: config.server.max_streams_per_peer }),
+    });
+    const kserve = createKServeService(this.runtime, { name: AGENT_NAME, version: AGENT_VERSION }, {
+      onInternalError: (rpc, err) => log.error({ rpc, err: errorMessage(err) }, 'KServe request failed'),
+    });
+    this.listeners = new GrpcListeners({
+      listen: config.server.listen,
+      maxMessageBytes: config.server.max_message_bytes,
+      unixSocketMode: parseInt(config.server.unix_socket_mode, 8),
+      insecure: config.server.insecure,
+      configSource: o.configSource,
+    }, log.child({ part: 'grpc' }));
+    this.listeners.addService(this.sensorStreams.definition, this.sensorStreams.implementation);
+    this.listeners.addService(this.health.definition, this.health.implementation);
+    this.listeners.addService(kserve.definition, kserve.implementation);
+  }
+
+  /** Opens the store, loads and warms the models, then listens. Health turns SERVING when this resolves. */
+  async start(): Promise<readonly BoundAddress[]> {
+    const { config, log } = this.o;
+    mkdirSync(config.data_dir, { recursive: true });
+    this.db = await Database.open(join(config.data_dir, 'edge-agent.db'), {
+      onRecovered: (i) => log.error(i, 'state database was unreadable: set aside and rebuilt'),
+    });
+    await this.runtime.start();
+    const addresses = await this.listeners.start();
+    this.health.refresh();
+    const models = this.runtime.listModels();
+    log.info({ ready: models.filter((m) => m.state === 'READY').map((m) => `${m.name}:${m.version}@${m.provider}`), failed: models.filter((m) => m.state !== 'READY').map((m) => m.name) }, 'edge-agent ready');
+    return addresses;
+  }
+
+  /**
+   * Graceful stop: health goes NOT_SERVING, no new streams, accepted frames are finished and answered (up to
+   * the drain timeout), then everything closes in reverse order.
+   */
+  stop(): Promise<void> {
+    this.stopping ??= (async () => {
+      const { config, log } = this.o;
+      const t0 = Date.now();
+      this.health.setShuttingDown();
+      const timeout = config.server.drain_timeout_ms;
+      const drained = await Promise.race([
+        Promise.all([this.sensorStreams.drain(), this.runtime.drain()]).then(() => true),
+        new Promise<boolean>((r) => setTimeout(() => r(false), timeout).unref()),
+      ]);
+      if (!drained) log.warn({ in_flight: this.runtime.inFlight(), timeout_ms: timeout }, 'drain timeout: closing with frames still in flight');
+      this.health.close();
+      await this.listeners.stop(Math.max(0, timeout - (Date.now() - t0)));
+      await this.runtime.close();
+      await this.db?.close();
+      log.info({ ms: Date.now() - t0, drained }, 'edge-agent stopped');
+    })();
+    return this.stopping;
+  }
+}

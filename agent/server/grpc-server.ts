@@ -1,0 +1,96 @@
+import { chmodSync, existsSync, mkdirSync, rmSync, statSync } from 'node:fs';
+import { dirname } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import { ConfigError } from '../errors.js';
+import type { Logger } from '../logger.js';
+
+export interface ListenerOptions {
+  readonly listen: readonly string[];
+  readonly maxMessageBytes: number;
+  readonly unixSocketMode: number;
+  /** Allow plaintext TCP on a non-loopback address. */
+  readonly insecure: boolean;
+  /** Server credentials for TCP listeners (TLS); undefined = plaintext. */
+  readonly tcpCredentials?: grpc.ServerCredentials;
+  readonly configSource: string;
+}
+
+export interface BoundAddress {
+  readonly address: string;
+  /** The port actually bound (useful with port 0), 0 for unix sockets. */
+  readonly port: number;
+}
+
+function isLoopback(address: string): boolean {
+  const host = address.replace(/:\d+$/, '').replace(/^\[|\]$/g, '');
+  return host === 'localhost' || host === '::1' || host.startsWith('127.');
+}
+
+/**
+ * The gRPC listeners: TCP and unix sockets carrying the same services. The unix socket is for sensor processes
+ * on the same host (no TCP stack, file-permission access control).
+ */
+export class GrpcListeners {
+  readonly server: grpc.Server;
+  private bound: BoundAddress[] = [];
+
+  constructor(private readonly o: ListenerOptions, private readonly log: Logger) {
+    this.server = new grpc.Server({
+      'grpc.max_receive_message_length': o.maxMessageBytes,
+      'grpc.max_send_message_length': o.maxMessageBytes,
+      // A client that opens streams without end meets the per-connection limit before the agent's memory does.
+      'grpc.max_concurrent_streams': 1000,
+    });
+  }
+
+  addService(definition: grpc.ServiceDefinition, implementation: grpc.UntypedServiceImplementation): void {
+    this.server.addService(definition, implementation);
+  }
+
+  async start(): Promise<readonly BoundAddress[]> {
+    for (const address of this.o.listen) {
+      if (address.startsWith('unix:')) {
+        const path = address.slice(5);
+        mkdirSync(dirname(path), { recursive: true });
+        // A socket file left by a killed agent would make bind fail with EADDRINUSE.
+        if (existsSync(path) && statSync(path).isSocket()) rmSync(path);
+        await this.bind(address, grpc.ServerCredentials.createInsecure());
+        chmodSync(path, this.o.unixSocketMode);
+        this.bound.push({ address, port: 0 });
+      } else {
+        if (!this.o.tcpCredentials && !isLoopback(address) && !this.o.insecure) {
+          throw new ConfigError(this.o.configSource, 'server.listen', `'${address}' is not a loopback address: configure TLS or set server.insecure: true to serve plaintext on it`);
+        }
+        if (!this.o.tcpCredentials && !isLoopback(address)) this.log.warn({ address }, 'serving plaintext gRPC on a non-loopback address (server.insecure: true)');
+        const port = await this.bind(address, this.o.tcpCredentials ?? grpc.ServerCredentials.createInsecure());
+        this.bound.push({ address: address.replace(/:0$/, `:${port}`), port });
+      }
+    }
+    this.log.info({ listen: this.bound.map((b) => b.address) }, 'gRPC listening');
+    return this.bound;
+  }
+
+  private bind(address: string, creds: grpc.ServerCredentials): Promise<number> {
+    return new Promise((resolve, reject) => {
+      this.server.bindAsync(address, creds, (err, port) => {
+        if (err) reject(new ConfigError(this.o.configSource, 'server.listen', `cannot listen on '${address}': ${err.message}`));
+        else resolve(port);
+      });
+    });
+  }
+
+  get addresses(): readonly BoundAddress[] {
+    return this.bound;
+  }
+
+  /** Waits for open calls to finish, up to `timeoutMs`, then cuts whatever is left. */
+  async stop(timeoutMs: number): Promise<void> {
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => { this.server.forceShutdown(); resolve(); }, timeoutMs);
+      this.server.tryShutdown(() => { clearTimeout(timer); resolve(); });
+    });
+    for (const b of this.bound) {
+      if (b.address.startsWith('unix:')) rmSync(b.address.slice(5), { force: true });
+    }
+  }
+}
