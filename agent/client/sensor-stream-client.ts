@@ -76,7 +76,10 @@ type Duplex = grpc.ClientDuplexStream<object, { kind: string; opened?: Record<st
  * results arrive through `results()` in sequence order.
  */
 export class SensorStreamHandle {
-  private constructor(private readonly call: Duplex, readonly opened: OpenedInfo) {}
+  private constructor(private readonly call: Duplex, readonly opened: OpenedInfo) {
+    // The stream's final status reaches readers through `results()`; a stream nobody reads must not crash.
+    call.on('error', () => undefined);
+  }
 
   static open(client: grpc.Client & { Stream(options?: grpc.CallOptions): Duplex }, options: StreamOpenOptions, callOptions: grpc.CallOptions = {}): Promise<SensorStreamHandle> {
     const call = client.Stream(callOptions);

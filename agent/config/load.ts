@@ -50,7 +50,7 @@ export function configErrorFrom(source: string, error: z.ZodError, prefix = ''):
 
 /** Parses YAML text, reporting syntax errors with line and column. */
 export function parseYaml(source: string, text: string): unknown {
-  const doc = parseDocument(text, { prettyErrors: false, uniqueKeys: true });
+  const doc = parseDocument(text, { prettyErrors: true, uniqueKeys: true });
   const err = doc.errors[0];
   if (err) {
     const pos = err.linePos?.[0];

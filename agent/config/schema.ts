@@ -22,6 +22,9 @@ export const providerOptionsSchema = z.strictObject({
 export const runtimeSchema = z.strictObject({
   execution_providers: z.array(z.enum(EXECUTION_PROVIDERS)).min(1).default([...EXECUTION_PROVIDERS]),
   provider_options: providerOptionsSchema.default(providerOptionsSchema.parse({})),
+  /** `worker`: each model instance runs in its own thread, so inference never blocks gRPC, health or MQTT
+   * (onnxruntime-node's run is synchronous). `inline`: on the event loop — saves a thread hop per batch. */
+  execution: z.enum(['worker', 'inline']).default('worker'),
   graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).default('all'),
   /** Cache the optimised graph under the data dir (keyed by model hash, provider, onnxruntime version). */
   graph_cache: z.boolean().default(true),

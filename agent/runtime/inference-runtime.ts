@@ -112,7 +112,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       variant: m?.variant ?? '',
       maxBatchSize: m ? (m.maxBatchSize > 0 ? m.maxBatchSize : cfg?.max_batch_size ?? 0) : 0,
       batching: (m?.maxBatchSize ?? 0) > 0,
-      instanceCount: m?.sessions.length ?? cfg?.instance_count ?? 1,
+      instanceCount: m?.instances.length ?? cfg?.instance_count ?? 1,
       path: m?.path ?? slot.entry.dir,
     };
   }
@@ -184,7 +184,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     try {
       const cfg = this.options.config;
       const outcome = await loadModelVersion(slot.entry, ve, {
-        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization,
+        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution,
         ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {
@@ -197,8 +197,8 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       delete slot.reason;
       const m = outcome.model;
       this.options.log.info({
-        model, version: m.version, provider: m.provider, variant: m.variant, instances: m.sessions.length,
-        max_batch_size: m.maxBatchSize, graph_cache: outcome.graphCache, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
+        model, version: m.version, provider: m.provider, variant: m.variant, instances: m.instances.length,
+        max_batch_size: m.maxBatchSize, graph_cache: outcome.graphCache, execution: cfg.execution, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
       }, 'model ready');
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
       if (previous && previous !== scheduler) {

@@ -1,11 +1,11 @@
 import { randomFillSync } from 'node:crypto';
-import * as ort from 'onnxruntime-node';
 import type { ProviderOptions, ExecutionProviderName } from '../config/index.js';
 import { errorMessage, ModelLoadError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { ModelConfig, ModelEntry, ModelVersionEntry } from '../models/index.js';
 import type { LoadedModel } from './model-scheduler.js';
-import { createSession, type GraphOptimizationLevel } from './session-factory.js';
+import type { GraphOptimizationLevel } from './session-factory.js';
+import { createInstance, type ExecutionMode, type FeedTensor, type SessionInstance, type ValueInfo } from './session-instance.js';
 import { allocate, elementCount, isDType, type TensorSpec } from './tensor.js';
 import type { StateSpec } from './types.js';
 
@@ -15,6 +15,7 @@ export interface LoaderDefaults {
   readonly graphOptimization: GraphOptimizationLevel;
   /** Where optimised graphs are cached; undefined disables the cache. */
   readonly cacheDir?: string;
+  readonly execution: ExecutionMode;
 }
 
 /** Picks the file variant to serve. `auto` prefers what the variant selector allows (see compress/). */
@@ -22,11 +23,11 @@ export type VariantChooser = (args: { provider: string; version: ModelVersionEnt
 
 const DEFAULT_MAX_BATCH = 32;
 
-function specsFrom(model: string, path: string, meta: readonly ort.InferenceSession.ValueMetadata[], kind: string): TensorSpec[] {
+function specsFrom(model: string, path: string, meta: readonly ValueInfo[], kind: string): TensorSpec[] {
   return meta.map((m) => {
-    if (!m.isTensor) throw new ModelLoadError(model, path, `${kind} '${m.name}' is not a tensor (sequences and maps are not served)`);
+    if (!m.isTensor || !m.type) throw new ModelLoadError(model, path, `${kind} '${m.name}' is not a tensor (sequences and maps are not served)`);
     if (!isDType(m.type)) throw new ModelLoadError(model, path, `${kind} '${m.name}' has element type ${m.type}, which the agent does not serve`);
-    return { name: m.name, dtype: m.type, shape: m.shape.map((d) => (typeof d === 'number' && d >= 0 ? d : -1)) };
+    return { name: m.name, dtype: m.type, shape: (m.shape ?? []).map((d) => (typeof d === 'number' && d >= 0 ? d : -1)) };
   });
 }
 
@@ -44,8 +45,8 @@ function stateSpecs(model: string, path: string, config: ModelConfig, inputs: Te
   });
 }
 
-function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean): Record<string, ort.Tensor> {
-  const feeds: Record<string, ort.Tensor> = {};
+function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean): Record<string, FeedTensor> {
+  const feeds: Record<string, FeedTensor> = {};
   for (const spec of inputs) {
     const shape = spec.shape.map((d, i) => (i === 0 && d === -1 ? rows : d === -1 ? 1 : d));
     const data = allocate(spec.dtype, elementCount(shape));
@@ -53,11 +54,11 @@ function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[],
       if (data instanceof Float32Array || data instanceof Float64Array) for (let i = 0; i < data.length; i++) data[i] = Math.random() * 2 - 1;
       else if (!(data instanceof BigInt64Array || data instanceof BigUint64Array)) randomFillSync(data);
     }
-    feeds[spec.name] = new ort.Tensor(spec.dtype, data as ort.Tensor.DataType, shape);
+    feeds[spec.name] = { dtype: spec.dtype, data, dims: shape };
   }
   for (const st of state) {
     const shape = st.shape.map((d, i) => (i === st.batchAxis ? rows : d));
-    feeds[st.input] = new ort.Tensor(st.dtype, allocate(st.dtype, elementCount(shape)) as ort.Tensor.DataType, shape);
+    feeds[st.input] = { dtype: st.dtype, data: allocate(st.dtype, elementCount(shape)), dims: shape };
   }
   return feeds;
 }
@@ -81,37 +82,37 @@ export async function loadModelVersion(
   const providers = config.execution_providers ?? defaults.providers;
   const fp32Path = versionEntry.variants.fp32 ?? Object.values(versionEntry.variants)[0] as string;
 
-  const sessions: ort.InferenceSession[] = [];
+  const instances: SessionInstance[] = [];
+  const request = (path: string, providerList: LoaderDefaults['providers']) => ({
+    model: entry.name, path, providers: providerList, providerOptions: defaults.providerOptions,
+    graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
+    ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir } : {}),
+  });
   try {
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
-    const probe = await createSession({
-      model: entry.name, path: fp32Path, providers, providerOptions: defaults.providerOptions,
-      graphOptimization: config.graph_optimization ?? defaults.graphOptimization, cacheDir: defaults.cacheDir,
-    });
-    if (probe.skipped.length > 0) log.info({ model: entry.name, provider: probe.provider, skipped: probe.skipped }, 'execution providers skipped before the one that serves');
+    const probe = await createInstance(request(fp32Path, providers), defaults.execution);
+    const provider = probe.info.provider;
+    if (probe.info.skipped.length > 0) log.info({ model: entry.name, provider, skipped: probe.info.skipped }, 'execution providers skipped before the one that serves');
     let variant: 'fp32' | 'int8' | 'fp16' = 'fp32';
     let path = fp32Path;
-    const wanted = chooseVariant ? chooseVariant({ provider: probe.provider, version: versionEntry, config })
+    const wanted = chooseVariant ? chooseVariant({ provider, version: versionEntry, config })
       : config.variant === 'auto' ? 'fp32' : config.variant;
-    let graphCache: string = probe.graphCache;
+    let graphCache: string = probe.info.graphCache;
     if (wanted !== 'fp32' && versionEntry.variants[wanted]) {
-      await probe.session.release();
+      await probe.release();
       variant = wanted;
       path = versionEntry.variants[wanted] as string;
     } else {
-      sessions.push(probe.session);
+      instances.push(probe);
     }
-    while (sessions.length < config.instance_count) {
-      const s = await createSession({
-        model: entry.name, path, providers: [probe.provider], providerOptions: defaults.providerOptions,
-        graphOptimization: config.graph_optimization ?? defaults.graphOptimization, cacheDir: defaults.cacheDir,
-      });
-      graphCache = sessions.length === 0 ? s.graphCache : graphCache;
-      sessions.push(s.session);
+    while (instances.length < config.instance_count) {
+      const s = await createInstance(request(path, [provider]), defaults.execution);
+      if (instances.length === 0) graphCache = s.info.graphCache;
+      instances.push(s);
     }
-    const first = sessions[0] as ort.InferenceSession;
-    const allInputs = specsFrom(entry.name, path, first.inputMetadata, 'input');
-    const allOutputs = specsFrom(entry.name, path, first.outputMetadata, 'output');
+    const first = instances[0] as SessionInstance;
+    const allInputs = specsFrom(entry.name, path, first.info.inputMetadata, 'input');
+    const allOutputs = specsFrom(entry.name, path, first.info.outputMetadata, 'output');
     const state = stateSpecs(entry.name, path, config, allInputs, allOutputs);
     const inputs = allInputs.filter((i) => !state.some((s) => s.input === i.name));
     const outputs = allOutputs.filter((o) => !state.some((s) => s.output === o.name));
@@ -122,23 +123,23 @@ export async function loadModelVersion(
     }
     const batching = configured > 0 && (config.dynamic_batching?.enabled ?? true);
     const model: LoadedModel = {
-      name: entry.name, version: versionEntry.version, path, provider: probe.provider, variant,
+      name: entry.name, version: versionEntry.version, path, provider, variant,
       inputs, outputs, state,
       maxBatchSize: batching ? configured : 0,
       preferredBatchSizes: config.dynamic_batching?.preferred_batch_sizes ?? [],
       maxQueueDelayUs: config.dynamic_batching?.max_queue_delay_us ?? 0,
-      sessions,
+      instances,
     };
     const t0 = performance.now();
     const sizes = batching ? [1, configured] : [1];
-    for (const session of sessions) {
+    for (const instance of instances) {
       for (let r = 0; r < config.warmup.runs; r++) {
-        for (const rows of sizes) await session.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random'));
+        for (const rows of sizes) await instance.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random'));
       }
     }
-    return { model, graphCache, skipped: probe.skipped, warmupMs: performance.now() - t0 };
+    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0 };
   } catch (err) {
-    await Promise.all(sessions.map((s) => s.release().catch(() => undefined)));
+    await Promise.all(instances.map((s) => s.release().catch(() => undefined)));
     if (err instanceof ModelLoadError) throw err;
     throw new ModelLoadError(entry.name, fp32Path, errorMessage(err), { cause: err });
   }

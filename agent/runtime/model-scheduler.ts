@@ -1,10 +1,10 @@
 import { performance } from 'node:perf_hooks';
-import * as ort from 'onnxruntime-node';
 import {
   DeadlineExceededError, EdgeAgentError, errorMessage, FrameDroppedError, InternalError, ResourceExhaustedError, UnavailableError,
 } from '../errors.js';
 import { gatherAlongAxis, scatterAlongAxis } from './batch-assembly.js';
 import { validateRequest } from './request-validation.js';
+import type { FeedTensor, SessionInstance } from './session-instance.js';
 import { SequenceStore } from './sequence-store.js';
 import { allocate, elementCount, type Tensor, type TensorData, type TensorSpec } from './tensor.js';
 import type {
@@ -26,7 +26,7 @@ export interface LoadedModel {
   readonly maxBatchSize: number;
   readonly preferredBatchSizes: readonly number[];
   readonly maxQueueDelayUs: number;
-  readonly sessions: readonly ort.InferenceSession[];
+  readonly instances: readonly SessionInstance[];
 }
 
 export interface SchedulerOptions {
@@ -51,10 +51,8 @@ interface Pending {
 }
 
 interface Instance {
-  readonly session: ort.InferenceSession;
+  readonly session: SessionInstance;
   busy: boolean;
-  /** Batch input buffers, reused run after run so a batch is written once and never reallocated. */
-  readonly buffers: Map<string, TensorData>;
 }
 
 const NS_PER_US = 1000;
@@ -87,7 +85,7 @@ export class ModelScheduler {
   private readonly outputSpecByName: Map<string, TensorSpec>;
 
   constructor(readonly model: LoadedModel, private readonly options: SchedulerOptions) {
-    this.instances = model.sessions.map((session) => ({ session, busy: false, buffers: new Map() }));
+    this.instances = model.instances.map((session) => ({ session, busy: false }));
     this.sequences = new SequenceStore({ idleTimeoutMs: options.sequenceIdleTimeoutMs, maxSequences: options.maxSequences });
     this.outputNames = model.outputs.map((o) => o.name);
     this.outputSpecByName = new Map(model.outputs.map((o) => [o.name, o]));
@@ -207,15 +205,6 @@ export class ModelScheduler {
     return batch;
   }
 
-  private buffer(instance: Instance, name: string, spec: { dtype: Tensor['dtype'] }, length: number): TensorData {
-    let buf = instance.buffers.get(name);
-    if (!buf || buf.length < length) {
-      buf = allocate(spec.dtype, length);
-      instance.buffers.set(name, buf);
-    }
-    return buf.subarray(0, length) as TensorData;
-  }
-
   private async execute(instance: Instance, batch: Pending[]): Promise<void> {
     instance.busy = true;
     const m = this.model;
@@ -227,19 +216,20 @@ export class ModelScheduler {
     let runEnd = startedAt;
     let nextStates: Record<string, TensorData>[] | undefined;
     try {
-      const feeds: Record<string, ort.Tensor> = {};
+      const feeds: Record<string, FeedTensor> = {};
       const first = batch[0] as Pending;
+      const session = instance.session;
       for (const spec of m.inputs) {
         const t = first.request.inputs[spec.name] as Tensor;
-        if (batch.length === 1) {
-          // One request: its bytes go to onnxruntime as they came off the wire.
-          feeds[spec.name] = new ort.Tensor(t.dtype, t.data as ort.Tensor.DataType, t.shape as number[]);
+        if (batch.length === 1 && !session.needsOwnBuffers) {
+          // One request on an inline session: its bytes go to onnxruntime as they came off the wire.
+          feeds[spec.name] = { dtype: t.dtype, data: t.data, dims: t.shape };
           continue;
         }
         const shape = [totalRows, ...t.shape.slice(1)];
-        const out = this.buffer(instance, spec.name, t, elementCount(shape));
+        const out = session.inputBuffer(spec.name, t.dtype, elementCount(shape));
         gatherAlongAxis(batch.map((p) => (p.request.inputs[spec.name] as Tensor).data), rows, t.shape, 0, out);
-        feeds[spec.name] = new ort.Tensor(t.dtype, out as ort.Tensor.DataType, shape);
+        feeds[spec.name] = { dtype: t.dtype, data: out, dims: shape };
       }
       if (this.stateful) {
         const states = batch.map((p, i) => {
@@ -249,21 +239,21 @@ export class ModelScheduler {
         for (const st of m.state) {
           const one = elementCount(st.shape);
           const shape = st.shape.map((d, i) => (i === st.batchAxis ? batch.length : d));
-          const out = this.buffer(instance, `state:${st.input}`, st, one * batch.length);
+          const out = session.inputBuffer(st.input, st.dtype, one * batch.length);
           const parts = states.map((s) => s?.[st.input] ?? allocate(st.dtype, one));
           gatherAlongAxis(parts, batch.map(() => 1), st.shape, st.batchAxis, out);
-          feeds[st.input] = new ort.Tensor(st.dtype, out as ort.Tensor.DataType, shape);
+          feeds[st.input] = { dtype: st.dtype, data: out, dims: shape };
         }
       }
       runStart = performance.now();
-      const results = await instance.session.run(feeds);
+      const results = await session.run(feeds);
       runEnd = performance.now();
 
       const perRequest: Record<string, Tensor>[] = batch.map(() => ({}));
       for (const name of this.outputNames) {
         const r = results[name];
         if (!r) throw new InternalError(`model '${m.name}' produced no output '${name}'`);
-        const dims = r.dims as number[];
+        const dims = r.dims;
         const parts = batch.length === 1 ? [r.data as TensorData] : scatterAlongAxis(r.data as TensorData, dims, 0, rows);
         const dtype = (this.outputSpecByName.get(name) as TensorSpec).dtype;
         for (let i = 0; i < batch.length; i++) {
@@ -275,7 +265,7 @@ export class ModelScheduler {
         for (const st of m.state) {
           const r = results[st.output];
           if (!r) throw new InternalError(`model '${m.name}' produced no state output '${st.output}'`);
-          const parts = scatterAlongAxis(r.data as TensorData, r.dims as number[], st.batchAxis, batch.map(() => 1));
+          const parts = scatterAlongAxis(r.data, r.dims, st.batchAxis, batch.map(() => 1));
           for (let i = 0; i < batch.length; i++) (nextStates[i] as Record<string, TensorData>)[st.input] = parts[i] as TensorData;
         }
       }
