@@ -41,8 +41,10 @@ export const modelConfigSchema = z.strictObject({
     .strictObject({
       runs: z.number().int().min(0).default(2),
       inputs: z.enum(['zero', 'random']).default('zero'),
+      /** Inputs that must hold a specific value to run at all (e.g. a sample rate): filled with it. */
+      fill: z.record(z.string(), z.number()).default({}),
     })
-    .default({ runs: 2, inputs: 'zero' }),
+    .default({ runs: 2, inputs: 'zero', fill: {} }),
   default_qos: z.enum(['LOSSLESS', 'LATEST_ONLY']).optional(),
   variant: z.enum(['auto', 'fp32', 'int8', 'fp16']).default('fp32'),
   /** Least output cosine similarity (vs fp32, from the variant's report) for `auto` to serve a variant. */

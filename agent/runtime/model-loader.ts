@@ -45,12 +45,16 @@ function stateSpecs(model: string, path: string, config: ModelConfig, inputs: Te
   });
 }
 
-function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean): Record<string, FeedTensor> {
+function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean, fill: Readonly<Record<string, number>>): Record<string, FeedTensor> {
   const feeds: Record<string, FeedTensor> = {};
   for (const spec of inputs) {
     const shape = spec.shape.map((d, i) => (i === 0 && d === -1 ? rows : d === -1 ? 1 : d));
     const data = allocate(spec.dtype, elementCount(shape));
-    if (random) {
+    const value = fill[spec.name];
+    if (value !== undefined) {
+      if (data instanceof BigInt64Array || data instanceof BigUint64Array) data.fill(BigInt(Math.trunc(value)));
+      else data.fill(value);
+    } else if (random) {
       if (data instanceof Float32Array || data instanceof Float64Array) for (let i = 0; i < data.length; i++) data[i] = Math.random() * 2 - 1;
       else if (!(data instanceof BigInt64Array || data instanceof BigUint64Array)) randomFillSync(data);
     }
@@ -134,7 +138,7 @@ export async function loadModelVersion(
     const sizes = batching ? [1, configured] : [1];
     for (const instance of instances) {
       for (let r = 0; r < config.warmup.runs; r++) {
-        for (const rows of sizes) await instance.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random'));
+        for (const rows of sizes) await instance.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill));
       }
     }
     return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0 };

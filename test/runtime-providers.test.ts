@@ -1,0 +1,113 @@
+import t from 'tap';
+import { readFileSync, writeFileSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import { runtimeSchema } from '../agent/config/schema.js';
+import { ModelRepository } from '../agent/models/index.js';
+import { InferenceRuntime, createSession, type Tensor } from '../agent/runtime/index.js';
+import { buildTiny } from '../scripts/demo-models.js';
+import { copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
+
+function capturingLogger(): { log: pino.Logger; lines: () => Record<string, unknown>[] } {
+  const out: string[] = [];
+  const stream = new Writable({ write(chunk, _enc, cb) { out.push(chunk.toString()); cb(); } });
+  return { log: pino({ level: 'info' }, stream), lines: () => out.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>) };
+}
+
+t.test('providers are tried in order; a missing one is skipped with its reason logged', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny']);
+  const { log, lines } = capturingLogger();
+  const config = runtimeSchema.parse({ execution_providers: ['tensorrt', 'cuda', 'webgpu', 'cpu'] });
+  const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir: tempDir(t), log });
+  await rt.start();
+  t.teardown(() => rt.close());
+  t.equal(rt.modelInfo('tiny').provider, 'cpu', 'cpu serves on a machine without GPU libraries');
+  const skipped = lines().find((l) => l.msg === 'execution providers skipped before the one that serves') as { skipped: { provider: string; reason: string }[] } | undefined;
+  t.same(skipped?.skipped.map((s) => s.provider), ['tensorrt', 'cuda', 'webgpu'], 'skipped in preference order');
+  t.ok(skipped?.skipped.every((s) => s.reason.length > 0), 'each with onnxruntime\'s reason');
+  const ready = lines().find((l) => l.msg === 'model ready');
+  t.equal(ready?.provider, 'cpu', 'the serving provider is logged');
+});
+
+t.test('a list of only missing providers is a clear load error; other models still serve', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny', 'filter']);
+  writeFileSync(join(repo, 'tiny', 'config.yaml'), 'execution_providers: [cuda, tensorrt]\n');
+  const rt = await startRuntime(t, repo);
+  const info = rt.modelInfo('tiny');
+  t.equal(info.state, 'UNAVAILABLE');
+  t.match(info.reason, /model 'tiny' \(.*model\.onnx\) failed to load: no execution provider could load it: cuda: .*; tensorrt: /);
+  t.equal(rt.modelInfo('filter').state, 'READY', 'the other model serves');
+});
+
+t.test('a truncated model file is reported with name, path and onnxruntime\'s message', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny', 'filter']);
+  const file = join(repo, 'tiny', '1', 'model.onnx');
+  writeFileSync(file, readFileSync(file).subarray(0, 200));
+  const rt = await startRuntime(t, repo);
+  t.match(rt.modelInfo('tiny').reason, new RegExp(`model 'tiny' \\(${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\) failed to load: .*cpu: .*(?:protobuf|parse|Protobuf)`, 'i'));
+  t.equal(rt.modelInfo('filter').state, 'READY');
+});
+
+t.test('the optimised graph is cached, reused, and rebuilt when the model changes', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'tiny.onnx');
+  writeFileSync(path, buildTiny());
+  const req = { model: 'tiny', path, providers: ['cpu'] as const, providerOptions: runtimeSchema.parse({}).provider_options, graphOptimization: 'all' as const, cacheDir: join(dir, 'cache') };
+  const first = await createSession({ ...req, providers: ['cpu'] });
+  t.equal(first.graphCache, 'stored', 'first load optimises and stores');
+  const second = await createSession({ ...req, providers: ['cpu'] });
+  t.equal(second.graphCache, 'hit', 'second load reuses the cached graph');
+  const x = new Float32Array(1024).map((_, i) => Math.sin(i));
+  const { Tensor: OrtTensor } = await import('onnxruntime-node');
+  const a = await first.session.run({ x: new OrtTensor('float32', x, [1, 1024]) });
+  const b = await second.session.run({ x: new OrtTensor('float32', x, [1, 1024]) });
+  t.same(Array.from(b.y?.data as Float32Array), Array.from(a.y?.data as Float32Array), 'cached graph computes the same outputs');
+  await first.session.release();
+  await second.session.release();
+  const bytes = Buffer.from(buildTiny());
+  const mid = bytes.length >> 1; // inside the weights: a changed weight, a different model
+  bytes[mid] = (bytes[mid] as number) ^ 1;
+  writeFileSync(path, bytes);
+  const third = await createSession({ ...req, providers: ['cpu'] });
+  t.equal(third.graphCache, 'stored', 'a changed model misses the cache and is optimised again');
+  await third.session.release();
+  t.equal(readdirSync(join(dir, 'cache', 'graphs')).filter((f) => f.endsWith('.onnx')).length, 2, 'one cache entry per model content');
+});
+
+t.test('instance_count sessions serve one model; inline and worker execution give the same outputs', async (t) => {
+  const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).map((_, i) => Math.cos(i)) };
+  const outputs: Float32Array[] = [];
+  for (const execution of ['worker', 'inline'] as const) {
+    const repo = copyDemoRepo(t, ['tiny']);
+    writeFileSync(join(repo, 'tiny', 'config.yaml'), 'instance_count: 2\nmax_batch_size: 4\n');
+    const rt = await startRuntime(t, repo, { execution });
+    t.equal(rt.modelInfo('tiny').instanceCount, 2, `${execution}: two instances`);
+    const rs = await Promise.all(Array.from({ length: 16 }, () => rt.submit('tiny', undefined, { inputs: { x } })));
+    t.ok(rs.every((r) => r.batchSize <= 4), `${execution}: batches respect max_batch_size 4`);
+    outputs.push(rs[15]?.outputs.y?.data as Float32Array);
+    t.equal(rt.statistics('tiny')[0]?.inferenceCount, 16, 'warm-up runs are not counted as inferences');
+  }
+  t.same(Array.from(outputs[0] as Float32Array), Array.from(outputs[1] as Float32Array));
+});
+
+t.test('activate switches versions atomically: frames before finish on the old, frames after run on the new', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny']);
+  const rt = await startRuntime(t, repo);
+  const { cpSync } = await import('node:fs');
+  cpSync(join(repo, 'tiny', '1'), join(repo, 'tiny', '2'), { recursive: true });
+  const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.25) };
+  const before = Array.from({ length: 20 }, () => rt.submit('tiny', undefined, { inputs: { x } }));
+  const switching = rt.activate('tiny', 2);
+  const during = Array.from({ length: 20 }, () => rt.submit('tiny', undefined, { inputs: { x } }));
+  await switching;
+  const after = Array.from({ length: 5 }, () => rt.submit('tiny', undefined, { inputs: { x } }));
+  const versions = (await Promise.all([...before, ...during, ...after])).map((r) => r.version);
+  t.ok(versions.slice(0, 20).every((v) => v === 1), 'frames accepted before the switch ran on version 1');
+  t.ok(versions.slice(40).every((v) => v === 2), 'frames after the switch ran on version 2');
+  const changes = versions.filter((v, i) => i > 0 && v !== versions[i - 1]).length;
+  t.equal(changes, 1, 'the version switched exactly once');
+  t.equal(rt.modelInfo('tiny').version, 2);
+  await t.rejects(rt.activate('tiny', 9), /version 9 is not loaded|not loaded/);
+  t.equal(rt.modelInfo('tiny').version, 2, 'a failed activation leaves the current version serving');
+});
