@@ -34,7 +34,13 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
   };
   process.on('SIGTERM', () => shutdown('SIGTERM'));
   process.on('SIGINT', () => shutdown('SIGINT'));
-  await agent.start();
+  try {
+    await agent.start();
+  } catch (err) {
+    // Release the model workers before exiting, so the process ends with the error, not an abort.
+    await agent.stop().catch(() => undefined);
+    throw err;
+  }
 }
 
 export function buildCli(): Command {

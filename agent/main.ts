@@ -31,6 +31,7 @@ export class Agent {
   readonly health: HealthService;
   readonly sensorStreams: SensorStreamService;
   private db: Database | undefined;
+  private starting: Promise<readonly BoundAddress[]> | undefined;
   private stopping: Promise<void> | undefined;
 
   constructor(private readonly o: AgentOptions) {
@@ -76,7 +77,12 @@ export class Agent {
   }
 
   /** Opens the store, loads and warms the models, then listens. Health turns SERVING when this resolves. */
-  async start(): Promise<readonly BoundAddress[]> {
+  start(): Promise<readonly BoundAddress[]> {
+    this.starting ??= this.startParts();
+    return this.starting;
+  }
+
+  private async startParts(): Promise<readonly BoundAddress[]> {
     const { config, log } = this.o;
     mkdirSync(config.data_dir, { recursive: true });
     this.db = await Database.open(join(config.data_dir, 'edge-agent.db'), {
@@ -97,6 +103,9 @@ export class Agent {
   stop(): Promise<void> {
     this.stopping ??= (async () => {
       const { config, log } = this.o;
+      // A signal during start-up: let the models finish loading first, since tearing down a worker in the
+      // middle of onnxruntime's session creation aborts the whole process instead of exiting cleanly.
+      await this.starting?.catch(() => undefined);
       const t0 = Date.now();
       this.health.setShuttingDown();
       const timeout = config.server.drain_timeout_ms;
