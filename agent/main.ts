@@ -6,7 +6,7 @@ import type { Logger } from './logger.js';
 import { ModelRepository } from './models/index.js';
 import { InferenceRuntime, type RuntimeObserver } from './runtime/index.js';
 import {
-  createKServeService, createSensorStreamService, GrpcListeners, HealthService, StreamAdmission,
+  createKServeService, createSensorStreamService, GrpcListeners, HealthService, serverCredentials, StreamAdmission,
   type BoundAddress, type SensorStreamService,
 } from './server/index.js';
 import { Database } from './store/index.js';
@@ -69,6 +69,7 @@ export class Agent {
       maxMessageBytes: config.server.max_message_bytes,
       unixSocketMode: parseInt(config.server.unix_socket_mode, 8),
       insecure: config.server.insecure,
+      tcpCredentials: serverCredentials(config.server.tls, o.configSource),
       configSource: o.configSource,
     }, log.child({ part: 'grpc' }));
     this.listeners.addService(this.sensorStreams.definition, this.sensorStreams.implementation);

@@ -80,6 +80,14 @@ function resolvePaths(config: AgentConfig, fileBase: string, envBase: string, ov
     server: {
       ...config.server,
       listen: config.server.listen.map((a) => (a.startsWith('unix:') && !isAbsolute(a.slice(5)) ? `unix:${abs(a.slice(5), 'server.listen')}` : a)),
+      ...(config.server.tls ? {
+        tls: {
+          ...config.server.tls,
+          cert: abs(config.server.tls.cert, 'server.tls'),
+          key: abs(config.server.tls.key, 'server.tls'),
+          ...(config.server.tls.client_ca ? { client_ca: abs(config.server.tls.client_ca, 'server.tls') } : {}),
+        },
+      } : {}),
     },
   };
 }

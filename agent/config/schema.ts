@@ -32,6 +32,8 @@ export const runtimeSchema = z.strictObject({
   /** A sequence (KServe) or stream state that saw no request for this long is freed. */
   sequence_idle_timeout_s: z.number().positive().default(60),
   max_sequences: z.number().int().positive().default(1024),
+  /** Largest single input tensor accepted, in bytes (RESOURCE_EXHAUSTED above it). */
+  max_tensor_bytes: z.number().int().positive().default(64 * 1024 * 1024),
   /** Frames queued per model before new ones are refused with RESOURCE_EXHAUSTED. */
   max_queue: z.number().int().positive().default(4096),
   /** What to do with NaN/Inf in float inputs: serve them, or refuse with INVALID_ARGUMENT. */
@@ -52,6 +54,17 @@ export const serverSchema = z.strictObject({
   unix_socket_mode: z.string().regex(/^0?[0-7]{3}$/).default('0660'),
   /** Allow plain TCP on a non-loopback address without TLS. */
   insecure: z.boolean().default(false),
+  /** TLS for every TCP listener (unix sockets rely on file permissions). */
+  tls: z
+    .strictObject({
+      cert: z.string().min(1),
+      key: z.string().min(1),
+      /** CA bundle for client certificates; set it to require mTLS. */
+      client_ca: z.string().min(1).optional(),
+      /** With client_ca: refuse clients without a valid certificate (default true). */
+      require_client_cert: z.boolean().default(true),
+    })
+    .optional(),
 });
 
 export const logSchema = z.strictObject({

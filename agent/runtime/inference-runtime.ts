@@ -189,7 +189,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {
         maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
-        refuseNonFinite: cfg.non_finite_inputs === 'refuse', observer: this.options.observer,
+        refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer,
       });
       const previous = slot.active;
       slot.active = scheduler;

@@ -34,6 +34,7 @@ export interface SchedulerOptions {
   readonly sequenceIdleTimeoutMs: number;
   readonly maxSequences: number;
   readonly refuseNonFinite: boolean;
+  readonly maxTensorBytes: number;
   readonly observer?: RuntimeObserver;
 }
 
@@ -105,7 +106,7 @@ export class ModelScheduler {
     let rows: number;
     let groupKey: string;
     try {
-      ({ rows, groupKey } = validateRequest(this.model, request, this.options.refuseNonFinite));
+      ({ rows, groupKey } = validateRequest(this.model, request, this.options));
       if (this.live >= this.options.maxQueue) {
         throw new ResourceExhaustedError('runtime.max_queue', `model '${this.model.name}' has ${this.live} requests queued (limit runtime.max_queue = ${this.options.maxQueue})`);
       }

@@ -1,4 +1,4 @@
-import { InvalidInputError } from '../errors.js';
+import { InvalidInputError, ResourceExhaustedError } from '../errors.js';
 import { formatShape, shapeMatches, type Tensor, type TensorSpec } from './tensor.js';
 import type { InferenceRequest, StateSpec } from './types.js';
 
@@ -22,7 +22,8 @@ function hasNonFinite(t: Tensor): boolean {
  * tensor and the problem instead of failing a whole batch inside onnxruntime. Returns the request's batch rows
  * and the key that frames must share to be stacked into one batch (their shapes past the batch dimension).
  */
-export function validateRequest(model: ValidatedModel, req: InferenceRequest, refuseNonFinite: boolean): { rows: number; groupKey: string } {
+export function validateRequest(model: ValidatedModel, req: InferenceRequest, limits: { refuseNonFinite: boolean; maxTensorBytes: number }): { rows: number; groupKey: string } {
+  const { refuseNonFinite } = limits;
   const names = Object.keys(req.inputs);
   for (const name of names) {
     if (model.state.some((s) => s.input === name)) {
@@ -39,6 +40,9 @@ export function validateRequest(model: ValidatedModel, req: InferenceRequest, re
     const spec = model.inputs[i] as TensorSpec;
     const t = req.inputs[spec.name];
     if (!t) throw new InvalidInputError(`missing input '${spec.name}' for model '${model.name}'`);
+    if (t.data.byteLength > limits.maxTensorBytes) {
+      throw new ResourceExhaustedError('runtime.max_tensor_bytes', `input '${spec.name}': ${t.data.byteLength} bytes exceed runtime.max_tensor_bytes (${limits.maxTensorBytes})`);
+    }
     if (t.dtype !== spec.dtype) throw new InvalidInputError(`input '${spec.name}': dtype ${t.dtype} does not match the model's ${spec.dtype}`);
     if (!shapeMatches(spec.shape, t.shape)) {
       throw new InvalidInputError(`input '${spec.name}': shape ${formatShape(t.shape)} does not match the model's ${formatShape(spec.shape)} (-1 = any)`);

@@ -11,7 +11,7 @@ export interface ListenerOptions {
   /** Allow plaintext TCP on a non-loopback address. */
   readonly insecure: boolean;
   /** Server credentials for TCP listeners (TLS); undefined = plaintext. */
-  readonly tcpCredentials?: grpc.ServerCredentials;
+  readonly tcpCredentials?: grpc.ServerCredentials | undefined;
   readonly configSource: string;
 }
 

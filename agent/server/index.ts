@@ -7,3 +7,4 @@ export { StreamAdmission } from './stream-admission.js';
 export { createKServeService } from './kserve-service.js';
 export { toGrpcStatus, toServiceError } from './status-map.js';
 export { PROTO_DIR } from './proto-path.js';
+export { serverCredentials } from './tls.js';
