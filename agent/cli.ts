@@ -4,6 +4,8 @@ import { loadConfig } from './config/index.js';
 import { EdgeAgentError, errorMessage } from './errors.js';
 import { createLogger } from './logger.js';
 import { Agent, AGENT_VERSION } from './main.js';
+import { runOptimize, type CalibrationMethod } from './compress/index.js';
+import { runStatusCommand } from './telemetry/index.js';
 
 const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
 
@@ -57,6 +59,42 @@ export function buildCli(): Command {
     .addOption(new Option('--log-level <level>', 'log level (env EDGE_AGENT_LOG_LEVEL)').choices(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']))
     .addHelpText('after', '\nPrecedence: flags > EDGE_AGENT_* environment > config file > defaults.\nRelative paths in the config file are relative to the file; on the command line, to the working directory.')
     .action(serve);
+  program
+    .command('status')
+    .description("summary of a running agent: models, provider, variant, latency percentiles, throughput, outbox, fleet link")
+    .option('-u, --url <url>', "the agent's local HTTP endpoint (telemetry.http)", 'http://127.0.0.1:8002')
+    .option('--json', 'machine-readable JSON')
+    .action(async (opts: { url: string; json?: boolean }) => {
+      process.exitCode = await runStatusCommand({ url: opts.url, json: opts.json === true });
+    });
+  program
+    .command('optimize')
+    .description('make int8 and fp16 variants of an fp32 ONNX model, measured on held-out calibration inputs')
+    .argument('<model>', 'the fp32 model.onnx')
+    .requiredOption('--calibration <path>', 'a folder of images (.png .jpg .ppm .pgm) or .npy files, or one .npy file')
+    .option('--out <dir>', 'where variants and model.report.json go (default: beside the model)')
+    .option('--formats <list>', 'comma-separated: int8,fp16', 'int8,fp16')
+    .option('--exclude <nodes>', 'comma-separated node names kept in fp32 in the int8 variant')
+    .option('--auto-exclude', 'keep the layers that hurt accuracy most in fp32 until the bound holds')
+    .addOption(new Option('--method <method>', 'activation range calibration').choices(['percentile', 'minmax', 'mse']).default('percentile'))
+    .option('--min-cosine <x>', 'accuracy bound (output cosine vs fp32, held-out inputs)', Number, 0.99)
+    .option('--normalize <how>', 'image normalisation: unit | symmetric | imagenet | raw', 'unit')
+    .action(async (model: string, opts: { calibration: string; out?: string; formats: string; exclude?: string; autoExclude?: boolean; method: string; minCosine: number; normalize: string }) => {
+      const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
+      const result = await runOptimize({
+        model,
+        calibration: opts.calibration,
+        ...(opts.out ? { out: opts.out } : {}),
+        formats: list(opts.formats) as ('int8' | 'fp16')[],
+        exclude: list(opts.exclude),
+        autoExclude: opts.autoExclude === true,
+        method: opts.method as CalibrationMethod,
+        minCosine: opts.minCosine,
+        image: { normalize: opts.normalize as 'unit' },
+        log: (line) => process.stderr.write(`${line}\n`),
+      });
+      process.stdout.write(`${result.table}\nreport: ${result.reportFile}\n`);
+    });
   return program;
 }
 

@@ -1,15 +1,19 @@
 import { mkdirSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { join } from 'node:path';
+import { decideVariant, readVariantReports } from './compress/index.js';
 import type { AgentConfig } from './config/index.js';
 import { errorMessage } from './errors.js';
 import type { Logger } from './logger.js';
-import { ModelRepository } from './models/index.js';
-import { InferenceRuntime, type RuntimeObserver } from './runtime/index.js';
+import { FleetAgent, MqttLink, RuntimeDeploymentTarget } from './fleet/index.js';
+import { ActiveVersions, ModelRepository } from './models/index.js';
+import { InferenceRuntime, type RuntimeObserver, type VariantChooser } from './runtime/index.js';
 import {
   createKServeService, createSensorStreamService, GrpcListeners, HealthService, serverCredentials, StreamAdmission,
   type BoundAddress, type SensorStreamService,
 } from './server/index.js';
-import { Database } from './store/index.js';
+import { Database, SqliteOutbox } from './store/index.js';
+import { AgentMetrics, outboxOptions, TelemetryService } from './telemetry/index.js';
 
 export const AGENT_NAME = 'edge-agent';
 export const AGENT_VERSION = '0.1.0';
@@ -30,13 +34,21 @@ export class Agent {
   readonly listeners: GrpcListeners;
   readonly health: HealthService;
   readonly sensorStreams: SensorStreamService;
+  readonly metrics: AgentMetrics;
+  private telemetry: TelemetryService | undefined;
+  private fleet: FleetAgent | undefined;
+  private link: MqttLink | undefined;
+  private readonly target: RuntimeDeploymentTarget;
+  private databaseRecovered = false;
+  private outbox: SqliteOutbox | undefined;
   private db: Database | undefined;
   private starting: Promise<readonly BoundAddress[]> | undefined;
   private stopping: Promise<void> | undefined;
 
   constructor(private readonly o: AgentOptions) {
     const { config, log } = o;
-    const observers: RuntimeObserver[] = [];
+    this.metrics = new AgentMetrics();
+    const observers: RuntimeObserver[] = [this.metrics];
     const observer: RuntimeObserver = {
       onRequest: (x) => { for (const ob of observers) ob.onRequest?.(x); },
       onExecution: (x) => { for (const ob of observers) ob.onExecution?.(x); },
@@ -45,13 +57,28 @@ export class Agent {
         this.health?.refresh();
       },
     };
+    // `auto` serves a compressed variant only when its measured report passes the model's accuracy bound.
+    const chooseVariant: VariantChooser = ({ provider, version, config: mc }) => {
+      const available = readVariantReports(version.dir);
+      const decision = decideVariant({ provider, available, requested: mc.variant, minCosine: mc.min_cosine });
+      const chosen = decision.variant !== 'fp32' && !version.variants[decision.variant] ? 'fp32' : decision.variant;
+      log.info({ dir: version.dir, provider, variant: chosen, reason: decision.reason, ignored: available.ignored }, 'variant chosen');
+      return chosen;
+    };
+    const activeVersions = new ActiveVersions(join(config.data_dir, 'active-versions.json'));
+    const repository = new ModelRepository(config.model_repository, activeVersions);
     this.runtime = new InferenceRuntime({
-      repository: new ModelRepository(config.model_repository),
+      chooseVariant,
+      repository,
       config: config.runtime,
       dataDir: config.data_dir,
       log: log.child({ part: 'runtime' }),
       observer,
     });
+    this.target = new RuntimeDeploymentTarget(repository, this.runtime, activeVersions);
+    observers.push(this.target.observer);
+    // Constructed here so a bad fleet.tls file is a config error before anything starts.
+    if (config.fleet) this.link = new MqttLink({ config: config.fleet, agentVersion: AGENT_VERSION, logger: log.child({ part: 'mqtt' }) });
     this.health = new HealthService(this.runtime);
     this.sensorStreams = createSensorStreamService({
       runtime: this.runtime,
@@ -60,6 +87,8 @@ export class Agent {
       defaultMaxInFlight: config.server.default_max_in_flight,
       maxInFlightLimit: config.server.max_in_flight_limit,
       admission: new StreamAdmission({ maxStreams: config.server.max_streams, maxStreamsPerPeer: config.server.max_streams_per_peer }),
+      onStreamOpened: () => this.metrics.streamOpened(),
+      onStreamClosed: () => this.metrics.streamClosed(),
     });
     const kserve = createKServeService(this.runtime, { name: AGENT_NAME, version: AGENT_VERSION }, {
       onInternalError: (rpc, err) => log.error({ rpc, err: errorMessage(err) }, 'KServe request failed'),
@@ -87,9 +116,41 @@ export class Agent {
     const { config, log } = this.o;
     mkdirSync(config.data_dir, { recursive: true });
     this.db = await Database.open(join(config.data_dir, 'edge-agent.db'), {
-      onRecovered: (i) => log.error(i, 'state database was unreadable: set aside and rebuilt'),
+      onRecovered: (i) => {
+        this.databaseRecovered = true;
+        log.error(i, 'state database was unreadable: set aside and rebuilt from the model repository');
+      },
+    });
+    const outbox = await SqliteOutbox.open(this.db, outboxOptions(config.telemetry.outbox));
+    this.outbox = outbox;
+    const deviceId = config.fleet?.device_id ?? hostname();
+    const link = this.link;
+    this.telemetry = new TelemetryService({
+      config: config.telemetry,
+      metrics: this.metrics,
+      outbox,
+      deviceId,
+      agentVersion: AGENT_VERSION,
+      topicPrefix: config.fleet?.topic_prefix ?? 'edge',
+      logger: log.child({ part: 'telemetry' }),
+      statusSource: () => ({
+        agentVersion: AGENT_VERSION, deviceId, models: this.runtime.listModels(),
+        fleet: link && config.fleet ? { connected: link.connected, broker: config.fleet.broker_url } : null,
+      }),
     });
     await this.runtime.start();
+    await this.telemetry.start();
+    if (config.fleet && link) {
+      this.fleet = new FleetAgent({
+        config: config.fleet, agentVersion: AGENT_VERSION, dataDir: config.data_dir, db: this.db, target: this.target, link,
+        logger: log.child({ part: 'fleet' }), databaseRecovered: this.databaseRecovered,
+        // Deployment statuses go through the durable outbox: never dropped, published in order after reconnects.
+        statusSink: { enqueue: (kind, topic, payload, retain) => outbox.enqueue({ kind, topic, retain, payload: () => JSON.stringify(payload) }).then(() => undefined) },
+      });
+      await this.fleet.start();
+      link.start(); // serving never waits on the broker: connection and reconnects run in the background
+      this.telemetry.attachMqtt(link.client);
+    }
     const addresses = await this.listeners.start();
     this.health.refresh();
     const models = this.runtime.listModels();
@@ -117,7 +178,12 @@ export class Agent {
       if (!drained) log.warn({ in_flight: this.runtime.inFlight(), timeout_ms: timeout }, 'drain timeout: closing with frames still in flight');
       this.health.close();
       await this.listeners.stop(Math.max(0, timeout - (Date.now() - t0)));
+      await this.fleet?.stop();
       await this.runtime.close();
+      await this.telemetry?.stop();
+      await this.link?.stop();
+      await this.outbox?.close();
+      this.metrics.close();
       await this.db?.close();
       log.info({ ms: Date.now() - t0, drained }, 'edge-agent stopped');
     })();

@@ -89,7 +89,15 @@ export function buildClassifier(options: ClassifierOptions = {}): Uint8Array {
   });
   nodes.push(makeNode('GlobalAveragePool', [prev], ['pooled'], {}, 'pool'));
   nodes.push(makeNode('Flatten', ['pooled'], ['features'], { axis: attr.int(1) }, 'flatten'));
-  inits.push(floatTensor('fc.weight', [classes, inCh], heWeights(normal, classes * inCh, inCh)));
+  // Pooled ReLU features are all positive and move together; rows summing to zero cancel that common mode, so
+  // the random classifier spreads real images over more than one class.
+  const fc = heWeights(normal, classes * inCh, inCh);
+  for (let c = 0; c < classes; c++) {
+    let mean = 0;
+    for (let j = 0; j < inCh; j++) mean += fc[c * inCh + j]! / inCh;
+    for (let j = 0; j < inCh; j++) fc[c * inCh + j]! -= mean;
+  }
+  inits.push(floatTensor('fc.weight', [classes, inCh], fc));
   inits.push(floatTensor('fc.bias', [classes], smallBias(rand, classes)));
   nodes.push(makeNode('Gemm', ['features', 'fc.weight', 'fc.bias'], ['logits'], { transB: attr.int(1) }, 'fc'));
   return encodeModel(makeModel({

@@ -37,6 +37,10 @@ for (const spec of info.inputs) {
 const latency = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: 3 });
 const sentAt = new Map<number, number>();
 const counts: Record<string, number> = {};
+// Never more frames outstanding than the agent holds: otherwise the latency would include the client's own
+// transport buffers, not the agent's.
+let received = 0;
+let wakeSender: (() => void) | undefined;
 const done = (async () => {
   let n = 0;
   for await (const r of stream.results() as AsyncIterable<FrameResult>) {
@@ -44,12 +48,15 @@ const done = (async () => {
     if (started !== undefined) latency.recordValue(Math.max(1, Math.round((performance.now() - started) * 1000)));
     sentAt.delete(r.seq);
     counts[r.status] = (counts[r.status] ?? 0) + 1;
+    received++;
+    wakeSender?.();
     if (o.verbose) {
       const first = Object.entries(r.outputs)[0];
       console.log(`#${r.seq} ${r.status}${r.message ? ` (${r.message})` : ''} v${r.version} batch=${r.batchSize} queue=${r.timings.queueUs}us infer=${r.timings.inferenceUs}us total=${r.timings.totalUs}us${first ? ` ${first[0]}[0..3]=${Array.from(first[1].data.slice(0, 3) as ArrayLike<number>).map((v) => Number(v).toFixed(4)).join(',')}` : ''}`);
     }
-    if (++n === o.frames) break;
+    ++n;
   }
+  return n;
 })();
 const interval = o.rate > 0 ? 1000 / o.rate : 0;
 const t0 = performance.now();
@@ -59,11 +66,12 @@ for (let seq = 0; seq < o.frames; seq++) {
     const wait = due - performance.now();
     if (wait > 0) await new Promise((r) => setTimeout(r, wait));
   }
+  while (seq - received >= o.maxInFlight) await new Promise<void>((r) => { wakeSender = r; });
   sentAt.set(seq, performance.now());
   await stream.send({ seq, inputs, captureTimeUs: Math.round(Date.now() * 1000) });
 }
-await done;
 stream.end();
+await done;
 client.close();
 const secs = (performance.now() - t0) / 1000;
 const p = (q: number): string => `${latency.getValueAtPercentile(q)} us`;

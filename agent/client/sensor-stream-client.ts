@@ -130,18 +130,28 @@ export class SensorStreamHandle {
     this.call.cancel();
   }
 
-  /** Results in sequence order; ends when the agent ends the stream, throws its status if that was an error. */
+  /**
+   * Results in sequence order; ends when the agent ends the stream (after `end()` and the last result), throws
+   * its status if that was an error. Leaving the loop early cancels the call: nothing could read it any more.
+   */
   async *results(): AsyncGenerator<FrameResult> {
-    for await (const msg of this.call as AsyncIterable<{ result?: Record<string, unknown> }>) {
-      const r = msg.result as { seq: number; status: ResultStatus; message: string; outputs: WireTensor[]; model_version: number; timings?: { queue_us: number; inference_us: number; total_us: number }; capture_time_us: number; batch_size: number } | undefined;
-      if (!r) continue;
-      const outputs: Record<string, Tensor> = {};
-      for (const t of r.outputs) outputs[t.name] = fromWire(t);
-      yield {
-        seq: r.seq, status: r.status, message: r.message, outputs, version: r.model_version,
-        timings: { queueUs: r.timings?.queue_us ?? 0, inferenceUs: r.timings?.inference_us ?? 0, totalUs: r.timings?.total_us ?? 0 },
-        captureTimeUs: r.capture_time_us, batchSize: r.batch_size,
-      };
+    let finished = false;
+    try {
+      for await (const msg of this.call as AsyncIterable<{ result?: Record<string, unknown> }>) {
+        const r = msg.result as { seq: number; status: ResultStatus; message: string; outputs: WireTensor[]; model_version: number; timings?: { queue_us: number; inference_us: number; total_us: number }; capture_time_us: number; batch_size: number } | undefined;
+        if (!r) continue;
+        const outputs: Record<string, Tensor> = {};
+        for (const t of r.outputs) outputs[t.name] = fromWire(t);
+        yield {
+          seq: r.seq, status: r.status, message: r.message, outputs, version: r.model_version,
+          timings: { queueUs: r.timings?.queue_us ?? 0, inferenceUs: r.timings?.inference_us ?? 0, totalUs: r.timings?.total_us ?? 0 },
+          captureTimeUs: r.capture_time_us, batchSize: r.batch_size,
+        };
+      }
+      finished = true;
+    } finally {
+      // Destroying the readable side (what an early `break` does) does not end a grpc-js call by itself.
+      if (!finished) this.call.cancel();
     }
   }
 }

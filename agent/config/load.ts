@@ -73,8 +73,23 @@ function setPath(target: Record<string, unknown>, dotted: string, value: unknown
 function resolvePaths(config: AgentConfig, fileBase: string, envBase: string, overriddenByEnvOrFlag: Set<string>): AgentConfig {
   const base = (key: string): string => (overriddenByEnvOrFlag.has(key) ? envBase : fileBase);
   const abs = (p: string, key: string): string => (isAbsolute(p) ? p : resolve(base(key), p));
+  const fleet = config.fleet;
   return {
     ...config,
+    ...(fleet ? {
+      fleet: {
+        ...fleet,
+        ...(fleet.tls ? {
+          tls: {
+            ...fleet.tls,
+            ...(fleet.tls.ca ? { ca: abs(fleet.tls.ca, 'fleet.tls') } : {}),
+            ...(fleet.tls.cert ? { cert: abs(fleet.tls.cert, 'fleet.tls') } : {}),
+            ...(fleet.tls.key ? { key: abs(fleet.tls.key, 'fleet.tls') } : {}),
+          },
+        } : {}),
+        artifacts: { ...fleet.artifacts, ...(fleet.artifacts.http_ca ? { http_ca: abs(fleet.artifacts.http_ca, 'fleet.artifacts') } : {}) },
+      },
+    } : {}),
     model_repository: abs(config.model_repository, 'model_repository'),
     data_dir: abs(config.data_dir, 'data_dir'),
     server: {

@@ -1,4 +1,6 @@
 import { z } from 'zod';
+import { optionalFleetSchema } from './fleet-schema.js';
+import { telemetrySchema } from './telemetry-schema.js';
 
 /** Execution providers in the order the agent tries them; onnxruntime itself never falls back. */
 export const EXECUTION_PROVIDERS = ['tensorrt', 'cuda', 'webgpu', 'cpu'] as const;
@@ -77,6 +79,9 @@ export const agentConfigSchema = z.strictObject({
   server: serverSchema.default(serverSchema.parse({})),
   runtime: runtimeSchema.default(runtimeSchema.parse({})),
   log: logSchema.default(logSchema.parse({})),
+  telemetry: telemetrySchema.default(telemetrySchema.parse({})),
+  /** Absent: the agent runs stand-alone (no broker, no deployments; telemetry stays local). */
+  fleet: optionalFleetSchema,
 });
 
 export type AgentConfig = z.infer<typeof agentConfigSchema>;

@@ -46,7 +46,7 @@ export const modelConfigSchema = z.strictObject({
     })
     .default({ runs: 2, inputs: 'zero', fill: {} }),
   default_qos: z.enum(['LOSSLESS', 'LATEST_ONLY']).optional(),
-  variant: z.enum(['auto', 'fp32', 'int8', 'fp16']).default('fp32'),
+  variant: z.enum(['auto', 'fp32', 'int8', 'fp16']).default('auto'),
   /** Least output cosine similarity (vs fp32, from the variant's report) for `auto` to serve a variant. */
   min_cosine: z.number().min(0).max(1).default(0.99),
 });

@@ -1,6 +1,7 @@
 import { readdirSync, statSync, existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { ConfigError, errorMessage } from '../errors.js';
+import type { ActiveVersions } from './active-versions.js';
 import { readModelConfig, type ModelConfig } from './model-config.js';
 
 export const MODEL_FILE = 'model.onnx';
@@ -24,7 +25,7 @@ export interface ModelEntry {
   /** Undefined when config.yaml is invalid; `configError` says why. */
   readonly config?: ModelConfig;
   readonly configError?: string;
-  /** The version to serve: pinned by config, else the highest. */
+  /** The version to serve: the fleet's last activation, else pinned by config, else the highest. */
   readonly servedVersion?: number;
 }
 
@@ -34,7 +35,7 @@ export interface ModelEntry {
  * so the other models still serve.
  */
 export class ModelRepository {
-  constructor(readonly root: string) {}
+  constructor(readonly root: string, private readonly active?: ActiveVersions) {}
 
   /** Throws only when the repository folder itself is unusable. */
   scan(): ModelEntry[] {
@@ -79,8 +80,10 @@ export class ModelRepository {
     } catch (err) {
       configError = errorMessage(err);
     }
+    const onDisk = (v: number | undefined): number | undefined => (v !== undefined && versions.some((x) => x.version === v) ? v : undefined);
+    const activated = onDisk(this.active?.get(name));
     const pinned = config?.version;
-    const servedVersion = pinned !== undefined ? (versions.some((v) => v.version === pinned) ? pinned : undefined) : versions.at(-1)?.version;
+    const servedVersion = activated ?? (pinned !== undefined ? onDisk(pinned) : versions.at(-1)?.version);
     return { name, dir, versions, config, configError, servedVersion };
   }
 }

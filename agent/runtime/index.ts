@@ -1,5 +1,5 @@
 export { InferenceRuntime } from './inference-runtime.js';
-export type { InferenceRuntimeOptions } from './inference-runtime.js';
+export type { InferenceRuntimeOptions, ActivateOptions } from './inference-runtime.js';
 export { ModelScheduler } from './model-scheduler.js';
 export type { LoadedModel, SchedulerOptions } from './model-scheduler.js';
 export { createSession, graphCacheKey, ORT_VERSION } from './session-factory.js';

@@ -4,10 +4,20 @@ import { errorMessage, InvalidInputError, ModelLoadError, ModelNotFoundError, Un
 import type { Logger } from '../logger.js';
 import type { ModelEntry, ModelRepository } from '../models/index.js';
 import { loadModelVersion, type VariantChooser } from './model-loader.js';
-import { ModelScheduler } from './model-scheduler.js';
+import { ModelScheduler, type LoadedModel } from './model-scheduler.js';
 import type {
   InferenceRequest, InferenceResult, InferenceRuntimeApi, ModelInfo, ModelState, ModelStatistics, RuntimeObserver,
 } from './types.js';
+
+export interface ActivateOptions {
+  /** Progress for a deployment's status ('loading' includes warm-up, which is part of loading here). */
+  readonly onPhase?: (phase: 'loading' | 'validating') => void;
+  /**
+   * Runs against the new version after warm-up and before the switch; a rejection leaves the current version
+   * serving and the new one is released.
+   */
+  readonly validate?: (submit: (request: InferenceRequest) => Promise<InferenceResult>, model: LoadedModel) => Promise<void>;
+}
 
 export interface InferenceRuntimeOptions {
   readonly repository: ModelRepository;
@@ -167,15 +177,22 @@ export class InferenceRuntime implements InferenceRuntimeApi {
    * Loads and warms `version` while the current version keeps serving, then switches in one step: frames
    * accepted before the switch finish on the old version, frames after it run on the new one.
    */
-  activate(model: string, version: number): Promise<void> {
-    const slot = this.slot(model);
-    return this.serialize(slot, async () => {
-      slot.entry = this.options.repository.read(model) ?? slot.entry;
-      await this.activateLoaded(slot, version);
+  activate(model: string, version: number, options: ActivateOptions = {}): Promise<void> {
+    let slot: ModelSlot | undefined = this.slots.get(model);
+    if (!slot) {
+      const entry = this.options.repository.read(model);
+      if (!entry) return Promise.reject(new ModelNotFoundError(model));
+      slot = { entry, state: 'LOADING', others: new Map(), op: Promise.resolve() };
+      this.slots.set(model, slot);
+    }
+    const s = slot;
+    return this.serialize(s, async () => {
+      s.entry = this.options.repository.read(model) ?? s.entry;
+      await this.activateLoaded(s, version, options);
     });
   }
 
-  private async activateLoaded(slot: ModelSlot, version: number): Promise<void> {
+  private async activateLoaded(slot: ModelSlot, version: number, options: ActivateOptions = {}): Promise<void> {
     const model = slot.entry.name;
     const ve = slot.entry.versions.find((v) => v.version === version);
     if (!ve) throw new ModelNotFoundError(model, version);
@@ -183,6 +200,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     const t0 = performance.now();
     try {
       const cfg = this.options.config;
+      options.onPhase?.('loading');
       const outcome = await loadModelVersion(slot.entry, ve, {
         providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution,
         ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
@@ -191,6 +209,15 @@ export class InferenceRuntime implements InferenceRuntimeApi {
         maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
         refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer,
       });
+      options.onPhase?.('validating');
+      if (options.validate) {
+        try {
+          await options.validate((request) => scheduler.submit(request), outcome.model);
+        } catch (err) {
+          await scheduler.close();
+          throw err;
+        }
+      }
       const previous = slot.active;
       slot.active = scheduler;
       slot.state = 'READY';

@@ -40,7 +40,9 @@ t.test('SIGTERM: health NOT_SERVING, accepted frames answered, exit 0', async (t
   const repo = copyDemoRepo(t, ['classifier', 'tiny']);
   const port = await freePort();
   const sock = join(dir, 'agent.sock');
-  const run = startCli(['serve', '--model-repository', repo, '--data-dir', join(dir, 'var'), '--listen', `127.0.0.1:${port}`, '--listen', `unix:${sock}`],
+  const config = join(dir, 'agent.yaml');
+  writeFileSync(config, 'telemetry:\n  http:\n    port: 0\n');
+  const run = startCli(['serve', '--config', config, '--model-repository', repo, '--data-dir', join(dir, 'var'), '--listen', `127.0.0.1:${port}`, '--listen', `unix:${sock}`],
     { EDGE_AGENT_LOG_LEVEL: 'info' });
   t.teardown(() => { if (run.child.exitCode === null) run.child.kill('SIGKILL'); });
   await run.waitFor(/"msg":"edge-agent ready"/);

@@ -19,9 +19,9 @@ type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? (T[K] extends unk
 /** A whole agent in-process (CPU only) on a free loopback port and a unix socket in a temp dir. */
 export async function startTestAgent(
   t: { teardown(fn: () => void | Promise<void>): void },
-  options: { models?: readonly string[]; config?: DeepPartial<AgentConfig> } = {},
+  options: { models?: readonly string[]; repo?: string; config?: DeepPartial<AgentConfig> } = {},
 ): Promise<TestAgent> {
-  const repo = copyDemoRepo(t, options.models ?? ['classifier', 'tiny', 'filter', 'types']);
+  const repo = options.repo ?? copyDemoRepo(t, options.models ?? ['classifier', 'tiny', 'filter', 'types']);
   const dataDir = tempDir(t, 'edge-agent-');
   const sock = join(dataDir, 'agent.sock');
   const c = options.config ?? {};
@@ -31,6 +31,8 @@ export async function startTestAgent(
     data_dir: dataDir,
     server: { listen: ['127.0.0.1:0', `unix:${sock}`], ...c.server },
     runtime: { execution_providers: ['cpu'], ...c.runtime },
+    // Port 0: tests run in parallel; Triton's 8002 belongs to a real agent.
+    telemetry: { ...c.telemetry, http: { port: 0, ...c.telemetry?.http } },
   });
   const agent = new Agent({ config, configSource: '<test>', log: silentLogger() });
   const bound = await agent.start();

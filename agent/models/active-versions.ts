@@ -1,0 +1,50 @@
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+
+/**
+ * The version each model serves after a fleet activation, kept in one small JSON file under the data dir and
+ * replaced atomically (temp file, fsync, rename, fsync of the folder). A restart serves the recorded version
+ * even when a newer one is on disk: a kill in the middle of activating version N+1 comes back on version N.
+ */
+export class ActiveVersions {
+  private versions: Record<string, number> = {};
+
+  constructor(readonly file: string) {
+    if (!existsSync(file)) return;
+    try {
+      const parsed = JSON.parse(readFileSync(file, 'utf8')) as unknown;
+      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) {
+        for (const [k, v] of Object.entries(parsed)) if (Number.isSafeInteger(v) && (v as number) > 0) this.versions[k] = v as number;
+      }
+    } catch {
+      // Unreadable: serve the repository's own choice (highest or pinned); the next activation rewrites it.
+    }
+  }
+
+  get(model: string): number | undefined {
+    return this.versions[model];
+  }
+
+  set(model: string, version: number | undefined): void {
+    const next = { ...this.versions };
+    if (version === undefined) delete next[model];
+    else next[model] = version;
+    mkdirSync(dirname(this.file), { recursive: true });
+    const tmp = `${this.file}.tmp-${process.pid}`;
+    const fd = openSync(tmp, 'w');
+    try {
+      writeSync(fd, JSON.stringify(next, null, 2));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, this.file);
+    const dfd = openSync(dirname(this.file), 'r');
+    try {
+      fsyncSync(dfd);
+    } finally {
+      closeSync(dfd);
+    }
+    this.versions = next;
+  }
+}

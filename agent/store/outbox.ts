@@ -1,0 +1,329 @@
+/**
+ * The outbox: everything the agent must tell the fleet (telemetry records, deployment statuses) is written here
+ * first and leaves only after the broker acknowledged it. Two implementations share this file's contract and
+ * its bookkeeping (`OutboxLedger`): `SqliteOutbox` (the agent's, durable) and `MemoryOutbox` (tests, and
+ * agents run without a data dir). One contract test suite runs against both.
+ */
+
+/** Kinds the agent writes; other strings are allowed (they are droppable like telemetry, after it). */
+export type OutboxKind = 'telemetry' | 'deployment-status' | (string & {});
+
+/** What an entry is stamped with when it is accepted, inside the same transaction that stores it. */
+export interface OutboxStamp {
+  /** Per-device sequence number of this kind, 1-based, never reused, kept across restarts. */
+  readonly seq: number;
+  /**
+   * Entries dropped by the bounds since the last telemetry entry (0 for kinds other than telemetry, which do
+   * not carry it). Summed over the telemetry entries a receiver gets, it equals everything ever dropped,
+   * because a dropped telemetry entry hands its own `dropped` on to the next one.
+   */
+  readonly dropped: number;
+  /** Entries dropped since the outbox was created. */
+  readonly droppedTotal: number;
+  /**
+   * Changes each time the outbox is opened, and is made durable before any entry carries it. After a power
+   * cut the last committed transactions can roll back (WAL, synchronous=NORMAL) and sequence numbers already
+   * sent can be handed out again: (epoch, seq) stays unique, so receivers never mistake such an entry for a
+   * duplicate. Compare for equality only.
+   */
+  readonly epoch: number;
+}
+
+export interface OutboxMessage {
+  readonly kind: OutboxKind;
+  readonly topic: string;
+  readonly retain?: boolean;
+  /** Renders the payload once the stamp is known (the payload names its own sequence number). */
+  readonly payload: (stamp: OutboxStamp) => string | Uint8Array;
+}
+
+export interface OutboxEntry {
+  /** Insertion order across all kinds; the publisher sends in this order. */
+  readonly id: number;
+  readonly kind: OutboxKind;
+  readonly seq: number;
+  readonly topic: string;
+  readonly payload: Buffer;
+  readonly retain: boolean;
+  /** ms since epoch. */
+  readonly createdAt: number;
+}
+
+export interface OutboxBounds {
+  readonly maxRows: number;
+  /** Payload bytes (topics not counted). */
+  readonly maxBytes: number;
+  /** Droppable entries older than this are dropped at the next enqueue. */
+  readonly maxAgeMs: number;
+}
+
+export const DEFAULT_OUTBOX_BOUNDS: OutboxBounds = {
+  maxRows: 10_000,
+  maxBytes: 16 * 1024 * 1024,
+  maxAgeMs: 7 * 24 * 3600 * 1000,
+};
+
+/**
+ * Kinds that the bounds never drop (they may push the outbox past its bounds; they are few and small):
+ * deployment statuses and the results of fleet commands. Retained reported state ('state') is droppable: a
+ * newer one supersedes it.
+ */
+export const DEFAULT_PROTECTED_KINDS: readonly OutboxKind[] = ['deployment-status', 'command-result'];
+
+export interface OutboxOptions {
+  readonly bounds?: Partial<OutboxBounds>;
+  readonly protectedKinds?: readonly OutboxKind[];
+  /** Wall clock (ms since epoch) for created_at and max age; tests move it. */
+  readonly now?: () => number;
+  /**
+   * SQLite only. With `synchronous=NORMAL` a commit reaches the disk at the next checkpoint, which by default
+   * comes after ~1000 WAL pages (hours of telemetry). The outbox checkpoints (one fsync) at most this often
+   * after an enqueue, bounding what a power cut can take back; protected kinds are checkpointed at once.
+   * 0 leaves it to SQLite. Default 60 s.
+   */
+  readonly syncIntervalMs?: number;
+}
+
+export interface OutboxStats {
+  readonly rows: number;
+  readonly bytes: number;
+  /** Dropped since the outbox was created (survives restarts in SQLite). */
+  readonly droppedTotal: number;
+  /** Dropped and not yet reported in a telemetry entry. */
+  readonly pendingDrops: number;
+  /** ms since epoch of the oldest entry, null when empty. */
+  readonly oldestCreatedAt: number | null;
+  readonly bounds: OutboxBounds;
+  readonly epoch: number;
+}
+
+export interface Outbox {
+  /** Stores the message (dropping what the bounds require first); resolves once it is durable. */
+  enqueue(message: OutboxMessage): Promise<OutboxEntry | undefined>;
+  /** Entries with id > afterId, oldest first. */
+  peek(afterId: number, limit: number): Promise<OutboxEntry[]>;
+  /** Removes entries the broker acknowledged; unknown ids are ignored. */
+  remove(ids: readonly number[]): Promise<void>;
+  stats(): OutboxStats;
+  /** Called after each stored entry; returns the unsubscribe function. */
+  onEnqueued(listener: (entry: OutboxEntry) => void): () => void;
+  close(): Promise<void>;
+}
+
+/** Bookkeeping of one stored entry (no payload). */
+export interface LedgerRow {
+  readonly id: number;
+  readonly kind: OutboxKind;
+  readonly bytes: number;
+  readonly createdAt: number;
+  /** The `dropped` count this (telemetry) entry carries; handed on if it is dropped itself. */
+  readonly carriedDrops: number;
+}
+
+/** What one enqueue will do, computed before anything is written, applied after the write committed. */
+export interface EnqueuePlan {
+  readonly kind: OutboxKind;
+  readonly topic: string;
+  readonly retain: boolean;
+  readonly stamp: OutboxStamp;
+  readonly payload: Buffer;
+  readonly createdAt: number;
+  /** Existing entries to drop, oldest telemetry first. */
+  readonly evict: readonly LedgerRow[];
+  /** False when the new entry itself had to be dropped (nothing older was droppable). */
+  readonly insert: boolean;
+  readonly carriedDrops: number;
+  readonly nextSeq: number;
+  readonly pendingDrops: number;
+  readonly droppedTotal: number;
+}
+
+function toBuffer(payload: string | Uint8Array): Buffer {
+  if (typeof payload === 'string') return Buffer.from(payload, 'utf8');
+  return Buffer.isBuffer(payload) ? payload : Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
+}
+
+export function resolveBounds(bounds: Partial<OutboxBounds> | undefined): OutboxBounds {
+  const b = { ...DEFAULT_OUTBOX_BOUNDS, ...bounds };
+  for (const [key, value] of Object.entries(b)) {
+    if (!Number.isFinite(value) || value <= 0) throw new RangeError(`outbox bound ${key} must be a positive number, got ${String(value)}`);
+  }
+  return b;
+}
+
+/**
+ * The outbox's state that decides what to drop, shared by both implementations so they cannot disagree:
+ * entries by class (telemetry, other droppable, protected) in id order, totals, sequence counters and drop
+ * counters. The SQLite outbox rebuilds it from its tables at open.
+ */
+export class OutboxLedger {
+  private readonly telemetry = new Map<number, LedgerRow>();
+  private readonly otherDroppable = new Map<number, LedgerRow>();
+  private readonly protectedRows = new Map<number, LedgerRow>();
+  private readonly protectedKinds: ReadonlySet<string>;
+  private readonly nextSeqByKind = new Map<string, number>();
+  private rowCount = 0;
+  private byteCount = 0;
+  pendingDrops = 0;
+  droppedTotal = 0;
+
+  constructor(readonly bounds: OutboxBounds, protectedKinds: readonly OutboxKind[], public epoch: number) {
+    this.protectedKinds = new Set(protectedKinds);
+  }
+
+  private classOf(kind: OutboxKind): Map<number, LedgerRow> {
+    if (kind === 'telemetry') return this.telemetry;
+    return this.protectedKinds.has(kind) ? this.protectedRows : this.otherDroppable;
+  }
+
+  /** Loads one stored row (at open). Rows must be added in id order. */
+  add(row: LedgerRow): void {
+    this.classOf(row.kind).set(row.id, row);
+    this.rowCount += 1;
+    this.byteCount += row.bytes;
+  }
+
+  get(id: number): LedgerRow | undefined {
+    return this.telemetry.get(id) ?? this.otherDroppable.get(id) ?? this.protectedRows.get(id);
+  }
+
+  delete(id: number): boolean {
+    const row = this.get(id);
+    if (!row) return false;
+    this.classOf(row.kind).delete(id);
+    this.rowCount -= 1;
+    this.byteCount -= row.bytes;
+    return true;
+  }
+
+  setNextSeq(kind: OutboxKind, next: number): void {
+    this.nextSeqByKind.set(kind, next);
+  }
+
+  nextSeq(kind: OutboxKind): number {
+    return this.nextSeqByKind.get(kind) ?? 1;
+  }
+
+  stats(): OutboxStats {
+    let oldest: number | null = null;
+    for (const cls of [this.telemetry, this.otherDroppable, this.protectedRows]) {
+      const first = cls.values().next();
+      if (!first.done && (oldest === null || first.value.createdAt < oldest)) oldest = first.value.createdAt;
+    }
+    return { rows: this.rowCount, bytes: this.byteCount, droppedTotal: this.droppedTotal, pendingDrops: this.pendingDrops, oldestCreatedAt: oldest, bounds: this.bounds, epoch: this.epoch };
+  }
+
+  /**
+   * Decides what storing `message` takes: droppable entries past max age go first, then, while the outbox
+   * with the new entry would exceed max rows or max bytes, the oldest telemetry, then the oldest other
+   * droppable entries. Protected kinds are never chosen. Renders the payload (its size counts).
+   */
+  plan(message: OutboxMessage, now: number): EnqueuePlan {
+    if (typeof message.topic !== 'string' || message.topic === '') throw new TypeError('outbox message needs a non-empty topic');
+    const seq = this.nextSeq(message.kind);
+    const isTelemetry = message.kind === 'telemetry';
+    const evicted = new Map<number, LedgerRow>();
+    const cutoff = now - this.bounds.maxAgeMs;
+    for (const cls of [this.telemetry, this.otherDroppable]) {
+      for (const row of cls.values()) {
+        if (row.createdAt >= cutoff) break;
+        evicted.set(row.id, row);
+      }
+    }
+    let payload: Buffer = Buffer.alloc(0);
+    let dropsBefore = 0;
+    let insert = true;
+    // The payload names the drop count, and its size can require more drops: iterate until stable (the
+    // count only grows, so this settles in a step or two).
+    for (let round = 0; round < 8; round += 1) {
+      dropsBefore = 0;
+      for (const row of evicted.values()) dropsBefore += 1 + row.carriedDrops;
+      const stamp: OutboxStamp = {
+        seq,
+        dropped: isTelemetry ? this.pendingDrops + dropsBefore : 0,
+        droppedTotal: this.droppedTotal + evicted.size,
+        epoch: this.epoch,
+      };
+      payload = toBuffer(message.payload(stamp));
+      let rows = this.rowCount - evicted.size + 1;
+      let bytes = this.byteCount + payload.length;
+      for (const row of evicted.values()) bytes -= row.bytes;
+      let grew = false;
+      insert = true;
+      for (const cls of [this.telemetry, this.otherDroppable]) {
+        for (const row of cls.values()) {
+          if (rows <= this.bounds.maxRows && bytes <= this.bounds.maxBytes) break;
+          if (evicted.has(row.id)) continue;
+          evicted.set(row.id, row);
+          rows -= 1;
+          bytes -= row.bytes;
+          grew = true;
+        }
+      }
+      if ((rows > this.bounds.maxRows || bytes > this.bounds.maxBytes) && !this.protectedKinds.has(message.kind)) {
+        // Nothing older is droppable: the new droppable entry is the one that goes.
+        insert = false;
+      }
+      if (!grew) break;
+    }
+    let dropsAll = 0;
+    for (const row of evicted.values()) dropsAll += 1 + row.carriedDrops;
+    const carriedDrops = isTelemetry && insert ? this.pendingDrops + dropsAll : 0;
+    let pendingDrops = this.pendingDrops + dropsAll;
+    if (!insert) pendingDrops += 1;
+    else if (isTelemetry) pendingDrops = 0;
+    return {
+      kind: message.kind,
+      topic: message.topic,
+      retain: message.retain === true,
+      stamp: { seq, dropped: carriedDrops, droppedTotal: this.droppedTotal + evicted.size, epoch: this.epoch },
+      payload,
+      createdAt: now,
+      evict: [...evicted.values()],
+      insert,
+      carriedDrops,
+      nextSeq: seq + 1,
+      pendingDrops,
+      droppedTotal: this.droppedTotal + evicted.size + (insert ? 0 : 1),
+    };
+  }
+
+  /** Applies a plan whose writes committed; `id` is the new entry's id (ignored when it was not inserted). */
+  apply(plan: EnqueuePlan, id: number): LedgerRow | undefined {
+    for (const row of plan.evict) this.delete(row.id);
+    this.nextSeqByKind.set(plan.kind, plan.nextSeq);
+    this.pendingDrops = plan.pendingDrops;
+    this.droppedTotal = plan.droppedTotal;
+    if (!plan.insert) return undefined;
+    const row: LedgerRow = { id, kind: plan.kind, bytes: plan.payload.length, createdAt: plan.createdAt, carriedDrops: plan.carriedDrops };
+    this.add(row);
+    return row;
+  }
+}
+
+/** Runs async operations one at a time, in call order (the outbox's single writer). */
+export class SerialQueue {
+  private tail: Promise<unknown> = Promise.resolve();
+
+  run<T>(op: () => Promise<T>): Promise<T> {
+    const next = this.tail.then(op);
+    this.tail = next.catch(() => undefined);
+    return next;
+  }
+}
+
+/** Listener registry shared by both implementations; a throwing listener never breaks an enqueue. */
+export class EnqueueListeners {
+  private readonly listeners = new Set<(entry: OutboxEntry) => void>();
+
+  add(listener: (entry: OutboxEntry) => void): () => void {
+    this.listeners.add(listener);
+    return () => { this.listeners.delete(listener); };
+  }
+
+  emit(entry: OutboxEntry): void {
+    for (const l of this.listeners) {
+      try { l(entry); } catch { /* a listener's failure is its own; the entry is stored */ }
+    }
+  }
+}

@@ -1,0 +1,283 @@
+import { availableParallelism } from 'node:os';
+import type { ExecutionRecord, RequestOutcome, RuntimeObserver } from '../runtime/types.js';
+import {
+  BatchSizeRecorder,
+  LatencyRecorder,
+  DEFAULT_BATCH_BUCKETS,
+  DEFAULT_LATENCY_BUCKETS_US,
+  type BatchSummary,
+  type LatencySummary,
+} from './latency-histogram.js';
+
+export type ModelEvent = Parameters<NonNullable<RuntimeObserver['onModelEvent']>>[0];
+export type ModelTelemetryState = 'ready' | 'failed' | 'unloaded' | 'unknown';
+
+/** Everything measured about one model version since the agent started (plus its current interval). */
+export class ModelMetrics {
+  provider: string | undefined;
+  variant: string | undefined;
+  state: ModelTelemetryState = 'unknown';
+  reason: string | undefined;
+  requests = 0;
+  success = 0;
+  errors = 0;
+  dropped = 0;
+  deadlineMisses = 0;
+  /** `session.run` calls, and the requests they carried (Triton's exec_count and inference_count). */
+  executions = 0;
+  inferences = 0;
+  readonly queue: LatencyRecorder;
+  readonly infer: LatencyRecorder;
+  readonly total: LatencyRecorder;
+  readonly batch: BatchSizeRecorder;
+  /** Counter values at the start of the current interval. */
+  baseline = { requests: 0, success: 0, errors: 0, dropped: 0, deadlineMisses: 0, inferences: 0 };
+
+  constructor(readonly model: string, readonly version: number, latencyBuckets: readonly number[], batchBuckets: readonly number[]) {
+    this.queue = new LatencyRecorder(latencyBuckets);
+    this.infer = new LatencyRecorder(latencyBuckets);
+    this.total = new LatencyRecorder(latencyBuckets);
+    this.batch = new BatchSizeRecorder(batchBuckets);
+  }
+
+  destroy(): void {
+    this.queue.destroy();
+    this.infer.destroy();
+    this.total.destroy();
+  }
+}
+
+/** One model version over one reporting interval (the wire format of telemetry and /v1/status). */
+export interface ModelIntervalReport {
+  readonly model: string;
+  readonly version: number;
+  readonly state: ModelTelemetryState;
+  readonly provider: string | null;
+  readonly variant: string | null;
+  readonly requests: number;
+  readonly success: number;
+  readonly errors: number;
+  readonly dropped: number;
+  readonly deadline_misses: number;
+  /** Successful requests per second over the interval. */
+  readonly throughput_rps: number;
+  readonly latency_us: { readonly queue: LatencySummary; readonly infer: LatencySummary; readonly total: LatencySummary };
+  readonly batch: BatchSummary;
+}
+
+export interface ProcessUsage {
+  readonly rss_bytes: number;
+  readonly heap_used_bytes: number;
+  /** CPU time over wall time in the interval, in % of one core (can exceed 100 with threads). */
+  readonly cpu_percent: number;
+  readonly cpu_cores: number;
+}
+
+export interface MetricsInterval {
+  /** ms since epoch. */
+  readonly started_at: number;
+  readonly ended_at: number;
+  readonly seconds: number;
+  readonly models: readonly ModelIntervalReport[];
+  readonly streams: { readonly active: number; readonly opened: number };
+  readonly process: ProcessUsage;
+}
+
+export interface AgentMetricsOptions {
+  readonly latencyBucketsUs?: readonly number[];
+  readonly batchBuckets?: readonly number[];
+  /** Wall clock, ms since epoch (tests move it). */
+  readonly now?: () => number;
+}
+
+/**
+ * The agent's measurements: the runtime reports every request and execution here (it is the runtime's
+ * `RuntimeObserver`), the server reports streams. The request path does a two-level map lookup, a few
+ * increments and three histogram writes; everything else (percentiles, rates, Prometheus text) is computed
+ * when someone asks.
+ */
+export class AgentMetrics implements RuntimeObserver {
+  private readonly byModel = new Map<string, Map<number, ModelMetrics>>();
+  /** Provider/variant announced without a version: applied to versions seen later. */
+  private readonly modelDefaults = new Map<string, { provider?: string; variant?: string }>();
+  /** Prometheus bucket bounds of the latency and batch-size histograms. */
+  readonly latencyBucketsUs: readonly number[];
+  readonly batchSizeBuckets: readonly number[];
+  private readonly now: () => number;
+  private active = 0;
+  private opened = 0;
+  private intervalStart: number;
+  private cpuMark = process.cpuUsage();
+  private cpuMarkAt: number;
+  private last: MetricsInterval | undefined;
+
+  constructor(options: AgentMetricsOptions = {}) {
+    this.latencyBucketsUs = options.latencyBucketsUs ?? DEFAULT_LATENCY_BUCKETS_US;
+    this.batchSizeBuckets = options.batchBuckets ?? DEFAULT_BATCH_BUCKETS;
+    this.now = options.now ?? Date.now;
+    this.intervalStart = this.now();
+    this.cpuMarkAt = this.intervalStart;
+  }
+
+  onRequest(outcome: RequestOutcome): void {
+    const m = this.metricsFor(outcome.model, outcome.version);
+    m.requests += 1;
+    switch (outcome.status) {
+      case 'OK': {
+        m.success += 1;
+        const timings = outcome.timings;
+        if (timings) {
+          m.queue.record(timings.queueUs);
+          m.infer.record(timings.inferUs);
+          m.total.record(timings.totalUs);
+        }
+        break;
+      }
+      case 'ERROR':
+        m.errors += 1;
+        break;
+      case 'DROPPED':
+        m.dropped += 1;
+        break;
+      case 'DEADLINE_EXCEEDED':
+        m.deadlineMisses += 1;
+        break;
+    }
+  }
+
+  onExecution(record: ExecutionRecord): void {
+    const m = this.metricsFor(record.model, record.version);
+    m.executions += 1;
+    m.inferences += record.batchSize;
+    m.batch.record(record.batchSize);
+  }
+
+  onModelEvent(event: ModelEvent): void {
+    const targets = event.version !== undefined
+      ? [this.metricsFor(event.model, event.version)]
+      : [...(this.byModel.get(event.model)?.values() ?? [])];
+    if (event.version === undefined && (event.provider !== undefined || event.variant !== undefined)) {
+      this.modelDefaults.set(event.model, { provider: event.provider, variant: event.variant });
+    }
+    for (const m of targets) {
+      if (event.provider !== undefined) m.provider = event.provider;
+      if (event.variant !== undefined) m.variant = event.variant;
+      m.state = event.type === 'model-ready' ? 'ready' : event.type === 'model-failed' ? 'failed' : 'unloaded';
+      m.reason = event.reason;
+    }
+  }
+
+  streamOpened(): void {
+    this.active += 1;
+    this.opened += 1;
+  }
+
+  streamClosed(): void {
+    if (this.active > 0) this.active -= 1;
+  }
+
+  get activeStreams(): number {
+    return this.active;
+  }
+
+  get streamsOpened(): number {
+    return this.opened;
+  }
+
+  /** Every model version seen, for cumulative views (Prometheus). */
+  *models(): IterableIterator<ModelMetrics> {
+    for (const versions of this.byModel.values()) yield* versions.values();
+  }
+
+  /** The last closed interval (what /v1/status shows), undefined before the first. */
+  get lastInterval(): MetricsInterval | undefined {
+    return this.last;
+  }
+
+  /**
+   * Ends the current reporting interval: percentiles, counts and rates since the previous call. Versions that
+   * were unloaded are reported this once more and then forgotten.
+   */
+  closeInterval(): MetricsInterval {
+    const endedAt = this.now();
+    const seconds = Math.max((endedAt - this.intervalStart) / 1000, 1e-3);
+    const models: ModelIntervalReport[] = [];
+    for (const [name, versions] of this.byModel) {
+      for (const [version, m] of versions) {
+        const b = m.baseline;
+        models.push({
+          model: m.model,
+          version: m.version,
+          state: m.state,
+          provider: m.provider ?? null,
+          variant: m.variant ?? null,
+          requests: m.requests - b.requests,
+          success: m.success - b.success,
+          errors: m.errors - b.errors,
+          dropped: m.dropped - b.dropped,
+          deadline_misses: m.deadlineMisses - b.deadlineMisses,
+          throughput_rps: (m.success - b.success) / seconds,
+          latency_us: { queue: m.queue.closeInterval(), infer: m.infer.closeInterval(), total: m.total.closeInterval() },
+          batch: m.batch.closeInterval(),
+        });
+        m.baseline = { requests: m.requests, success: m.success, errors: m.errors, dropped: m.dropped, deadlineMisses: m.deadlineMisses, inferences: m.inferences };
+        if (m.state === 'unloaded') {
+          m.destroy();
+          versions.delete(version);
+        }
+      }
+      if (versions.size === 0) this.byModel.delete(name);
+    }
+    models.sort((a, b) => (a.model < b.model ? -1 : a.model > b.model ? 1 : a.version - b.version));
+    const interval: MetricsInterval = {
+      started_at: this.intervalStart,
+      ended_at: endedAt,
+      seconds,
+      models,
+      streams: { active: this.active, opened: this.opened },
+      process: this.sampleProcess(),
+    };
+    this.intervalStart = endedAt;
+    this.last = interval;
+    return interval;
+  }
+
+  /** RSS, heap, and CPU since the previous interval. */
+  private sampleProcess(): ProcessUsage {
+    const at = this.now();
+    const cpu = process.cpuUsage(this.cpuMark);
+    const wallMs = Math.max(at - this.cpuMarkAt, 1);
+    this.cpuMark = process.cpuUsage();
+    this.cpuMarkAt = at;
+    const mem = process.memoryUsage();
+    return {
+      rss_bytes: mem.rss,
+      heap_used_bytes: mem.heapUsed,
+      cpu_percent: ((cpu.user + cpu.system) / 1000 / wallMs) * 100,
+      cpu_cores: availableParallelism(),
+    };
+  }
+
+  /** Frees the histograms. */
+  close(): void {
+    for (const m of this.models()) m.destroy();
+    this.byModel.clear();
+  }
+
+  private metricsFor(model: string, version: number): ModelMetrics {
+    let versions = this.byModel.get(model);
+    if (versions === undefined) {
+      versions = new Map();
+      this.byModel.set(model, versions);
+    }
+    let m = versions.get(version);
+    if (m === undefined) {
+      m = new ModelMetrics(model, version, this.latencyBucketsUs, this.batchSizeBuckets);
+      const defaults = this.modelDefaults.get(model);
+      m.provider = defaults?.provider;
+      m.variant = defaults?.variant;
+      versions.set(version, m);
+    }
+    return m;
+  }
+}

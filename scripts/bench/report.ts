@@ -1,0 +1,191 @@
+import type { BareResult, Outputs } from './bare.js';
+import { formatNumber, formatTable } from './stats.js';
+
+export type Api = 'native_stream' | 'kserve_stream' | 'kserve_unary';
+export type Transport = 'tcp' | 'unix';
+
+/** Rows are measured in rounds, alternating with `bare` and `echo`: p50 is the median of the rounds' p50s. */
+export interface EchoRow {
+  readonly frame: string;
+  readonly frame_bytes: number;
+  readonly api: Api;
+  readonly transport: Transport;
+  readonly p50_us: number;
+  /** Pooled over every round. */
+  readonly p99_us: number;
+  readonly n: number;
+  readonly rounds: number;
+}
+
+export interface LatencyRow {
+  readonly workload: string;
+  readonly frame_bytes: number;
+  readonly api: Api;
+  readonly transport: Transport;
+  readonly execution: 'worker' | 'inline';
+  readonly p50_us: number;
+  readonly p99_us: number;
+  readonly n: number;
+  readonly rounds: number;
+  /** bare batch-1 and echo p50 measured in the same rounds (medians). */
+  readonly bare_p50_us: number;
+  readonly echo_p50_us: number | undefined;
+  /** Median over rounds of (p50 − bare p50). */
+  readonly overhead_us: number;
+  /** Median over rounds of (p50 − bare p50 − echo p50), same frame, API and transport: what the agent itself adds. */
+  readonly own_cost_us: number | undefined;
+  /** Smallest and largest per-round own cost: how much the shared machine moved it. */
+  readonly own_cost_range_us: [number, number] | undefined;
+  /** The agent's outputs for the same frames equal bare onnxruntime's (relative 1e-5). */
+  readonly outputs_equal: boolean;
+  readonly max_rel_diff: number;
+}
+
+export interface ThroughputRow {
+  readonly workload: string;
+  readonly server: 'agent' | 'naive';
+  readonly api: 'native_stream' | 'kserve_unary';
+  /** null: the model cannot batch (fixed batch 1 or a scalar input), so on and off are the same config. */
+  readonly batching: boolean | null;
+  readonly streams: number;
+  /** Median over rounds; the range is the smallest and largest round. */
+  readonly fps: number;
+  readonly fps_range: [number, number];
+  readonly p50_us: number;
+  readonly p99_us: number;
+  readonly mean_batch: number | undefined;
+  /** bare batch 1 and batch 8 in the same rounds (medians). */
+  readonly bare_b1_fps: number;
+  readonly bare_b8_fps: number | undefined;
+}
+
+export interface NaiveRow {
+  readonly workload: string;
+  readonly naive_fps: number;
+  readonly agent_fps: number;
+  readonly ratio: number;
+}
+
+export interface RssResult {
+  readonly frames: number;
+  readonly fps: number;
+  readonly ready_kb: number;
+  /** After a warm-up of `warmup_frames` (grpc buffers, JIT and allocator pools settled). */
+  readonly before_kb: number;
+  readonly after_kb: number;
+  readonly warmup_frames: number;
+  readonly growth_pct: number;
+}
+
+export interface ColdStartRuns {
+  readonly median_ms: number;
+  readonly ready_median_ms: number;
+  readonly runs_ms: number[];
+}
+
+export interface ColdStartResult {
+  readonly model: string;
+  readonly models_in_repository: string[];
+  readonly empty: ColdStartRuns;
+  readonly cached: ColdStartRuns;
+  readonly saved_ms: number;
+  /** In-process onnxruntime: create the session and run one frame, no agent (for scale). */
+  readonly bare_first_result_ms: number;
+}
+
+export interface TargetRow {
+  readonly name: string;
+  readonly target: string;
+  readonly value: string;
+  readonly met: boolean | null;
+}
+
+export interface BenchReport {
+  meta: {
+    date: string;
+    node: string;
+    onnxruntime: string;
+    cpus: number;
+    cpu_model: string;
+    providers: string[];
+    quick: boolean;
+    sections: string[];
+    loadavg_start: number[];
+    loadavg_end: number[];
+    duration_s: number;
+    served_by: Record<string, string>;
+    /** --agent-config overrides merged over every agent's config, if any. */
+    agent_config: Record<string, unknown> | null;
+    notes: string[];
+  };
+  workloads: Record<string, { description: string; frame_bytes: number; batchable: boolean; stateful: boolean; inputs: Record<string, number[]> }>;
+  bare: Record<string, BareResult & { reference?: Outputs[] }>;
+  echo: EchoRow[];
+  latency: LatencyRow[];
+  throughput: ThroughputRow[];
+  naive: NaiveRow[];
+  rss?: RssResult;
+  cold_start?: ColdStartResult;
+  targets: TargetRow[];
+}
+
+const fmt = (x: number | undefined): string => (x === undefined ? 'n/a' : formatNumber(x));
+
+/** The human-readable report: one table per section, then the targets. */
+export function renderReport(r: BenchReport): string {
+  const out: string[] = [];
+  const m = r.meta;
+  out.push(`edge-agent benchmark — ${m.date}, node ${m.node}, onnxruntime ${m.onnxruntime}, ${m.cpus}× ${m.cpu_model}, providers ${m.providers.join(',')}${m.quick ? ' (--quick)' : ''}`);
+  out.push(`load average at start ${m.loadavg_start.map((x) => x.toFixed(2)).join(' ')}, at end ${m.loadavg_end.map((x) => x.toFixed(2)).join(' ')}; ${m.duration_s.toFixed(0)} s`);
+  if (m.agent_config) out.push(`agent config overrides: ${JSON.stringify(m.agent_config)}`);
+  for (const n of m.notes) out.push(`note: ${n}`);
+  out.push('');
+  out.push(formatTable(['workload', 'frame bytes', 'batchable', 'stateful', 'served by'],
+    Object.entries(r.workloads).map(([k, w]) => [k, w.frame_bytes, w.batchable ? 'yes' : 'no', w.stateful ? 'yes' : 'no', m.served_by[k] ?? ''])));
+  if (Object.keys(r.bare).length > 0) {
+    out.push('', 'bare: onnxruntime session.run in-process');
+    out.push(formatTable(['workload', 'b1 p50 µs', 'b1 p99 µs', 'b1 frames/s', 'b8 frames/s', 'b8/b1'],
+      Object.entries(r.bare).map(([k, b]) => [k, b.b1.p50_us, b.b1.p99_us, fmt(b.b1_fps), fmt(b.b8_fps), b.b8_fps && b.b1_fps ? fmt(b.b8_fps / b.b1_fps) : 'n/a'])));
+  }
+  if (r.echo.length > 0) {
+    out.push('', 'echo: no-inference service, same grpc-js stack and frame (the transport floor), 1 client closed-loop');
+    out.push(formatTable(['frame', 'bytes', 'api', 'transport', 'p50 µs', 'p99 µs', 'n', 'rounds'],
+      r.echo.map((e) => [e.frame, e.frame_bytes, e.api, e.transport, e.p50_us, e.p99_us, e.n, e.rounds])));
+  }
+  if (r.latency.length > 0) {
+    out.push('', 'latency: agent as a child process, 1 stream/client closed-loop, in rounds alternating with bare and echo');
+    out.push('(own cost = p50 − bare p50 − echo p50 of the same round, median over rounds; range: min..max round)');
+    out.push(formatTable(['workload', 'api', 'transport', 'execution', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'outputs = bare', 'n'],
+      r.latency.map((l) => [l.workload, l.api, l.transport, l.execution, l.p50_us, l.p99_us, l.bare_p50_us, fmt(l.echo_p50_us), l.overhead_us, fmt(l.own_cost_us),
+        l.own_cost_range_us ? `${fmt(l.own_cost_range_us[0])}..${fmt(l.own_cost_range_us[1])}` : 'n/a', l.outputs_equal ? 'yes' : `NO (${l.max_rel_diff.toExponential(1)})`, l.n])));
+  }
+  if (r.throughput.length > 0) {
+    out.push('', 'throughput: concurrent closed-loop streams (native) or unary clients (KServe), one connection, over TCP;');
+    out.push('in rounds alternating with bare batch 1 and batch 8 (frames/s: median over rounds; vs bare: same rounds)');
+    out.push(formatTable(['workload', 'server', 'api', 'batching', 'streams', 'frames/s', 'range', 'p50 µs', 'p99 µs', 'mean batch', 'vs bare b1', 'vs bare b8'],
+      r.throughput.map((t) => [t.workload, t.server, t.api, t.batching === null ? 'n/a' : t.batching ? 'on' : 'off', t.streams, t.fps, `${fmt(t.fps_range[0])}..${fmt(t.fps_range[1])}`,
+        t.p50_us, t.p99_us, fmt(t.mean_batch), `${fmt((100 * t.fps) / t.bare_b1_fps)}%`, t.bare_b8_fps ? `${fmt((100 * t.fps) / t.bare_b8_fps)}%` : 'n/a'])));
+  }
+  if (r.naive.length > 0) {
+    out.push('', 'naive baseline: 8 concurrent unary KServe clients on the naive server vs the agent at 8 native streams (batching on)');
+    out.push(formatTable(['workload', 'naive frames/s', 'agent frames/s', 'agent/naive'], r.naive.map((n) => [n.workload, n.naive_fps, n.agent_fps, `${fmt(n.ratio)}x`])));
+  }
+  if (r.rss) {
+    const s = r.rss;
+    out.push('', `RSS (tiny, native streams): ready ${s.ready_kb} kB; after ${s.warmup_frames} warm-up frames ${s.before_kb} kB; after ${s.frames} more frames (${fmt(s.fps)} frames/s) ${s.after_kb} kB: growth ${fmt(s.growth_pct)}%`);
+  }
+  if (r.cold_start) {
+    const c = r.cold_start;
+    out.push('', `cold start (process spawn → first ${c.model} result; repository: ${c.models_in_repository.join(', ')}), median of ${c.empty.runs_ms.length}:`);
+    out.push(formatTable(['data dir', 'first result ms', 'ready ms', 'runs ms'], [
+      ['empty (no graph cache)', c.empty.median_ms, c.empty.ready_median_ms, c.empty.runs_ms.map(fmt).join(' ')],
+      ['warm (graph cache)', c.cached.median_ms, c.cached.ready_median_ms, c.cached.runs_ms.map(fmt).join(' ')],
+    ]));
+    out.push(`cache saves ${fmt(c.saved_ms)} ms; in-process onnxruntime open + first run of ${c.model}: ${fmt(c.bare_first_result_ms)} ms`);
+  }
+  if (r.targets.length > 0) {
+    out.push('', 'targets (issue 4, on this machine)');
+    out.push(formatTable(['target', 'goal', 'measured', 'met'], r.targets.map((t) => [t.name, t.target, t.value, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
+  }
+  return out.join('\n');
+}

@@ -1,0 +1,88 @@
+import { performance } from 'node:perf_hooks';
+
+/** Latency samples in microseconds, summarised at the percentiles the benchmark reports. */
+export interface LatencySummary {
+  readonly n: number;
+  readonly p50_us: number;
+  readonly p99_us: number;
+  readonly mean_us: number;
+}
+
+/** Nearest-rank percentile of ascending samples. */
+export function percentile(sorted: Float64Array, p: number): number {
+  if (sorted.length === 0) return Number.NaN;
+  const rank = Math.min(sorted.length - 1, Math.max(0, Math.ceil((p / 100) * sorted.length) - 1));
+  return sorted[rank] as number;
+}
+
+export function summarize(samplesUs: readonly number[]): LatencySummary {
+  const sorted = Float64Array.from(samplesUs).sort();
+  let sum = 0;
+  for (const s of sorted) sum += s;
+  return {
+    n: sorted.length,
+    p50_us: round1(percentile(sorted, 50)),
+    p99_us: round1(percentile(sorted, 99)),
+    mean_us: round1(sorted.length > 0 ? sum / sorted.length : Number.NaN),
+  };
+}
+
+export function round1(x: number): number {
+  return Math.round(x * 10) / 10;
+}
+
+/** A measurement window: `warmupMs` of untimed work, then at least `minSamples` and at least `durationMs`. */
+export interface Window {
+  readonly warmupMs: number;
+  readonly durationMs: number;
+  readonly minSamples: number;
+  /** Hard cap, so a fast path does not collect millions of samples. */
+  readonly maxSamples: number;
+}
+
+/** Runs `step` back to back through `window` and returns each timed step's duration in µs. */
+export async function timeLoop(window: Window, step: () => Promise<void>): Promise<number[]> {
+  const warmEnd = performance.now() + window.warmupMs;
+  do await step(); while (performance.now() < warmEnd);
+  const samples: number[] = [];
+  const end = performance.now() + window.durationMs;
+  for (;;) {
+    const t0 = performance.now();
+    await step();
+    samples.push((performance.now() - t0) * 1000);
+    if (samples.length >= window.maxSamples) break;
+    if (samples.length >= window.minSamples && performance.now() >= end) break;
+  }
+  return samples;
+}
+
+/** Largest absolute difference relative to the reference's largest magnitude (0 when both are all zero). */
+export function relativeDiff(actual: ArrayLike<number | bigint>, reference: ArrayLike<number | bigint>): number {
+  if (actual.length !== reference.length) return Number.POSITIVE_INFINITY;
+  let maxDiff = 0;
+  let scale = 0;
+  for (let i = 0; i < reference.length; i++) {
+    const a = Number(actual[i]);
+    const b = Number(reference[i]);
+    maxDiff = Math.max(maxDiff, Math.abs(a - b));
+    scale = Math.max(scale, Math.abs(b));
+  }
+  if (!Number.isFinite(maxDiff)) return Number.POSITIVE_INFINITY;
+  return scale === 0 ? maxDiff : maxDiff / scale;
+}
+
+/** Plain-text table with right-aligned numbers. */
+export function formatTable(header: readonly string[], rows: readonly (readonly (string | number | undefined)[])[]): string {
+  const cells = [header, ...rows].map((r) => r.map((c) => (c === undefined ? '' : typeof c === 'number' ? formatNumber(c) : c)));
+  const widths = header.map((_, i) => Math.max(...cells.map((r) => (r[i] ?? '').length)));
+  const line = (r: readonly string[]): string => r.map((c, i) => (i === 0 ? c.padEnd(widths[i] as number) : c.padStart(widths[i] as number))).join('  ');
+  return [line(cells[0] as string[]), widths.map((w) => '-'.repeat(w)).join('  '), ...cells.slice(1).map(line)].join('\n');
+}
+
+export function formatNumber(x: number): string {
+  if (!Number.isFinite(x)) return 'n/a';
+  if (Number.isInteger(x)) return x.toString();
+  if (Math.abs(x) >= 1000) return Math.round(x).toString();
+  if (Math.abs(x) >= 10) return x.toFixed(1);
+  return x.toFixed(2);
+}

@@ -1,0 +1,88 @@
+import t from 'tap';
+import { spawn } from 'node:child_process';
+import { join } from 'node:path';
+import { ROOT } from './helpers/runtime.js';
+
+// The benchmark's CI-sized form, so `npm run bench` cannot rot: every row is produced, every figure is a finite
+// number, and the agent's outputs equal onnxruntime's for the same frames. Timings are never asserted here.
+
+const BENCH = join(ROOT, 'dist', 'scripts', 'bench.js');
+const WORKLOADS = ['tiny', 'classifier', 'filter'];
+
+t.setTimeout(600_000);
+
+function runBench(args: readonly string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  return new Promise((resolve) => {
+    const child = spawn(process.execPath, [BENCH, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stdout.on('data', (d: Buffer) => { stdout += d.toString(); });
+    child.stderr.on('data', (d: Buffer) => { stderr += d.toString(); });
+    child.on('exit', (code) => resolve({ code, stdout, stderr }));
+  });
+}
+
+// The report, as JSON.parse gives it: the test walks it and checks each value it finds.
+type Json = Record<string, any>;
+
+const finite = (x: unknown): boolean => typeof x === 'number' && Number.isFinite(x);
+
+t.test('bench --quick --json: every row, finite figures, agent outputs equal bare', async (t) => {
+  const run = await runBench(['--quick', '--json', '--workloads', WORKLOADS.join(',')]);
+  t.equal(run.code, 0, `bench exits 0; stderr: ${run.stderr.slice(-2000)}`);
+  const r = JSON.parse(run.stdout) as Json;
+
+  t.same(Object.keys(r.workloads).sort(), [...WORKLOADS].sort(), 'the workloads asked for');
+  t.equal(r.meta.quick, true);
+  t.ok(finite(r.meta.cpus) && r.meta.loadavg_start.length === 3, 'machine and load recorded');
+
+  for (const w of WORKLOADS) {
+    const b = r.bare[w];
+    t.ok(b, `bare row for ${w}`);
+    t.ok(finite(b.b1.p50_us) && finite(b.b1.p99_us) && finite(b.b1_fps) && finite(b.b8_fps), `bare ${w}: finite batch-1 latency and batch-1/8 throughput`);
+    t.ok(typeof r.meta.served_by[w] === 'string' && r.meta.served_by[w].length > 0, `provider that served ${w} reported`);
+
+    for (const [api, transport] of [['native_stream', 'tcp'], ['native_stream', 'unix'], ['kserve_stream', 'tcp'], ['kserve_unary', 'tcp']]) {
+      const echo = r.echo.find((e: Json) => e.frame === w && e.api === api && e.transport === transport);
+      t.ok(echo && finite(echo.p50_us) && finite(echo.p99_us) && echo.n > 0, `echo ${w} ${api} ${transport}`);
+      const l = r.latency.find((x: Json) => x.workload === w && x.api === api && x.transport === transport && x.execution === 'worker');
+      t.ok(l && finite(l.p50_us) && finite(l.p99_us) && finite(l.overhead_us) && finite(l.own_cost_us), `latency ${w} ${api} ${transport}: p50, p99, overhead, own cost`);
+      t.equal(l?.outputs_equal, true, `${w} over ${api}/${transport}: the agent's outputs equal bare onnxruntime's (max relative diff ${l?.max_rel_diff})`);
+    }
+    for (const transport of ['tcp', 'unix']) {
+      const l = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.execution === 'inline');
+      t.ok(l && finite(l.p50_us) && l.outputs_equal === true, `inline execution ${w} ${transport}: measured, outputs equal bare`);
+    }
+    for (const batching of [true, false]) {
+      for (const streams of [1, 8, 32]) {
+        const row = r.throughput.find((x: Json) => x.workload === w && x.server === 'agent' && x.api === 'native_stream' && x.batching === batching && x.streams === streams);
+        t.ok(row && finite(row.fps) && row.fps > 0 && finite(row.mean_batch), `throughput ${w} batching ${batching ? 'on' : 'off'} ${streams} streams`);
+        if (!batching && row) t.equal(row.mean_batch, 1, `batching off: every run holds one frame (${w}, ${streams} streams)`);
+      }
+    }
+    const naive = r.throughput.find((x: Json) => x.workload === w && x.server === 'naive');
+    t.ok(naive && finite(naive.fps) && naive.fps > 0, `naive server throughput for ${w}`);
+    const agentUnary = r.throughput.find((x: Json) => x.workload === w && x.server === 'agent' && x.api === 'kserve_unary');
+    t.ok(agentUnary && finite(agentUnary.fps) && agentUnary.fps > 0, `agent KServe unary throughput for ${w}`);
+    const cmp = r.naive.find((x: Json) => x.workload === w);
+    t.ok(cmp && finite(cmp.ratio) && cmp.ratio > 0, `agent vs naive ratio for ${w}`);
+  }
+
+  t.ok(r.rss && [r.rss.ready_kb, r.rss.before_kb, r.rss.after_kb, r.rss.growth_pct, r.rss.fps].every(finite) && r.rss.frames > 0, 'RSS before and after');
+  const c = r.cold_start;
+  t.ok(c && finite(c.empty.median_ms) && finite(c.cached.median_ms) && finite(c.saved_ms) && finite(c.bare_first_result_ms), 'cold start, empty and cached data dir');
+  t.ok(c.empty.runs_ms.length >= 1 && c.cached.runs_ms.length === c.empty.runs_ms.length, 'cold-start repetitions of each kind');
+
+  t.ok(r.targets.length >= 8, 'every target evaluated');
+  for (const row of r.targets) t.ok(typeof row.value === 'string' && (row.met === null || typeof row.met === 'boolean'), `target '${row.name}' has a figure`);
+  t.equal(r.targets.find((x: Json) => x.name === 'agent outputs equal bare')?.met, true, 'the equality check over every latency row holds');
+});
+
+t.test('bench refuses bad options with a message naming them', async (t) => {
+  const run = await runBench(['--quick', '--sections', 'bare,warp']);
+  t.not(run.code, 0);
+  t.match(run.stderr, /unknown section 'warp'/);
+  const missing = await runBench(['--quick', '--workloads', 'nonesuch']);
+  t.not(missing.code, 0);
+  t.match(missing.stderr, /unknown workload 'nonesuch'/);
+});
