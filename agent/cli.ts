@@ -11,7 +11,8 @@ const collect = (value: string, previous: string[] = []): string[] => [...previo
 
 async function serve(opts: { config?: string; modelRepository?: string; listen?: string[]; dataDir?: string; logLevel?: string }): Promise<void> {
   const file = opts.config ?? process.env.EDGE_AGENT_CONFIG;
-  const { config, source } = loadConfig({
+  // The same sources on every (re)load: file, environment, flags.
+  const load = (): ReturnType<typeof loadConfig> => loadConfig({
     ...(file ? { file } : {}),
     overrides: {
       ...(opts.modelRepository ? { modelRepository: opts.modelRepository } : {}),
@@ -21,6 +22,7 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
     },
     env: process.env,
   });
+  const { config, source } = load();
   const log = createLogger({ level: config.log.level });
   log.info({ config: source, model_repository: config.model_repository, data_dir: config.data_dir, version: AGENT_VERSION }, 'edge-agent starting');
   const agent = new Agent({ config, configSource: source, log });
@@ -36,6 +38,15 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
   };
   process.on('SIGTERM', () => shutdown('SIGTERM'));
   process.on('SIGINT', () => shutdown('SIGINT'));
+  process.on('SIGHUP', () => {
+    if (signalled) return;
+    try {
+      agent.reload(load().config);
+    } catch (err) {
+      // A bad edit must not take a running agent down: keep the config in force and say what is wrong.
+      log.error({ err: errorMessage(err) }, 'reload refused: keeping the running configuration');
+    }
+  });
   try {
     await agent.start();
   } catch (err) {

@@ -10,13 +10,36 @@ import { ActiveVersions, ModelRepository } from './models/index.js';
 import { InferenceRuntime, type RuntimeObserver, type VariantChooser } from './runtime/index.js';
 import {
   createKServeService, createSensorStreamService, GrpcListeners, HealthService, serverCredentials, StreamAdmission,
-  type BoundAddress, type SensorStreamService,
+  type BoundAddress, type SensorStreamService, type StreamDefaults,
 } from './server/index.js';
 import { Database, SqliteOutbox } from './store/index.js';
 import { AgentMetrics, outboxOptions, TelemetryService } from './telemetry/index.js';
 
 export const AGENT_NAME = 'edge-agent';
 export const AGENT_VERSION = '0.1.0';
+
+function streamDefaults(config: Readonly<AgentConfig>): StreamDefaults {
+  return { defaultQos: config.runtime.default_qos, defaultMaxInFlight: config.server.default_max_in_flight, maxInFlightLimit: config.server.max_in_flight_limit };
+}
+
+/** Config keys a SIGHUP applies while streams keep flowing; any other change is reported as needing a restart. */
+const LIVE_KEYS = new Set([
+  'log.level', 'runtime.default_qos', 'server.default_max_in_flight', 'server.max_in_flight_limit', 'telemetry.interval_s',
+]);
+
+function flatten(value: unknown, prefix = '', out: Record<string, string> = {}): Record<string, string> {
+  if (value && typeof value === 'object' && !Array.isArray(value)) {
+    for (const [k, v] of Object.entries(value)) flatten(v, prefix ? `${prefix}.${k}` : k, out);
+  } else {
+    out[prefix] = JSON.stringify(value);
+  }
+  return out;
+}
+
+export interface ReloadOutcome {
+  readonly applied: readonly string[];
+  readonly needsRestart: readonly string[];
+}
 
 export interface AgentOptions {
   readonly config: Readonly<AgentConfig>;
@@ -40,6 +63,8 @@ export class Agent {
   private link: MqttLink | undefined;
   private readonly target: RuntimeDeploymentTarget;
   private databaseRecovered = false;
+  /** The config in force (reloads replace the live parts). */
+  private current: Readonly<AgentConfig>;
   private outbox: SqliteOutbox | undefined;
   private db: Database | undefined;
   private starting: Promise<readonly BoundAddress[]> | undefined;
@@ -47,6 +72,7 @@ export class Agent {
 
   constructor(private readonly o: AgentOptions) {
     const { config, log } = o;
+    this.current = config;
     this.metrics = new AgentMetrics();
     const observers: RuntimeObserver[] = [this.metrics];
     const observer: RuntimeObserver = {
@@ -83,9 +109,7 @@ export class Agent {
     this.sensorStreams = createSensorStreamService({
       runtime: this.runtime,
       log: log.child({ part: 'sensor-stream' }),
-      defaultQos: config.runtime.default_qos,
-      defaultMaxInFlight: config.server.default_max_in_flight,
-      maxInFlightLimit: config.server.max_in_flight_limit,
+      defaults: streamDefaults(config),
       admission: new StreamAdmission({ maxStreams: config.server.max_streams, maxStreamsPerPeer: config.server.max_streams_per_peer }),
       onStreamOpened: () => this.metrics.streamOpened(),
       onStreamClosed: () => this.metrics.streamClosed(),
@@ -156,6 +180,33 @@ export class Agent {
     const models = this.runtime.listModels();
     log.info({ ready: models.filter((m) => m.state === 'READY').map((m) => `${m.name}:${m.version}@${m.provider}`), failed: models.filter((m) => m.state !== 'READY').map((m) => m.name) }, 'edge-agent ready');
     return addresses;
+  }
+
+  /**
+   * SIGHUP: applies what can change live (log level, stream defaults, telemetry interval, model batching delays)
+   * without dropping a stream, and lists every other changed key as needing a restart.
+   */
+  reload(next: Readonly<AgentConfig>): ReloadOutcome {
+    const { log } = this.o;
+    const before = flatten(this.current);
+    const after = flatten(next);
+    const changed = [...new Set([...Object.keys(before), ...Object.keys(after)])].filter((k) => before[k] !== after[k]).sort();
+    const applied: string[] = [];
+    const needsRestart: string[] = [];
+    for (const key of changed) (LIVE_KEYS.has(key) ? applied : needsRestart).push(key);
+    if (applied.includes('log.level')) log.level = next.log.level;
+    this.sensorStreams.setDefaults(streamDefaults(next));
+    if (applied.includes('telemetry.interval_s')) this.telemetry?.setInterval(next.telemetry.interval_s);
+    const models = this.runtime.reloadModelConfigs();
+    applied.push(...models.applied);
+    needsRestart.push(...models.needsReload);
+    // Keys that need a restart keep their running values, so the next reload compares against what runs.
+    this.current = { ...this.current, log: next.log, runtime: { ...this.current.runtime, default_qos: next.runtime.default_qos },
+      server: { ...this.current.server, default_max_in_flight: next.server.default_max_in_flight, max_in_flight_limit: next.server.max_in_flight_limit },
+      telemetry: { ...this.current.telemetry, interval_s: next.telemetry.interval_s } };
+    log.info({ applied, needs_restart: needsRestart }, 'configuration reloaded');
+    if (needsRestart.length > 0) log.warn({ keys: needsRestart }, 'these changes need a restart (or a model reload) to take effect');
+    return { applied, needsRestart };
   }
 
   /**

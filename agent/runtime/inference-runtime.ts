@@ -124,6 +124,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       batching: (m?.maxBatchSize ?? 0) > 0,
       instanceCount: m?.instances.length ?? cfg?.instance_count ?? 1,
       path: m?.path ?? slot.entry.dir,
+      ...(cfg?.default_qos ? { defaultQos: cfg.default_qos } : {}),
     };
   }
 
@@ -240,6 +241,40 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       this.options.observer?.onModelEvent?.({ type: 'model-failed', model, version, reason: errorMessage(err) });
       throw err;
     }
+  }
+
+  /**
+   * Re-reads every loaded model's config.yaml (SIGHUP). Batching settings apply to the running version at
+   * once; any other changed key needs the model reloaded (KServe RepositoryModelLoad, a deployment, or a
+   * restart), which is reported rather than done behind the streams' backs.
+   */
+  reloadModelConfigs(): { applied: string[]; needsReload: string[] } {
+    const applied: string[] = [];
+    const needsReload: string[] = [];
+    for (const slot of this.slots.values()) {
+      const active = slot.active;
+      if (!active) continue;
+      const fresh = this.options.repository.read(slot.entry.name);
+      if (!fresh?.config) {
+        if (fresh?.configError) needsReload.push(`${slot.entry.name}: ${fresh.configError}`);
+        continue;
+      }
+      const before = slot.entry.config;
+      const strip = (c: typeof before): string => JSON.stringify({ ...c, dynamic_batching: undefined });
+      const b = fresh.config.dynamic_batching;
+      const next = { maxQueueDelayUs: b?.max_queue_delay_us ?? 0, preferredBatchSizes: b?.preferred_batch_sizes ?? [] };
+      const now = active.batchingSettings;
+      if (next.maxQueueDelayUs !== now.maxQueueDelayUs || JSON.stringify(next.preferredBatchSizes) !== JSON.stringify(now.preferredBatchSizes)) {
+        active.setBatching(next);
+        applied.push(`${slot.entry.name}.dynamic_batching`);
+      }
+      if (strip(before) !== strip(fresh.config) || (b?.enabled ?? true) !== (before?.dynamic_batching?.enabled ?? true)) {
+        needsReload.push(`${slot.entry.name}: config.yaml changed beyond batching delays (reload the model to apply)`);
+      } else {
+        slot.entry = { ...slot.entry, config: fresh.config };
+      }
+    }
+    return { applied, needsReload };
   }
 
   unloadModel(model: string): Promise<void> {

@@ -82,18 +82,31 @@ export class ModelScheduler {
     success: zeroStats(), fail: zeroStats(), queue: zeroStats(),
     computeInput: zeroStats(), computeInfer: zeroStats(), computeOutput: zeroStats(),
   };
+  /** Batching knobs that a config reload may change while frames flow. */
+  private batching: { maxQueueDelayUs: number; preferredBatchSizes: readonly number[] };
   private readonly outputNames: string[];
   private readonly outputSpecByName: Map<string, TensorSpec>;
 
   constructor(readonly model: LoadedModel, private readonly options: SchedulerOptions) {
     this.instances = model.instances.map((session) => ({ session, busy: false }));
     this.sequences = new SequenceStore({ idleTimeoutMs: options.sequenceIdleTimeoutMs, maxSequences: options.maxSequences });
+    this.batching = { maxQueueDelayUs: model.maxQueueDelayUs, preferredBatchSizes: model.preferredBatchSizes };
     this.outputNames = model.outputs.map((o) => o.name);
     this.outputSpecByName = new Map(model.outputs.map((o) => [o.name, o]));
   }
 
   get stateful(): boolean {
     return this.model.state.length > 0;
+  }
+
+  /** Takes effect from the next batch formed. */
+  setBatching(b: { maxQueueDelayUs: number; preferredBatchSizes: readonly number[] }): void {
+    this.batching = b;
+    this.pump();
+  }
+
+  get batchingSettings(): { maxQueueDelayUs: number; preferredBatchSizes: readonly number[] } {
+    return this.batching;
   }
 
   /** Requests queued or running. */
@@ -188,9 +201,10 @@ export class ModelScheduler {
       this.queue = remaining;
       return undefined;
     }
-    const delayUs = this.model.maxQueueDelayUs;
+    const delayUs = this.batching.maxQueueDelayUs;
     if (delayUs > 0 && this.accepting) {
-      const target = this.model.preferredBatchSizes.length > 0 ? Math.max(...this.model.preferredBatchSizes) : max;
+      const preferred = this.batching.preferredBatchSizes;
+      const target = preferred.length > 0 ? Math.max(...preferred) : max;
       const waitedUs = (now - (batch[0] as Pending).enqueuedAt) * 1000;
       if (rows < target && waitedUs < delayUs) {
         // Not full yet and the oldest frame may still wait: leave everything queued and come back.

@@ -69,6 +69,8 @@ export interface ModelInfo {
   readonly batching: boolean;
   readonly instanceCount: number;
   readonly path: string;
+  /** The model's own default QoS (config.yaml `default_qos`), for streams that do not choose. */
+  readonly defaultQos?: QosPolicy;
 }
 
 /** Outcome of one request, reported to observers (telemetry) after it finished. */

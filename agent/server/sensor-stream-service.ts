@@ -36,12 +36,17 @@ const RESULT_STATUS: Partial<Record<ErrorCode, string>> = {
   NOT_FOUND: 'INVALID_ARGUMENT',
 };
 
-export interface SensorStreamOptions {
-  readonly runtime: InferenceRuntimeApi;
-  readonly log: Logger;
+/** Per-stream defaults; a config reload replaces them for streams opened afterwards. */
+export interface StreamDefaults {
   readonly defaultQos: QosPolicy;
   readonly defaultMaxInFlight: number;
   readonly maxInFlightLimit: number;
+}
+
+export interface SensorStreamOptions {
+  readonly runtime: InferenceRuntimeApi;
+  readonly log: Logger;
+  readonly defaults: StreamDefaults;
   readonly admission: StreamAdmission;
   /** Active-stream gauge for telemetry. */
   readonly onStreamOpened?: () => void;
@@ -73,7 +78,12 @@ class SensorStream {
   /** Frames this stream accepted into the agent (for tests and telemetry). */
   accepted = 0;
 
-  constructor(private readonly call: DuplexCall, private readonly o: SensorStreamOptions, private readonly onClose: (s: SensorStream) => void) {
+  constructor(
+    private readonly call: DuplexCall,
+    private readonly o: SensorStreamOptions,
+    private readonly defaults: () => StreamDefaults,
+    private readonly onClose: (s: SensorStream) => void,
+  ) {
     call.on('data', (msg: WireRequest) => this.onMessage(msg));
     call.on('end', () => { this.clientDone = true; this.maybeFinish(); });
     call.on('cancelled', () => this.close());
@@ -116,11 +126,12 @@ class SensorStream {
       return this.fail(s.code, s.details);
     }
     if (info.state !== 'READY') return this.fail(grpc.status.UNAVAILABLE, `model '${open.model}' is ${info.state.toLowerCase()}${info.reason ? `: ${info.reason}` : ''}`);
-    const requested = open.max_in_flight || this.o.defaultMaxInFlight;
-    if (requested > this.o.maxInFlightLimit) {
-      return this.fail(grpc.status.RESOURCE_EXHAUSTED, `open.max_in_flight ${requested} exceeds server.max_in_flight_limit ${this.o.maxInFlightLimit}`);
+    const d = this.defaults();
+    const requested = open.max_in_flight || d.defaultMaxInFlight;
+    if (requested > d.maxInFlightLimit) {
+      return this.fail(grpc.status.RESOURCE_EXHAUSTED, `open.max_in_flight ${requested} exceeds server.max_in_flight_limit ${d.maxInFlightLimit}`);
     }
-    const qos: QosPolicy = open.qos === 'LOSSLESS' || open.qos === 'LATEST_ONLY' ? open.qos : this.o.defaultQos;
+    const qos: QosPolicy = open.qos === 'LOSSLESS' || open.qos === 'LATEST_ONLY' ? open.qos : info.defaultQos ?? d.defaultQos;
     const stateful = info.state_tensors.length > 0;
     this.bound = { model: info.name, version, qos, maxInFlight: requested, deadlineUs: open.default_deadline_us, stateful };
     this.write({
@@ -239,6 +250,8 @@ export interface SensorStreamService {
   readonly framesAccepted: () => number;
   /** Stops taking frames on every open stream; resolves once each has answered what it accepted. */
   drain(): Promise<void>;
+  /** New defaults for streams opened from now on (open streams keep what they were opened with). */
+  setDefaults(defaults: StreamDefaults): void;
 }
 
 export function createSensorStreamService(o: SensorStreamOptions): SensorStreamService {
@@ -250,6 +263,7 @@ export function createSensorStreamService(o: SensorStreamOptions): SensorStreamS
   let acceptedClosed = 0;
   let draining = false;
   let drainWaiter: (() => void) | undefined;
+  let defaults = o.defaults;
 
   const onClose = (s: SensorStream): void => {
     if (!streams.delete(s)) return;
@@ -270,7 +284,7 @@ export function createSensorStreamService(o: SensorStreamOptions): SensorStreamS
         call.emit('error', { code: grpc.status.RESOURCE_EXHAUSTED, details: refusal });
         return;
       }
-      const s = new SensorStream(call, o, onClose);
+      const s = new SensorStream(call, o, () => defaults, onClose);
       o.admission.bind(s, call.getPeer());
       streams.add(s);
       o.onStreamOpened?.();
@@ -282,6 +296,7 @@ export function createSensorStreamService(o: SensorStreamOptions): SensorStreamS
     implementation,
     activeStreams: () => streams.size,
     framesAccepted: () => acceptedClosed + [...streams].reduce((n, s) => n + s.accepted, 0),
+    setDefaults: (d) => { defaults = d; },
     drain: () => {
       draining = true;
       if (streams.size === 0) return Promise.resolve();

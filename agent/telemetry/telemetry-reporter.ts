@@ -78,6 +78,7 @@ export interface TelemetryReporterOptions {
  * outbox (the publisher takes it from there). Ticks never overlap; a slow tick delays the next one.
  */
 export class TelemetryReporter {
+  private intervalMs: number;
   private timer: NodeJS.Timeout | undefined;
   private running = false;
   private inTick: Promise<unknown> = Promise.resolve();
@@ -86,6 +87,7 @@ export class TelemetryReporter {
 
   constructor(private readonly options: TelemetryReporterOptions) {
     if (!(options.intervalMs > 0)) throw new RangeError(`telemetry interval must be positive, got ${options.intervalMs} ms`);
+    this.intervalMs = options.intervalMs;
     this.now = options.now ?? Date.now;
     this.startedAt = options.startedAt ?? this.now();
   }
@@ -94,6 +96,17 @@ export class TelemetryReporter {
     if (this.running) return;
     this.running = true;
     this.schedule();
+  }
+
+  /** A new interval (SIGHUP reload): the next record comes one new interval from now. */
+  setIntervalMs(ms: number): void {
+    if (!(ms > 0)) throw new RangeError(`telemetry interval must be positive, got ${ms} ms`);
+    this.intervalMs = ms;
+    if (this.timer) {
+      clearTimeout(this.timer);
+      this.timer = undefined;
+      this.schedule();
+    }
   }
 
   /** Stops the timer and waits for a tick in progress (its record is stored before this resolves). */
@@ -118,7 +131,7 @@ export class TelemetryReporter {
       this.tick()
         .catch((err: unknown) => this.options.logger?.warn({ err }, 'telemetry record could not be stored'))
         .finally(() => this.schedule());
-    }, this.options.intervalMs);
+    }, this.intervalMs);
     this.timer.unref();
   }
 

@@ -91,6 +91,11 @@ export class TelemetryService {
       : undefined;
   }
 
+  /** Applies a new `telemetry.interval_s` without a restart (SIGHUP). */
+  setInterval(seconds: number): void {
+    this.reporter.setIntervalMs(seconds * 1000);
+  }
+
   /** Base URL of the local listener once started (`edge-agent status --url`). */
   get httpUrl(): string | undefined {
     return this.http?.url;
@@ -98,7 +103,11 @@ export class TelemetryService {
 
   async start(): Promise<void> {
     if (this.started || !this.options.config.enabled) return;
-    await this.http?.start();
+    if (this.http) {
+      const bound = await this.http.start();
+      // With `port: 0` this line is the only way to find the listener (and `edge-agent status --url`).
+      this.options.logger?.info({ url: this.http.url, host: bound.host, port: bound.port }, 'telemetry HTTP listener ready');
+    }
     this.reporter.start();
     this.started = true;
   }
