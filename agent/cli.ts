@@ -5,6 +5,7 @@ import { EdgeAgentError, errorMessage } from './errors.js';
 import { createLogger } from './logger.js';
 import { Agent, AGENT_VERSION } from './main.js';
 import { runOptimize, type CalibrationMethod } from './compress/index.js';
+import { agentStatusLine, SystemdNotifier } from './systemd/index.js';
 import { runStatusCommand } from './telemetry/index.js';
 
 const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
@@ -24,15 +25,25 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
   });
   const { config, source } = load();
   const log = createLogger({ level: config.log.level });
+  // sd_notify: READY=1 only once models are warm, WATCHDOG=1 from the event loop, STATUS= one-line summaries.
+  const notifier = new SystemdNotifier({ onError: (err) => log.warn({ err: err.message }, 'systemd notification not delivered') });
+  notifier.start();
+  void notifier.status(`starting: loading models from ${config.model_repository}`);
   log.info({ config: source, model_repository: config.model_repository, data_dir: config.data_dir, version: AGENT_VERSION }, 'edge-agent starting');
   const agent = new Agent({ config, configSource: source, log });
+  const statusLine = (note?: string): string => agentStatusLine(agent.runtime.listModels(), { streams: agent.sensorStreams.activeStreams(), ...(note ? { note } : {}) });
   let signalled = false;
   const shutdown = (signal: string): void => {
     if (signalled) return;
     signalled = true;
     log.info({ signal }, 'shutting down: draining accepted frames');
-    agent.stop().then(() => process.exit(0), (err: unknown) => {
+    void notifier.stopping(`stopping (${signal}): draining accepted frames`);
+    agent.stop().then(async () => {
+      await notifier.close();
+      process.exit(0);
+    }, async (err: unknown) => {
       log.error({ err: errorMessage(err) }, 'error during shutdown');
+      await notifier.close();
       process.exit(1);
     });
   };
@@ -40,20 +51,29 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
   process.on('SIGINT', () => shutdown('SIGINT'));
   process.on('SIGHUP', () => {
     if (signalled) return;
+    void notifier.reloading(`reloading ${source}`);
+    let note: string | undefined;
     try {
-      agent.reload(load().config);
+      const r = agent.reload(load().config);
+      if (r.needsRestart.length > 0) note = `restart needed for ${r.needsRestart.join(', ')}`;
     } catch (err) {
       // A bad edit must not take a running agent down: keep the config in force and say what is wrong.
       log.error({ err: errorMessage(err) }, 'reload refused: keeping the running configuration');
+      note = `reload refused: ${errorMessage(err)}`;
     }
+    void notifier.ready(statusLine(note));
   });
   try {
     await agent.start();
   } catch (err) {
     // Release the model workers before exiting, so the process ends with the error, not an abort.
     await agent.stop().catch(() => undefined);
+    await notifier.status(`failed: ${errorMessage(err)}`);
+    await notifier.close();
     throw err;
   }
+  await notifier.ready(statusLine());
+  setInterval(() => void notifier.status(statusLine()), 30_000).unref();
 }
 
 export function buildCli(): Command {

@@ -122,6 +122,9 @@ export class Agent {
       maxMessageBytes: config.server.max_message_bytes,
       unixSocketMode: parseInt(config.server.unix_socket_mode, 8),
       insecure: config.server.insecure,
+      keepaliveTimeMs: config.server.keepalive_time_ms,
+      keepaliveTimeoutMs: config.server.keepalive_timeout_ms,
+      maxConnectionIdleMs: config.server.max_connection_idle_ms,
       tcpCredentials: serverCredentials(config.server.tls, o.configSource),
       configSource: o.configSource,
     }, log.child({ part: 'grpc' }));

@@ -221,7 +221,7 @@ t.test('thousands of streams from one client: each over the limit gets RESOURCE_
   await limited.stillServing(t, 'after the stream flood');
 });
 
-t.test('connections that end in an HTTP/2 protocol error are closed, not leaked', { todo: 'needs server keepalive/idle options (lead, issue 8): Node http2 sends GOAWAY on bad HPACK or frame size but never closes the socket; grpc.keepalive_time_ms or grpc.max_connection_idle_ms reclaims it' }, async (t) => {
+t.test('connections that end in an HTTP/2 protocol error are closed, not leaked', async (t) => {
   const a = await startHostileAgent(t, { models: ['tiny'], configYaml: 'server:\n  keepalive_time_ms: 1000\n  keepalive_timeout_ms: 1000\n  max_connection_idle_ms: 2000\n' });
   const pid = a.run.child.pid as number;
   const baseline = openFds(pid);

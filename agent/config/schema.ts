@@ -56,6 +56,11 @@ export const serverSchema = z.strictObject({
   unix_socket_mode: z.string().regex(/^0?[0-7]{3}$/).default('0660'),
   /** Allow plain TCP on a non-loopback address without TLS. */
   insecure: z.boolean().default(false),
+  /** HTTP/2 pings on idle connections; a peer that does not answer within the timeout is closed. */
+  keepalive_time_ms: z.number().int().positive().default(30_000),
+  keepalive_timeout_ms: z.number().int().positive().default(10_000),
+  /** Connections without a call for this long are closed (frees what a broken or idle client held). */
+  max_connection_idle_ms: z.number().int().positive().default(300_000),
   /** TLS for every TCP listener (unix sockets rely on file permissions). */
   tls: z
     .strictObject({

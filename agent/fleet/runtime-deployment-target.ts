@@ -19,6 +19,10 @@ interface Health {
   filled: number;
 }
 
+function freshHealth(): Health {
+  return { requests: 0, errors: 0, latencies: new Float64Array(HEALTH_WINDOW), next: 0, filled: 0 };
+}
+
 function fsyncPath(path: string): void {
   const fd = openSync(path, 'r');
   try {
@@ -56,8 +60,14 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
   /** Feeds the health window; add it to the runtime's observers. */
   readonly observer: RuntimeObserver = {
     onRequest: (o) => {
-      const h = this.health.get(`${o.model}@${o.version}`);
-      if (!h) return;
+      // Every serving version is watched, not only those this target activated: the version loaded at start is
+      // the baseline the first deployment's p99 is compared with.
+      const key = `${o.model}@${o.version}`;
+      let h = this.health.get(key);
+      if (!h) {
+        h = freshHealth();
+        this.health.set(key, h);
+      }
       h.requests++;
       if (o.status === 'ERROR') h.errors++;
       if (o.timings) {
@@ -110,6 +120,11 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
     }
     fsyncPath(file);
     fsyncPath(tmp);
+    // Until now the repository served the highest version unless a fleet activation was recorded. Record the
+    // serving one before the new version appears, or a restart before its activation finishes (kill -9 while
+    // loading) would serve the new, unvalidated version instead of the old one.
+    const serving = this.modelVersions(model).active;
+    if (serving !== undefined && this.active.get(model) !== serving) this.active.set(model, serving);
     renameSync(tmp, final);
     fsyncPath(dir);
     if (config) {
@@ -123,7 +138,7 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
   }
 
   async activate(model: string, version: number, validation?: ValidationSpec, onPhase?: (phase: ActivationPhase) => void): Promise<void> {
-    this.health.set(`${model}@${version}`, { requests: 0, errors: 0, latencies: new Float64Array(HEALTH_WINDOW), next: 0, filled: 0 });
+    this.health.set(`${model}@${version}`, freshHealth());
     await this.runtime.activate(model, version, {
       onPhase: (p) => {
         if (p === 'loading') onPhase?.('loading');

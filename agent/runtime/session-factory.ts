@@ -122,9 +122,13 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
       skipped.push({ provider, reason });
     }
   }
+  // The last provider's reason is the one about the model itself (the earlier ones are usually missing libraries).
+  const last = skipped.at(-1);
+  const earlier = skipped.slice(0, -1);
   throw new ModelLoadError(
     req.model,
     req.path,
-    `no execution provider could load it: ${skipped.map((s) => `${s.provider}: ${s.reason}`).join('; ')}`,
+    `no execution provider could load it: ${last ? `${last.provider}: ${last.reason}` : 'no providers configured'}`
+      + (earlier.length > 0 ? ` (also tried ${earlier.map((s) => `${s.provider}: ${s.reason}`).join('; ')})` : ''),
   );
 }

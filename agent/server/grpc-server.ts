@@ -8,6 +8,10 @@ export interface ListenerOptions {
   readonly listen: readonly string[];
   readonly maxMessageBytes: number;
   readonly unixSocketMode: number;
+  /** Keepalive and idle limits; they also close connections a broken HTTP/2 peer left half-open. */
+  readonly keepaliveTimeMs?: number;
+  readonly keepaliveTimeoutMs?: number;
+  readonly maxConnectionIdleMs?: number;
   /** Allow plaintext TCP on a non-loopback address. */
   readonly insecure: boolean;
   /** Server credentials for TCP listeners (TLS); undefined = plaintext. */
@@ -40,6 +44,11 @@ export class GrpcListeners {
       'grpc.max_send_message_length': o.maxMessageBytes,
       // A client that opens streams without end meets the per-connection limit before the agent's memory does.
       'grpc.max_concurrent_streams': 1000,
+      // Node's http2 answers a bad HPACK block or an oversized frame with GOAWAY but leaves the socket open;
+      // keepalive and idle limits close such connections, so a hostile client cannot pile up descriptors.
+      'grpc.keepalive_time_ms': o.keepaliveTimeMs ?? 30_000,
+      'grpc.keepalive_timeout_ms': o.keepaliveTimeoutMs ?? 10_000,
+      'grpc.max_connection_idle_ms': o.maxConnectionIdleMs ?? 300_000,
     });
   }
 
