@@ -13,7 +13,7 @@ import {
   type BoundAddress, type SensorStreamService, type StreamDefaults,
 } from './server/index.js';
 import { Database, SqliteOutbox } from './store/index.js';
-import { AgentMetrics, outboxOptions, TelemetryService } from './telemetry/index.js';
+import { AgentMetrics, OutboxStatusSink, outboxOptions, TelemetryService } from './telemetry/index.js';
 
 export const AGENT_NAME = 'edge-agent';
 export const AGENT_VERSION = '0.1.0';
@@ -171,8 +171,8 @@ export class Agent {
       this.fleet = new FleetAgent({
         config: config.fleet, agentVersion: AGENT_VERSION, dataDir: config.data_dir, db: this.db, target: this.target, link,
         logger: log.child({ part: 'fleet' }), databaseRecovered: this.databaseRecovered,
-        // Deployment statuses go through the durable outbox: never dropped, published in order after reconnects.
-        statusSink: { enqueue: (kind, topic, payload, retain) => outbox.enqueue({ kind, topic, retain, payload: () => JSON.stringify(payload) }).then(() => undefined) },
+        // Deployment statuses go through the durable outbox: never dropped, stamped, published in order after reconnects.
+        statusSink: new OutboxStatusSink(outbox),
       });
       await this.fleet.start();
       link.start(); // serving never waits on the broker: connection and reconnects run in the background

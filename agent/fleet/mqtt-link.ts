@@ -46,6 +46,7 @@ export class MqttLink {
   private started = false;
   private stopping = false;
   private connectedAt = 0;
+  private onlinePublished: Promise<void> = Promise.resolve();
   /** Connections made so far (tests and the state report use it). */
   connects = 0;
 
@@ -104,6 +105,7 @@ export class MqttLink {
     if (!this.started || this.stopping) return;
     this.stopping = true;
     clearTimeout(this.reconnectTimer);
+    await Promise.race([this.onlinePublished, new Promise((resolve) => setTimeout(resolve, 2000).unref())]);
     if (this.client.connected) {
       const offline = JSON.stringify({ state: 'offline', device_id: this.options.config.device_id, agent_version: this.options.agentVersion, reason: 'stopped', ts: new Date().toISOString() });
       await Promise.race([
@@ -166,7 +168,9 @@ export class MqttLink {
     const { logger, config, agentVersion } = this.options;
     logger.info({ broker: config.broker_url, protocol: this.protocolVersion, device_id: config.device_id }, 'fleet: connected to broker');
     const online = JSON.stringify({ state: 'online', device_id: config.device_id, agent_version: agentVersion, ts: new Date(this.connectedAt).toISOString() });
-    this.client.publish(this.topics.status, online, { qos: 1, retain: true });
+    // Kept so a stop right after a (re)connect publishes 'offline' only after 'online' was acknowledged:
+    // the retained presence must end on the later of the two.
+    this.onlinePublished = this.client.publishAsync(this.topics.status, online, { qos: 1, retain: true }).then(() => undefined, () => undefined);
     const byFilter = new Map<string, 0 | 1>();
     for (const s of this.subscriptions) byFilter.set(s.filter, Math.max(byFilter.get(s.filter) ?? 0, s.qos) as 0 | 1);
     const notify = (): void => {
