@@ -1,6 +1,7 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { findPackageRoot } from '../agent/package-root.js';
 import { DEMO_MODELS } from './demo-models.js';
 
 /**
@@ -8,22 +9,6 @@ import { DEMO_MODELS } from './demo-models.js';
  * rewritten only when its bytes differ, so a rebuild keeps mtimes (and the repository watcher) quiet.
  * Usage: node dist/scripts/build-demo-models.js [--out DIR]
  */
-
-/** Walks up from this file (scripts/ or dist/scripts/) to the directory holding the project's package.json. */
-function findRepoRoot(start: string): string {
-  let dir = start;
-  for (;;) {
-    const pkg = join(dir, 'package.json');
-    if (existsSync(pkg)) {
-      try {
-        if ((JSON.parse(readFileSync(pkg, 'utf8')) as { name?: string }).name === 'edge-agent') return dir;
-      } catch { /* not ours; keep walking */ }
-    }
-    const parent = dirname(dir);
-    if (parent === dir) throw new Error(`cannot find the edge-agent package.json above ${start}; pass --out DIR`);
-    dir = parent;
-  }
-}
 
 export function writeDemoModels(outDir: string): { name: string; file: string; written: boolean; bytes: number }[] {
   return Object.entries(DEMO_MODELS).map(([name, build]) => {
@@ -41,7 +26,7 @@ export function writeDemoModels(outDir: string): { name: string; file: string; w
 function main(argv: readonly string[]): void {
   const i = argv.indexOf('--out');
   if (i >= 0 && !argv[i + 1]) throw new Error('--out needs a directory');
-  const outDir = i >= 0 ? resolve(argv[i + 1]!) : join(findRepoRoot(dirname(fileURLToPath(import.meta.url))), 'edge-config', 'models');
+  const outDir = i >= 0 ? resolve(argv[i + 1]!) : join(findPackageRoot(dirname(fileURLToPath(import.meta.url))), 'edge-config', 'models');
   for (const r of writeDemoModels(outDir)) {
     console.log(`${r.written ? 'wrote' : 'unchanged'} ${r.file} (${r.bytes} bytes)`);
   }

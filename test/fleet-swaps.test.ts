@@ -1,36 +1,10 @@
 import t from 'tap';
 import { setFlagsFromString } from 'node:v8';
 import { runInNewContext } from 'node:vm';
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
-import { ModelRepository } from '../agent/models/index.js';
 import type { InferenceRuntime } from '../agent/runtime/index.js';
-import { buildClassifier } from '../scripts/demo-models.js';
-import { scratchDir, startDevice, startFleetHarness, type FleetHarness } from './helpers/fleet.js';
-import { RuntimeDeploymentTarget } from './helpers/fleet-runtime-target.js';
-import { startRuntime } from './helpers/runtime.js';
+import { classifier, LIGHT, MEDIUM, SIZE, startRuntimeDevice } from './helpers/fleet-runtime-device.js';
 
-const SIZE = 32;
-const LIGHT = [{ channels: 8, stride: 2 }];
-const MEDIUM = [{ channels: 16, stride: 2 }];
-
-function classifier(stages: readonly { channels: number; stride: number }[]): Buffer {
-  return Buffer.from(buildClassifier({ size: SIZE, stages }));
-}
-
-async function setup(t: { teardown(fn: () => void | Promise<void>): void }, health: Record<string, number>, extra: Record<string, unknown> = {}, execution: 'worker' | 'inline' = 'worker'): Promise<{ h: FleetHarness; runtime: InferenceRuntime; target: RuntimeDeploymentTarget }> {
-  const h = await startFleetHarness(t);
-  const root = join(scratchDir(t), 'models');
-  mkdirSync(join(root, 'cls', '1'), { recursive: true });
-  writeFileSync(join(root, 'cls', '1', 'model.onnx'), classifier(LIGHT));
-  writeFileSync(join(root, 'cls', 'config.yaml'), 'max_batch_size: 8\n');
-  const repository = new ModelRepository(root);
-  const target = new RuntimeDeploymentTarget(repository);
-  const runtime = await startRuntime(t, root, { execution }, target.observer);
-  target.attach(runtime);
-  await startDevice(t, h, { target, config: { health: { poll_ms: 100, ...health }, ...extra } });
-  return { h, runtime, target };
-}
+const setup = startRuntimeDevice;
 
 /** Frames from `lanes` concurrent streams, as fast as they are answered, until stopped. */
 /**
