@@ -74,7 +74,8 @@ export class Agent {
     const { config, log } = o;
     this.current = config;
     this.metrics = new AgentMetrics();
-    const observers: RuntimeObserver[] = [this.metrics];
+    // With telemetry off nothing reads the metrics, so the runtime does not pay for recording them.
+    const observers: RuntimeObserver[] = config.telemetry.enabled ? [this.metrics] : [];
     const observer: RuntimeObserver = {
       onRequest: (x) => { for (const ob of observers) ob.onRequest?.(x); },
       onExecution: (x) => { for (const ob of observers) ob.onExecution?.(x); },
