@@ -122,6 +122,8 @@ export class Agent {
       listen: config.server.listen,
       maxMessageBytes: config.server.max_message_bytes,
       unixSocketMode: parseInt(config.server.unix_socket_mode, 8),
+      unixSocketOwner: config.server.unix_socket_owner,
+      unixSocketGroup: config.server.unix_socket_group,
       insecure: config.server.insecure,
       keepaliveTimeMs: config.server.keepalive_time_ms,
       keepaliveTimeoutMs: config.server.keepalive_timeout_ms,

@@ -55,3 +55,16 @@ t.test('an unreadable certificate is a config error naming the key', async (t) =
   const { serverCredentials } = await import('../agent/server/index.js');
   t.throws(() => serverCredentials({ cert: '/nope/server.crt', key: '/nope/server.key', require_client_cert: true }, 'agent.yaml'), /agent\.yaml: server\.tls\.cert: cannot read '\/nope\/server\.crt': ENOENT/);
 });
+
+t.test('unix socket: configured file mode, owner and group', async (t) => {
+  const { statSync } = await import('node:fs');
+  const a = await startTestAgent(t, { models: ['tiny'], config: { server: { unix_socket_mode: '0640', unix_socket_owner: 'daemon', unix_socket_group: 'daemon' } } });
+  const st = statSync(a.unix.slice('unix:'.length));
+  t.equal(st.mode & 0o777, 0o640, 'mode 0640');
+  t.equal(st.uid, 1, 'owned by daemon (uid 1, from /etc/passwd)');
+  t.equal(st.gid, 1, 'group daemon (gid 1, from /etc/group)');
+  const { GrpcListeners: Listeners } = await import('../agent/server/index.js');
+  const bad = new Listeners({ listen: [`unix:${a.dataDir}/other.sock`], maxMessageBytes: 1024, unixSocketMode: 0o660, unixSocketGroup: 'no-such-group', insecure: false, configSource: 'agent.yaml' }, silentLogger());
+  await t.rejects(bad.start(), /agent\.yaml: server\.unix_socket_group: no group named 'no-such-group' on this system/);
+  await bad.stop(100);
+});

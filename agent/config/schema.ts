@@ -54,6 +54,9 @@ export const serverSchema = z.strictObject({
   /** On SIGTERM: how long accepted frames may take to finish before the process exits anyway. */
   drain_timeout_ms: z.number().int().min(0).default(10_000),
   unix_socket_mode: z.string().regex(/^0?[0-7]{3}$/).default('0660'),
+  /** Owner and group of unix sockets (names or numeric ids); unset: the agent's own. */
+  unix_socket_owner: z.string().regex(/^[A-Za-z0-9_.-]+$/).optional(),
+  unix_socket_group: z.string().regex(/^[A-Za-z0-9_.-]+$/).optional(),
   /** Allow plain TCP on a non-loopback address without TLS. */
   insecure: z.boolean().default(false),
   /** HTTP/2 pings on idle connections; a peer that does not answer within the timeout is closed. */

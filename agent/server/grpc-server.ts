@@ -1,4 +1,4 @@
-import { chmodSync, existsSync, mkdirSync, rmSync, statSync } from 'node:fs';
+import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { dirname } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { ConfigError } from '../errors.js';
@@ -8,6 +8,9 @@ export interface ListenerOptions {
   readonly listen: readonly string[];
   readonly maxMessageBytes: number;
   readonly unixSocketMode: number;
+  /** Owner/group of unix sockets: names (looked up in /etc/passwd, /etc/group) or numeric ids. */
+  readonly unixSocketOwner?: string | undefined;
+  readonly unixSocketGroup?: string | undefined;
   /** Keepalive and idle limits; they also close connections a broken HTTP/2 peer left half-open. */
   readonly keepaliveTimeMs?: number;
   readonly keepaliveTimeoutMs?: number;
@@ -23,6 +26,15 @@ export interface BoundAddress {
   readonly address: string;
   /** The port actually bound (useful with port 0), 0 for unix sockets. */
   readonly port: number;
+}
+
+/** A user or group name from /etc/passwd or /etc/group (or a numeric id) as its id. */
+export function resolveId(kind: 'passwd' | 'group', nameOrId: string, source: string, key: string): number {
+  if (/^\d+$/.test(nameOrId)) return Number(nameOrId);
+  const line = readFileSync(`/etc/${kind}`, 'utf8').split('\n').find((l) => l.split(':')[0] === nameOrId);
+  const id = line ? Number(line.split(':')[2]) : NaN;
+  if (!Number.isInteger(id)) throw new ConfigError(source, key, `no ${kind === 'passwd' ? 'user' : 'group'} named '${nameOrId}' on this system`);
+  return id;
 }
 
 function isLoopback(address: string): boolean {
@@ -65,6 +77,11 @@ export class GrpcListeners {
         if (existsSync(path) && statSync(path).isSocket()) rmSync(path);
         await this.bind(address, grpc.ServerCredentials.createInsecure());
         chmodSync(path, this.o.unixSocketMode);
+        if (this.o.unixSocketOwner !== undefined || this.o.unixSocketGroup !== undefined) {
+          const uid = this.o.unixSocketOwner !== undefined ? resolveId('passwd', this.o.unixSocketOwner, this.o.configSource, 'server.unix_socket_owner') : -1;
+          const gid = this.o.unixSocketGroup !== undefined ? resolveId('group', this.o.unixSocketGroup, this.o.configSource, 'server.unix_socket_group') : -1;
+          chownSync(path, uid, gid);
+        }
         this.bound.push({ address, port: 0 });
       } else {
         if (!this.o.tcpCredentials && !isLoopback(address) && !this.o.insecure) {
