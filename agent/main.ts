@@ -154,7 +154,6 @@ export class Agent {
     const outbox = await SqliteOutbox.open(this.db, outboxOptions(config.telemetry.outbox));
     this.outbox = outbox;
     const deviceId = config.fleet?.device_id ?? hostname();
-    const link = this.link;
     this.telemetry = new TelemetryService({
       config: config.telemetry,
       metrics: this.metrics,
@@ -163,29 +162,50 @@ export class Agent {
       agentVersion: AGENT_VERSION,
       topicPrefix: config.fleet?.topic_prefix ?? 'edge',
       logger: log.child({ part: 'telemetry' }),
-      statusSource: () => ({
-        agentVersion: AGENT_VERSION, deviceId, models: this.runtime.listModels(),
-        fleet: link && config.fleet ? { connected: link.connected, broker: config.fleet.broker_url } : null,
-      }),
+      statusSource: () => {
+        const fleet = this.current.fleet;
+        const link = this.link;
+        return {
+          agentVersion: AGENT_VERSION, deviceId, models: this.runtime.listModels(),
+          fleet: link && fleet ? { connected: link.connected, broker: fleet.broker_url } : null,
+        };
+      },
     });
     await this.runtime.start();
     await this.telemetry.start();
-    if (config.fleet && link) {
-      this.fleet = new FleetAgent({
-        config: config.fleet, agentVersion: AGENT_VERSION, dataDir: config.data_dir, db: this.db, target: this.target, link,
-        logger: log.child({ part: 'fleet' }), databaseRecovered: this.databaseRecovered,
-        // Deployment statuses go through the durable outbox: never dropped, stamped, published in order after reconnects.
-        statusSink: new OutboxStatusSink(outbox),
-      });
-      await this.fleet.start();
-      link.start(); // serving never waits on the broker: connection and reconnects run in the background
-      this.telemetry.attachMqtt(link.client);
-    }
+    await this.startFleet(config.fleet);
     const addresses = await this.listeners.start();
     this.health.refresh();
     const models = this.runtime.listModels();
     log.info({ ready: models.filter((m) => m.state === 'READY').map((m) => `${m.name}:${m.version}@${m.provider}`), failed: models.filter((m) => m.state !== 'READY').map((m) => m.name) }, 'edge-agent ready');
     return addresses;
+  }
+
+  /** Starts the fleet side (when configured): the journal resumes, then the link connects in the background. */
+  private async startFleet(fleetConfig: AgentConfig['fleet']): Promise<void> {
+    const link = this.link;
+    if (!fleetConfig || !link || !this.db || !this.outbox || !this.telemetry) return;
+    this.fleet = new FleetAgent({
+      config: fleetConfig, agentVersion: AGENT_VERSION, dataDir: this.o.config.data_dir, db: this.db, target: this.target, link,
+      logger: this.o.log.child({ part: 'fleet' }), databaseRecovered: this.databaseRecovered,
+      // Deployment statuses go through the durable outbox: never dropped, stamped, published in order after reconnects.
+      statusSink: new OutboxStatusSink(this.outbox),
+    });
+    await this.fleet.start();
+    link.start(); // serving never waits on the broker: connection and reconnects run in the background
+    this.telemetry.attachMqtt(link.client);
+  }
+
+  /** SIGHUP with changed fleet settings: a new link and fleet agent; serving is not touched. */
+  private async restartFleet(next: AgentConfig['fleet'], link: MqttLink | undefined): Promise<void> {
+    const { log } = this.o;
+    await this.fleet?.stop();
+    this.fleet = undefined;
+    await this.telemetry?.detachMqtt();
+    await this.link?.stop();
+    this.link = link;
+    await this.startFleet(next);
+    log.info({ broker: next?.broker_url ?? null }, 'fleet settings applied');
   }
 
   /**
@@ -199,17 +219,34 @@ export class Agent {
     const changed = [...new Set([...Object.keys(before), ...Object.keys(after)])].filter((k) => before[k] !== after[k]).sort();
     const applied: string[] = [];
     const needsRestart: string[] = [];
-    for (const key of changed) (LIVE_KEYS.has(key) ? applied : needsRestart).push(key);
+    // Fleet settings apply by reconnecting with a new link, except what names this device's topics.
+    // (Adding or removing the whole section, or renaming the device, needs a restart: telemetry's topics follow them.)
+    const sameDevice = before['fleet.device_id'] !== undefined && before['fleet.device_id'] === after['fleet.device_id']
+      && before['fleet.topic_prefix'] === after['fleet.topic_prefix'];
+    const fleetLive = (k: string): boolean => sameDevice && k.startsWith('fleet.');
+    for (const key of changed) (LIVE_KEYS.has(key) || fleetLive(key) ? applied : needsRestart).push(key);
+    const fleetChanged = applied.some((k) => k.startsWith('fleet'));
     if (applied.includes('log.level')) log.level = next.log.level;
     this.sensorStreams.setDefaults(streamDefaults(next));
     if (applied.includes('telemetry.interval_s')) this.telemetry?.setInterval(next.telemetry.interval_s);
+    if (fleetChanged) {
+      // A bad TLS file in the new settings must not cost the running link: construct first, then swap.
+      try {
+        const link = next.fleet ? new MqttLink({ config: next.fleet, agentVersion: AGENT_VERSION, logger: log.child({ part: 'mqtt' }) }) : undefined;
+        void this.restartFleet(next.fleet, link).catch((err: unknown) => log.error({ err: errorMessage(err) }, 'fleet settings could not be applied'));
+      } catch (err) {
+        log.error({ err: errorMessage(err) }, 'fleet settings refused: keeping the running link');
+        for (const k of applied.filter((x) => x.startsWith('fleet'))) applied.splice(applied.indexOf(k), 1);
+      }
+    }
     const models = this.runtime.reloadModelConfigs();
     applied.push(...models.applied);
     needsRestart.push(...models.needsReload);
     // Keys that need a restart keep their running values, so the next reload compares against what runs.
     this.current = { ...this.current, log: next.log, runtime: { ...this.current.runtime, default_qos: next.runtime.default_qos },
       server: { ...this.current.server, default_max_in_flight: next.server.default_max_in_flight, max_in_flight_limit: next.server.max_in_flight_limit },
-      telemetry: { ...this.current.telemetry, interval_s: next.telemetry.interval_s } };
+      telemetry: { ...this.current.telemetry, interval_s: next.telemetry.interval_s },
+      ...(fleetChanged && applied.some((k) => k.startsWith('fleet')) ? { fleet: next.fleet } : {}) };
     log.info({ applied, needs_restart: needsRestart }, 'configuration reloaded');
     if (needsRestart.length > 0) log.warn({ keys: needsRestart }, 'these changes need a restart (or a model reload) to take effect');
     return { applied, needsRestart };

@@ -49,3 +49,29 @@ t.test('SIGHUP applies live settings without dropping a stream and reports what 
   run.child.kill('SIGTERM');
   t.equal((await run.exited).code, 0);
 });
+
+t.test('SIGHUP with changed fleet settings reconnects with them; serving goes on', async (t) => {
+  const { MosquittoBroker } = await import('../helpers/mosquitto.js');
+  const broker = await MosquittoBroker.start();
+  t.teardown(() => broker.close());
+  const dir = tempDir(t);
+  const repo = copyDemoRepo(t, ['tiny']);
+  const port = await freePort();
+  const file = join(dir, 'agent.yaml');
+  const yaml = (keepalive: number): string => `model_repository: ${repo}\ndata_dir: ${join(dir, 'var')}\nserver:\n  listen: ["127.0.0.1:${port}"]\ntelemetry:\n  http:\n    port: 0\nfleet:\n  broker_url: ${broker.url}\n  device_id: reload-dev\n  keepalive_s: ${keepalive}\n`;
+  writeFileSync(file, yaml(30));
+  const run = startCli(['serve', '--config', file]);
+  t.teardown(() => { if (run.child.exitCode === null) run.child.kill('SIGKILL'); });
+  await run.waitFor(/"msg":"edge-agent ready"/);
+  writeFileSync(file, yaml(12));
+  run.child.kill('SIGHUP');
+  const line = JSON.parse(await run.waitFor(/"msg":"configuration reloaded"/)) as { applied: string[]; needs_restart: string[] };
+  t.same(line.applied, ['fleet.keepalive_s'], 'fleet settings apply live');
+  t.same(line.needs_restart, []);
+  await run.waitFor(/"msg":"fleet settings applied"/);
+  const client = new EdgeAgentClient({ address: `127.0.0.1:${port}` });
+  t.teardown(() => client.close());
+  t.equal(await client.checkHealth(), 'SERVING', 'still serving after the fleet link was replaced');
+  run.child.kill('SIGTERM');
+  t.equal((await run.exited).code, 0);
+});
