@@ -99,3 +99,33 @@ t.test('presence: online on connect, last will on a lost connection, offline on 
   t.equal(retained.retain, true);
   t.equal(retained.json?.reason, 'stopped');
 });
+
+t.test('presence: a stop while a reconnect re-sends unacknowledged publishes still ends on offline (stopped)', { timeout: 60_000 }, async (t) => {
+  const h = await startFleetHarness(t);
+  const w = await Watcher.connect(t, h.broker.url, ['edge/devices/dev-r/status']);
+  const dev = await startDevice(t, h, { config: { device_id: 'dev-r' } });
+  await w.waitFor((m) => m.json?.state === 'online', 15_000, 'online');
+  // A QoS 1 publish whose PUBACK cannot arrive (the connection is cut right behind it) stays in the client's
+  // store. On the next connect mqtt.js re-sends it and waits for its PUBACK before emitting 'connect', while
+  // `connected` is already true: the stop below lands in that window.
+  const probe = 'edge/devices/dev-r/probe';
+  let cut = false;
+  let stopping: Promise<void> | undefined;
+  let atStop: { connected: boolean; connects: number } | undefined;
+  dev.link.client.on('packetsend', (p) => {
+    if (!cut || stopping || p.cmd !== 'publish' || p.topic !== probe) return;
+    atStop = { connected: dev.link.connected, connects: dev.link.connects };
+    stopping = dev.link.stop();
+  });
+  dev.link.client.publish(probe, 'unacknowledged', { qos: 1 });
+  dev.link.client.stream.destroy();
+  cut = true;
+  await w.waitFor((m) => m.json?.state === 'offline' && m.json?.reason === 'connection lost', 10_000, 'last will');
+  const off = await w.waitFor((m) => m.json?.state === 'offline' && m.json?.reason === 'stopped', 15_000, 'offline on stop');
+  await stopping;
+  t.same(atStop, { connected: true, connects: 1 }, 'stop() ran after the CONNACK, before the link handled the reconnect');
+  const late = await Watcher.connect(t, h.broker.url, ['edge/devices/dev-r/status']);
+  const retained = await late.waitFor(() => true, 5000, 'retained presence');
+  t.match(retained.json, { state: 'offline', reason: 'stopped' }, 'the retained presence is the stop');
+  t.same(w.seen.slice(w.seen.indexOf(off) + 1).map((m) => m.json?.state), [], 'nothing was announced after the stop');
+});

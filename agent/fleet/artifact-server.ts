@@ -3,6 +3,7 @@ import { open, stat } from 'node:fs/promises';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
 import type { MqttClient } from 'mqtt';
+import { errorMessage } from '../errors.js';
 import { sha256File, sleep } from './file-io.js';
 
 /** The fleet manager's side of artifact transfer: answering chunk requests over MQTT, and HTTP with Range. */
@@ -45,6 +46,8 @@ export class MqttArtifactServer {
   /** How many times each (sha256, index) was asked for. */
   readonly askedFor = new Map<string, number>();
   chunksSent = 0;
+  /** Chunks that could not be answered (the artifact's file unreadable, a hold that failed), newest last. */
+  readonly sendFailures: { readonly sha256: string; readonly index: number; readonly error: string }[] = [];
   private readonly artifacts = new Map<string, ServedArtifact>();
   private readonly queue: { artifact: ServedArtifact; replyTo: string; index: number; chunkSize: number }[] = [];
   private readonly queuedKeys = new Set<string>();
@@ -116,18 +119,26 @@ export class MqttArtifactServer {
         const job = this.queue.shift();
         if (!job) break;
         this.queuedKeys.delete(`${job.replyTo}:${job.index}`);
-        await this.options.beforeSend?.(job.artifact.sha256, job.index);
         const start = job.index * job.chunkSize;
         const length = Math.min(job.chunkSize, job.artifact.size - start);
-        const buf = Buffer.alloc(length);
-        const fh = await open(job.artifact.path, 'r');
         try {
-          await fh.read(buf, 0, length, start);
-        } finally {
-          await fh.close();
+          await this.options.beforeSend?.(job.artifact.sha256, job.index);
+          // A hold may outlast close() (and the artifact's file): nothing more is sent then.
+          if (this.closed) break;
+          const buf = Buffer.alloc(length);
+          const fh = await open(job.artifact.path, 'r');
+          try {
+            await fh.read(buf, 0, length, start);
+          } finally {
+            await fh.close();
+          }
+          this.options.client.publish(`${job.replyTo}/${job.index}`, buf, { qos: 1 });
+          this.chunksSent += 1;
+        } catch (err) {
+          // The device asks again for what it does not get; one unreadable chunk must not stop the others.
+          this.sendFailures.push({ sha256: job.artifact.sha256, index: job.index, error: errorMessage(err) });
+          continue;
         }
-        this.options.client.publish(`${job.replyTo}/${job.index}`, buf, { qos: 1 });
-        this.chunksSent += 1;
         if (this.options.bytesPerSecond) await sleep((length / this.options.bytesPerSecond) * 1000);
       }
     } finally {

@@ -167,10 +167,15 @@ export class MqttLink {
     this.connectedAt = Date.now();
     const { logger, config, agentVersion } = this.options;
     logger.info({ broker: config.broker_url, protocol: this.protocolVersion, device_id: config.device_id }, 'fleet: connected to broker');
-    const online = JSON.stringify({ state: 'online', device_id: config.device_id, agent_version: agentVersion, ts: new Date(this.connectedAt).toISOString() });
-    // Kept so a stop right after a (re)connect publishes 'offline' only after 'online' was acknowledged:
-    // the retained presence must end on the later of the two.
-    this.onlinePublished = this.client.publishAsync(this.topics.status, online, { qos: 1, retain: true }).then(() => undefined, () => undefined);
+    // mqtt.js counts the client as connected from the CONNACK on, but emits 'connect' only after re-sending what
+    // the last connection left unacknowledged; a stop() in between has already queued 'offline', which goes out
+    // first. Announcing 'online' now would leave a stopped agent online in the retained presence.
+    if (!this.stopping) {
+      const online = JSON.stringify({ state: 'online', device_id: config.device_id, agent_version: agentVersion, ts: new Date(this.connectedAt).toISOString() });
+      // Kept so a stop right after a (re)connect publishes 'offline' only after 'online' was acknowledged:
+      // the retained presence must end on the later of the two.
+      this.onlinePublished = this.client.publishAsync(this.topics.status, online, { qos: 1, retain: true }).then(() => undefined, () => undefined);
+    }
     const byFilter = new Map<string, 0 | 1>();
     for (const s of this.subscriptions) byFilter.set(s.filter, Math.max(byFilter.get(s.filter) ?? 0, s.qos) as 0 | 1);
     const notify = (): void => {

@@ -18,19 +18,23 @@ const MAX_CHUNK = 262_144;
 /** The agent announces maximumPacketSize = max_chunk_bytes + 64 KiB (MQTT 5); bigger publishes never reach it. */
 const OVERSIZE = 1024 * 1024;
 
-/** Holds the chunk server's answers for one artifact from a chunk index on, until released. */
+/**
+ * Holds the chunk server's answers for chosen chunks of one artifact until released. The server answers one
+ * chunk at a time in the order asked, so chunks queued behind a held one wait too: a test that must get the
+ * others holds the last chunk asked for.
+ */
 class ChunkGate {
-  private readonly gates = new Map<string, { from: number; open: Promise<void>; release: () => void }>();
+  private readonly gates = new Map<string, { held: (index: number) => boolean; open: Promise<void>; release: () => void }>();
 
   readonly beforeSend = async (sha256: string, index: number): Promise<void> => {
     const g = this.gates.get(sha256);
-    if (g && index >= g.from) await g.open;
+    if (g && g.held(index)) await g.open;
   };
 
-  block(sha256: string, from: number): void {
+  block(sha256: string, held: (index: number) => boolean): void {
     let release!: () => void;
     const open = new Promise<void>((r) => { release = r; });
-    this.gates.set(sha256, { from, open, release });
+    this.gates.set(sha256, { held, open, release });
   }
 
   release(sha256: string): void {
@@ -49,6 +53,17 @@ function invalidId(payload: string | Buffer): string {
 
 function statusOf(h: FleetHarness, id: string, state: string): Promise<SeenMessage> {
   return h.manager.waitFor((m) => m.topic === `edge/devices/${DEVICE}/deployments/${id}/status` && m.json?.state === state, 20_000, `${id} → ${state}`);
+}
+
+/** The agent's reply topic for chunk `index` of an artifact, once the agent asked for that chunk. */
+async function replyTopicFor(h: FleetHarness, sha256: string, index: number): Promise<string> {
+  const req = await h.manager.waitFor(
+    (m) => m.topic === `edge/artifacts/${sha256}/request` && Array.isArray(m.json?.chunks) && (m.json.chunks as unknown[]).includes(index),
+    20_000, `the agent's request for chunk ${index} of ${sha256.slice(0, 12)}`,
+  );
+  const replyTo = `edge/devices/${DEVICE}/artifacts/${sha256}`;
+  if (req.json?.reply_to !== replyTo) throw new Error(`the agent asked for replies on ${String(req.json?.reply_to)}, not ${replyTo}`);
+  return `${replyTo}/${index}`;
 }
 
 function resultOf(h: FleetHarness, commandId: string): Promise<SeenMessage> {
@@ -182,7 +197,7 @@ t.test('hostile payloads on every subscribed topic: the agent stays up, serves o
 
   await t.test('artifact chunk replies: garbage never corrupts a download; a wrong length or wrong bytes reject it', async (t) => {
     // The device topic still holds the last malformed manifest (retained): a group deployment must go through.
-    gate.block(signed.sha256, 4);
+    gate.block(signed.sha256, (i) => i >= 4);
     const good = h.manifest({ model: 'tiny', version: 2, artifact: signed, chunkSize: 8192 });
     await h.publish(GROUP_TOPIC, good);
     await h.manager.waitFor((m) => m.topic.endsWith(`/${good.deployment_id}/status`) && m.json?.state === 'downloading' && Number(m.json.progress) > 0, 20_000, 'download started');
@@ -204,26 +219,33 @@ t.test('hostile payloads on every subscribed topic: the agent stays up, serves o
     t.same(h.manager.statuses(good.deployment_id).filter((s) => s.json?.state !== 'active' && s.at > active.at).map((s) => s.json?.state), [], 'no status for the reused id');
     await h.publish(GROUP_TOPIC, good); // the group topic is the good manifest again (redelivery: nothing happens)
 
+    // A forged reply is published only once the agent asked for that chunk: the agent asks only after the broker
+    // acknowledged its subscription to the replies (a reply published before that is dropped, and the agent then
+    // waits forever for the held chunk). The real chunk is held until the verdict: the forged one is the only
+    // answer for that index.
     const wrongLength = await h.artifact(modelBytes(40_000, 'ONNX', 3), 8192);
-    gate.block(wrongLength.sha256, 1);
+    gate.block(wrongLength.sha256, (i) => i === 2);
     const m3 = h.manifest({ model: 'tiny', version: 3, artifact: wrongLength, chunkSize: 8192 });
     await h.publish(DEVICE_TOPIC, m3);
-    await h.manager.waitFor((m) => m.topic.endsWith(`/${m3.deployment_id}/status`) && m.json?.state === 'downloading', 20_000, 'v3 downloading');
-    await h.manager.client.publishAsync(`edge/devices/${DEVICE}/artifacts/${wrongLength.sha256}/2`, randomBytes(100), { qos: 1 });
+    await h.manager.client.publishAsync(await replyTopicFor(h, wrongLength.sha256, 2), randomBytes(100), { qos: 1 });
     const r3 = await statusOf(h, m3.deployment_id, 'rejected');
     gate.release(wrongLength.sha256);
     t.match(r3.json?.reason, /^size mismatch: chunk 2 has 100 bytes, the manifest's size 40000 and chunk_size 8192 make it 8192$/);
 
-    const wrongBytes = await h.artifact(modelBytes(40_000, 'ONNX', 4), 8192);
-    gate.block(wrongBytes.sha256, 1);
+    // Right length, one byte wrong, in the last chunk (5 chunks; the server answers 0-3, then holds 4).
+    const wrongBytesContent = modelBytes(40_000, 'ONNX', 4);
+    const wrongBytes = await h.artifact(wrongBytesContent, 8192);
+    gate.block(wrongBytes.sha256, (i) => i === 4);
     const m4 = h.manifest({ model: 'tiny', version: 4, artifact: wrongBytes, chunkSize: 8192 });
     await h.publish(DEVICE_TOPIC, m4);
-    await h.manager.waitFor((m) => m.topic.endsWith(`/${m4.deployment_id}/status`) && m.json?.state === 'downloading', 20_000, 'v4 downloading');
-    await h.manager.client.publishAsync(`edge/devices/${DEVICE}/artifacts/${wrongBytes.sha256}/1`, randomBytes(8192), { qos: 1 });
-    // The real chunk 1 stays held until the verdict: released earlier, it could overtake the wrong one.
+    const forged = Buffer.from(wrongBytesContent.subarray(4 * 8192));
+    forged[100] = (forged[100] as number) ^ 0xff;
+    await h.manager.client.publishAsync(await replyTopicFor(h, wrongBytes.sha256, 4), forged, { qos: 1 });
     const r4 = await statusOf(h, m4.deployment_id, 'rejected');
     gate.release(wrongBytes.sha256);
-    t.match(r4.json?.reason, new RegExp(`^hash mismatch: artifact sha256 is [0-9a-f]{64}, the manifest says ${wrongBytes.sha256}$`));
+    // The hash named is that of the real chunks 0-3 followed by the forged 4: exactly what was received.
+    const assembled = createHash('sha256').update(wrongBytesContent.subarray(0, 4 * 8192)).update(forged).digest('hex');
+    t.equal(r4.json?.reason, `hash mismatch: artifact sha256 is ${assembled}, the manifest says ${wrongBytes.sha256}`);
     t.notOk(agent.logs().some((l) => l.msg === 'model ready' && (l.version === 3 || l.version === 4)), 'neither bad artifact was loaded');
   });
 
