@@ -6,17 +6,19 @@ import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
 import * as ort from 'onnxruntime-node';
 import { parse } from 'yaml';
-import { bareFeeds, bareFirstResultMs, openBareSession, referenceSequence, runsAtBatch8, type BenchProvider, type Outputs } from './bench/bare.js';
+import { bareFeeds, EQUAL_REL, openBareSession, outputsDiff, referenceSequence, runsAtBatch8, type BenchProvider, type Outputs } from './bench/bare.js';
+import { measureColdStart, measureRss } from './bench/lifecycle.js';
 import {
-  bareLatencyProbe, bareLoad, firstResultAt, nativeFlood, openKServeLoad, openKServeProbe, openNativeLoad, openNativeProbe,
+  bareLatencyProbe, bareLoad, openKServeLoad, openKServeProbe, openNativeLoad, openNativeProbe,
   type KServeTarget, type LatencyProbe, type LoadProbe, type LoadWindow,
 } from './bench/load.js';
-import { startAgent, startHelperServer, type RunningAgent, type ServerHandle } from './bench/processes.js';
+import { processCpuNs, startAgent, startHelperServer, type RunningAgent, type ServerHandle } from './bench/processes.js';
 import {
-  renderReport, type Api, type BenchReport, type ColdStartRuns, type TargetRow, type Transport,
+  renderReport, type Api, type BenchReport, type Transport,
 } from './bench/report.js';
-import { relativeDiff, round1, summarize, type LatencySummary, type Window } from './bench/stats.js';
-import { ROOT, workload, WORKLOAD_NAMES, type Workload } from './bench/workloads.js';
+import { inRounds, median, round1, Rounds, summarize, type Window } from './bench/stats.js';
+import { evaluateTargets } from './bench/targets.js';
+import { batchingOptions, ROOT, workload, WORKLOAD_NAMES } from './bench/workloads.js';
 
 /**
  * `npm run bench`: the agent measured against its limits — onnxruntime in-process (`bare`), a no-inference
@@ -43,12 +45,13 @@ export interface BenchOptions {
   readonly cpuProfDir?: string;
   /** Merged over every agent's config (YAML from --agent-config). */
   readonly agentConfig?: Readonly<Record<string, unknown>>;
+  /** dynamic_batching.max_queue_delay_us for the batching-on model configs (default: the agent's). */
+  readonly queueDelayUs?: number;
   readonly log: (line: string) => void;
 }
 
 /** Frames each latency row checks against bare (a stateful model's outputs change step by step). */
 const CAPTURE = 3;
-const EQUAL_REL = 1e-5;
 
 interface Timing { latencyRounds: number; latency: Window; throughputRounds: number; throughput: LoadWindow }
 
@@ -58,59 +61,13 @@ function timing(quick: boolean, rounds: number | undefined): Timing {
     : { latencyRounds: rounds ?? 6, latency: { warmupMs: 50, durationMs: 250, minSamples: 20, maxSamples: 20_000 }, throughputRounds: rounds ?? 3, throughput: { warmupMs: 300, durationMs: 1200 } };
 }
 
-function median(xs: readonly number[]): number {
-  const s = [...xs].sort((a, b) => a - b);
-  const mid = Math.floor(s.length / 2);
-  return s.length % 2 ? (s[mid] as number) : ((s[mid - 1] as number) + (s[mid] as number)) / 2;
-}
-
-/** The largest relative difference between two output sequences (every tensor of every step). */
-function outputsDiff(actual: readonly Outputs[], reference: readonly Outputs[]): number {
-  if (actual.length === 0 || actual.length > reference.length) return Number.POSITIVE_INFINITY;
-  let worst = 0;
-  actual.forEach((step, i) => {
-    const ref = reference[i] as Outputs;
-    for (const [name, r] of Object.entries(ref)) {
-      const a = step[name];
-      worst = Math.max(worst, a && a.dims.join() === r.dims.join() ? relativeDiff(a.data, r.data) : Number.POSITIVE_INFINITY);
-    }
-  });
-  return worst;
-}
-
-/** Per-round blocks of one participant: p50 per round, every sample pooled. */
-class Rounds {
-  readonly p50s: number[] = [];
-  readonly values: number[] = [];
-  readonly batches: number[] = [];
-  readonly all: number[] = [];
-  add(samplesUs: readonly number[], value?: number, batch?: number): void {
-    this.p50s.push(summarize(samplesUs).p50_us);
-    for (const x of samplesUs) this.all.push(x);
-    if (value !== undefined) this.values.push(value);
-    if (batch !== undefined) this.batches.push(batch);
-  }
-  summary(): LatencySummary & { p50_median: number } {
-    const s = summarize(this.all);
-    return { ...s, p50_median: round1(median(this.p50s)) };
-  }
-}
-
-/** Runs each probe's block in turn, `rounds` times, rotating the order so none always follows the same one. */
-async function inRounds<P>(rounds: number, probes: readonly { key: string; probe: P }[], block: (p: P, key: string) => Promise<void>): Promise<void> {
-  for (let r = 0; r < rounds; r++) {
-    for (let i = 0; i < probes.length; i++) {
-      const { key, probe } = probes[(i + r) % probes.length] as { key: string; probe: P };
-      await block(probe, key);
-    }
-  }
-}
-
 interface Servers {
   echo?: ServerHandle;
+  /** The agent's default configuration (batching on / off); `inline` and `worker`: execution forced. */
   on?: RunningAgent;
   off?: RunningAgent;
   inline?: RunningAgent;
+  worker?: RunningAgent;
   naive?: ServerHandle;
 }
 
@@ -118,6 +75,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
   const t0 = performance.now();
   const T = timing(o.quick, o.rounds);
   const has = (s: Section): boolean => o.sections.includes(s);
+  if (o.queueDelayUs !== undefined) batchingOptions.queueDelayUs = o.queueDelayUs;
   const loads = o.workloads.map(workload);
   const work = mkdtempSync(join(tmpdir(), 'edge-bench-'));
   const repoOn = join(work, 'models-batching');
@@ -130,7 +88,8 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
     meta: {
       date: new Date().toISOString(), node: process.version, onnxruntime: ort.env.versions.common, cpus: cpus().length,
       cpu_model: cpus()[0]?.model ?? 'unknown', providers: [...o.providers], quick: o.quick, sections: [...o.sections],
-      loadavg_start: loadavg(), loadavg_end: [], duration_s: 0, served_by: {}, agent_config: o.agentConfig ? { ...o.agentConfig } : null, notes: [],
+      loadavg_start: loadavg(), loadavg_end: [], duration_s: 0, served_by: {}, agent_config: o.agentConfig ? { ...o.agentConfig } : null,
+      queue_delay_us: o.queueDelayUs ?? null, notes: [],
     },
     workloads: Object.fromEntries(loads.map((w) => [w.name, {
       description: w.description, frame_bytes: w.frameBytes, batchable: w.batchable, stateful: w.state.length > 0,
@@ -156,7 +115,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
     }
 
     // Every server runs for the whole measuring phase (idle while another is measured), so rows can alternate.
-    const start = async (label: string, spec: { repo: string; execution: 'worker' | 'inline' }): Promise<RunningAgent> => {
+    const start = async (label: string, spec: { repo: string; execution?: 'worker' | 'inline' }): Promise<RunningAgent> => {
       o.log(`starting agent (${label})`);
       return startAgent({ ...agentBase, ...spec }, performance.now());
     };
@@ -166,9 +125,24 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       o.log('starting echo server');
       servers.echo = await startHelperServer('echo-server', join(ROOT, 'dist', 'scripts', 'bench', 'echo-server.js'), ['--unix', join(work, 'echo.sock'), '--outputs', JSON.stringify(outputsByModel)]);
     }
-    if (has('latency') || has('throughput') || has('naive')) servers.on = await start('worker, batching on', { repo: repoOn, execution: 'worker' });
-    if (has('throughput') && loads.some((w) => w.batchable)) servers.off = await start('worker, batching off', { repo: repoOff, execution: 'worker' });
-    if (has('execution')) servers.inline = await start('inline, batching on', { repo: repoOn, execution: 'inline' });
+    // The agent's default configuration is what the rows and the targets describe; its execution mode per model
+    // (worker thread or event loop) is read from its log. The execution section adds agents forced to the
+    // other mode, so both are reported for every model.
+    if (has('latency') || has('throughput') || has('naive') || has('execution')) servers.on = await start('default config, batching on', { repo: repoOn });
+    const modes: Record<string, 'worker' | 'inline'> = {};
+    /** Whether the agent batches the model (max_batch_size > 0 in its log): then batching on/off rows exist. */
+    const batches: Record<string, boolean> = {};
+    for (const line of servers.on?.server.stdoutTail().split('\n') ?? []) {
+      if (!line.includes('"model ready"')) continue;
+      const m = JSON.parse(line) as { model: string; execution?: string; max_batch_size?: number };
+      modes[m.model] = m.execution === 'inline' ? 'inline' : 'worker';
+      batches[m.model] = (m.max_batch_size ?? 0) > 0;
+      const info = report.workloads[m.model];
+      if (info) info.batchable = batches[m.model] as boolean;
+    }
+    if (has('throughput') && loads.some((w) => batches[w.name])) servers.off = await start('default config, batching off', { repo: repoOff });
+    if (has('execution') && loads.some((w) => modes[w.name] !== 'inline')) servers.inline = await start('inline', { repo: repoOn, execution: 'inline' });
+    if (has('execution') && loads.some((w) => modes[w.name] !== 'worker')) servers.worker = await start('worker', { repo: repoOn, execution: 'worker' });
     if (has('naive')) {
       o.log('starting naive server');
       servers.naive = await startHelperServer('naive-server', join(ROOT, 'dist', 'scripts', 'bench', 'naive-server.js'), loads.map((w) => `${w.name}=${w.modelFile(repoOn)}`));
@@ -196,11 +170,29 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           };
           const probes: { key: string; probe: LatencyProbe }[] = [{ key: 'bare', probe: bareLatencyProbe(session, bareFeeds(w, 1)) }];
           if (servers.echo) probes.push({ key: 'echo', probe: await open(servers.echo, false) });
-          if (servers.on && has('latency')) probes.push({ key: 'worker', probe: await open(servers.on, w.state.length > 0) });
-          if (servers.inline && api === 'native_stream') probes.push({ key: 'inline', probe: await open(servers.inline, w.state.length > 0) });
+          const mainMode = modes[w.name] ?? 'worker';
+          if (servers.on && has('latency')) probes.push({ key: 'main', probe: await open(servers.on, w.state.length > 0) });
+          if (servers.inline && mainMode !== 'inline' && api === 'native_stream') probes.push({ key: 'inline', probe: await open(servers.inline, w.state.length > 0) });
+          if (servers.worker && mainMode !== 'worker' && api === 'native_stream') probes.push({ key: 'worker', probe: await open(servers.worker, w.state.length > 0) });
           const rounds = new Map(probes.map((p) => [p.key, new Rounds()]));
-          await inRounds(T.latencyRounds, probes, async (probe, key) => (rounds.get(key) as Rounds).add(await probe.block(T.latency)));
+          const pids: Record<string, number | undefined> = { bare: process.pid, echo: servers.echo?.server.pid, main: servers.on?.server.pid, worker: servers.worker?.server.pid, inline: servers.inline?.server.pid };
+          const cpu = new Map(probes.map((p) => [p.key, { total: 0, main: 0, frames: 0 }]));
+          await inRounds(T.latencyRounds, probes, async (probe, key) => {
+            const pid = pids[key] as number;
+            const c0 = processCpuNs(pid);
+            const n0 = probe.count;
+            (rounds.get(key) as Rounds).add(await probe.block(T.latency));
+            const c1 = processCpuNs(pid);
+            const acc = cpu.get(key) as { total: number; main: number; frames: number };
+            acc.total += c1.total - c0.total;
+            acc.main += c1.main - c0.main;
+            acc.frames += probe.count - n0;
+          });
           for (const p of probes) await p.probe.close();
+          const cpuPerFrame = (key: string): { total: number; main: number } | undefined => {
+            const c = cpu.get(key);
+            return c && c.frames > 0 ? { total: round1(c.total / c.frames / 1000), main: round1(c.main / c.frames / 1000) } : undefined;
+          };
 
           const bare = rounds.get('bare') as Rounds;
           const b = bareB1.get(w.name) ?? new Rounds();
@@ -210,21 +202,29 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           const echo = rounds.get('echo');
           if (echo) {
             const e = echo.summary();
-            report.echo.push({ frame: w.name, frame_bytes: w.frameBytes, api, transport, p50_us: e.p50_median, p99_us: e.p99_us, n: e.n, rounds: echo.p50s.length });
+            report.echo.push({ frame: w.name, frame_bytes: w.frameBytes, api, transport, p50_us: e.p50_median, p99_us: e.p99_us, n: e.n, rounds: echo.p50s.length, cpu_us_per_frame: cpuPerFrame('echo') });
           }
-          for (const execution of ['worker', 'inline'] as const) {
-            const agent = rounds.get(execution);
+          for (const key of ['main', 'worker', 'inline'] as const) {
+            const agent = rounds.get(key);
             if (!agent) continue;
-            const probe = probes.find((p) => p.key === execution)?.probe as LatencyProbe;
+            const execution = key === 'main' ? mainMode : key;
+            const probe = probes.find((p) => p.key === key)?.probe as LatencyProbe;
             const s = agent.summary();
             const over = agent.p50s.map((x, i) => x - (bare.p50s[i] as number));
             const own = echo ? over.map((x, i) => x - (echo.p50s[i] as number)) : undefined;
             const diff = outputsDiff(probe.outputs, references.get(w.name) ?? []);
+            const agentCpu = cpuPerFrame(key);
+            const echoCpu = cpuPerFrame('echo');
+            const bareCpu = cpuPerFrame('bare');
             report.latency.push({
-              workload: w.name, frame_bytes: w.frameBytes, api, transport, execution, p50_us: s.p50_median, p99_us: s.p99_us, n: s.n, rounds: agent.p50s.length,
+              workload: w.name, frame_bytes: w.frameBytes, api, transport, execution, config: key === 'main' ? 'default' : 'forced', p50_us: s.p50_median, p99_us: s.p99_us, n: s.n, rounds: agent.p50s.length,
               bare_p50_us: round1(median(bare.p50s)), echo_p50_us: echo ? round1(median(echo.p50s)) : undefined,
               overhead_us: round1(median(over)), own_cost_us: own ? round1(median(own)) : undefined,
               own_cost_range_us: own ? [round1(Math.min(...own)), round1(Math.max(...own))] : undefined,
+              cpu_us_per_frame: agentCpu, bare_cpu_us_per_frame: bareCpu?.total,
+              agent_inference_us: probe.agentTimings?.inferenceUs.length ? summarize(probe.agentTimings.inferenceUs).p50_us : undefined,
+              agent_total_us: probe.agentTimings?.totalUs.length ? summarize(probe.agentTimings.totalUs).p50_us : undefined,
+              own_cpu_us: agentCpu && echoCpu && bareCpu ? round1(agentCpu.total - echoCpu.total - bareCpu.total) : undefined,
               outputs_equal: diff <= EQUAL_REL, max_rel_diff: diff,
             });
           }
@@ -243,7 +243,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
         const on = servers.on as RunningAgent;
         for (const n of streamCounts) {
           probes.push({ key: `on:${n}`, probe: await openNativeLoad(on.tcp, w.name, w.inputs, n) });
-          if (servers.off && w.batchable && has('throughput')) probes.push({ key: `off:${n}`, probe: await openNativeLoad(servers.off.tcp, w.name, w.inputs, n) });
+          if (servers.off && batches[w.name] && has('throughput')) probes.push({ key: `off:${n}`, probe: await openNativeLoad(servers.off.tcp, w.name, w.inputs, n) });
         }
         if (servers.naive) {
           const target: KServeTarget = { address: servers.naive.tcp, model: w.name, inputs: w.inputs, carryState: w.state };
@@ -255,11 +255,34 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           probes.push({ key: 'kserve:8', probe: openKServeLoad({ address: on.tcp, model: w.name, inputs: w.inputs, sequence: w.state.length > 0 }, 8) });
         }
         const rounds = new Map(probes.map((p) => [p.key, new Rounds()]));
+        const serverPid = (key: string): number | undefined => {
+          const kind = key.split(':')[0];
+          return kind === 'on' || kind === 'kserve' ? servers.on?.server.pid : kind === 'off' ? servers.off?.server.pid : kind === 'naive' ? servers.naive?.server.pid : undefined;
+        };
+        const cpu = new Map(probes.map((p) => [p.key, { server: 0, client: 0, frames: 0 }]));
         await inRounds(T.throughputRounds, probes, async (probe, key) => {
           o.log(`throughput ${w.name} ${key}`);
+          const pid = serverPid(key);
+          const s0 = pid === undefined ? undefined : processCpuNs(pid);
+          const c0 = processCpuNs(process.pid);
           const b = await probe.block(T.throughput);
+          const c1 = processCpuNs(process.pid);
+          const s1 = pid === undefined ? undefined : processCpuNs(pid);
           (rounds.get(key) as Rounds).add(b.samplesUs, b.fps, b.meanBatch);
+          const acc = cpu.get(key) as { server: number; client: number; frames: number };
+          // bare runs in this process: its CPU is the "server"; a served row's client is this process.
+          if (s0 && s1) {
+            acc.server += s1.total - s0.total;
+            acc.client += c1.total - c0.total;
+          } else {
+            acc.server += c1.total - c0.total;
+          }
+          acc.frames += b.totalFrames;
         });
+        const cpuOf = (key: string): { server: number; client: number } | undefined => {
+          const c = cpu.get(key);
+          return c && c.frames > 0 ? { server: round1(c.server / c.frames / 1000), client: round1(c.client / c.frames / 1000) } : undefined;
+        };
         for (const p of probes) await p.probe.close();
         const fpsOf = (key: string): number | undefined => { const r = rounds.get(key); return r ? round1(median(r.values)) : undefined; };
         const b1 = fpsOf('bare1') as number;
@@ -271,10 +294,11 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           const s = r.summary();
           report.throughput.push({
             workload: w.name, server: kind === 'naive' ? 'naive' : 'agent', api: kind === 'naive' || kind === 'kserve' ? 'kserve_unary' : 'native_stream',
-            batching: kind === 'naive' || !w.batchable ? null : kind !== 'off', streams: Number(n),
+            batching: kind === 'naive' || !batches[w.name] ? null : kind !== 'off', streams: Number(n),
             fps: round1(median(r.values)), fps_range: [Math.min(...r.values), Math.max(...r.values)], p50_us: s.p50_us, p99_us: s.p99_us,
             mean_batch: r.batches.length ? round1(r.batches.reduce((a, x) => a + x, 0) / r.batches.length) : undefined,
             bare_b1_fps: b1, bare_b8_fps: b8,
+            cpu_us_per_frame: cpuOf(key), bare_b1_cpu_us: cpuOf('bare1')?.server, bare_b8_cpu_us: cpuOf('bare8')?.server,
           });
         }
         const naive8 = fpsOf('naive:8');
@@ -307,65 +331,20 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       }
     }
   } finally {
-    for (const s of [servers.echo, servers.on, servers.off, servers.inline, servers.naive]) await s?.stop();
+    for (const s of [servers.echo, servers.on, servers.off, servers.inline, servers.worker, servers.naive]) await s?.stop();
     for (const s of sessions.values()) await s.release();
   }
 
   try {
-    // ---- RSS over a long run (tiny model, 8 streams, 8 frames in flight each) ----
     if (has('rss')) {
-      const tiny = workload('tiny');
-      const rssRepo = join(work, 'models-rss');
-      tiny.install(rssRepo, true);
-      o.log('starting agent (RSS)');
-      const agent = await startAgent({ ...agentBase, repo: rssRepo, execution: 'worker' }, performance.now());
-      try {
-        const readyKb = agent.server.rssKb();
-        const warmup = Math.min(20_000, Math.max(1000, Math.round(o.rssFrames / 10)));
-        o.log(`RSS: ${warmup} warm-up frames, then ${o.rssFrames}`);
-        await nativeFlood(agent.unix, 'tiny', tiny.inputs, 8, 8, warmup);
-        const beforeKb = agent.server.rssKb();
-        const fps = await nativeFlood(agent.unix, 'tiny', tiny.inputs, 8, 8, o.rssFrames);
-        const afterKb = agent.server.rssKb();
-        report.rss = { frames: o.rssFrames, fps, ready_kb: readyKb, before_kb: beforeKb, after_kb: afterKb, warmup_frames: warmup, growth_pct: round1(((afterKb - beforeKb) / beforeKb) * 100) };
-      } finally {
-        await agent.stop();
-      }
+      o.log('RSS');
+      report.rss = await measureRss(join(work, 'models-rss'), agentBase, o.rssFrames, o.log);
     }
-
-    // ---- cold start: spawn → first result, empty data dir vs one holding the graph cache ----
     if (has('coldstart')) {
-      const first = loads[0] as Workload;
-      const runs = { empty: [] as number[], emptyReady: [] as number[], cached: [] as number[], cachedReady: [] as number[] };
-      for (let rep = 0; rep < o.coldReps; rep++) {
-        const dataDir = mkdtempSync(join(tmpdir(), 'edge-bench-cold-'));
-        try {
-          for (const kind of ['empty', 'cached'] as const) {
-            o.log(`cold start ${rep + 1}/${o.coldReps} ${kind}`);
-            const spawnedAt = performance.now();
-            const agent = await startAgent({ ...agentBase, repo: repoOn, execution: 'worker', dataDir }, spawnedAt);
-            const readyAt = performance.now();
-            try {
-              const r = await firstResultAt(agent.unix, first.name, first.inputs);
-              const diff = outputsDiff([r.outputs], references.get(first.name) ?? []);
-              if (diff > EQUAL_REL) report.meta.notes.push(`cold start ${kind}: first result differs from bare (relative ${diff})`);
-              runs[kind].push(round1(r.at - spawnedAt));
-              runs[kind === 'empty' ? 'emptyReady' : 'cachedReady'].push(round1(readyAt - spawnedAt));
-            } finally {
-              await agent.stop();
-            }
-          }
-        } finally {
-          rmSync(dataDir, { recursive: true, force: true });
-        }
-      }
-      const summary = (xs: number[], ready: number[]): ColdStartRuns => ({ median_ms: round1(median(xs)), ready_median_ms: round1(median(ready)), runs_ms: xs });
-      const empty = summary(runs.empty, runs.emptyReady);
-      const cached = summary(runs.cached, runs.cachedReady);
-      report.cold_start = {
-        model: first.name, models_in_repository: loads.map((w) => w.name), empty, cached, saved_ms: round1(empty.median_ms - cached.median_ms),
-        bare_first_result_ms: await bareFirstResultMs(first.modelFile(repoOn), first, provider),
-      };
+      report.cold_start = await measureColdStart({
+        workloads: loads, repo: repoOn, agentBase, reps: o.coldReps, providers: o.providers, references, log: o.log,
+        note: (n) => report.meta.notes.push(n),
+      });
     }
   } finally {
     rmSync(work, { recursive: true, force: true });
@@ -378,32 +357,6 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
     report.meta.notes.push(`the machine was shared (1-min load up to ${busiest.toFixed(2)} on ${report.meta.cpus} CPUs): rows were measured in alternating rounds so they saw the same load, but absolute figures are inflated`);
   }
   return report;
-}
-
-/** Issue 4's targets against this run's figures (null: the run did not measure it). */
-export function evaluateTargets(r: BenchReport): TargetRow[] {
-  const rows: TargetRow[] = [];
-  for (const w of ['tiny', 'classifier']) {
-    for (const transport of ['tcp', 'unix'] as const) {
-      const l = r.latency.find((x) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.execution === 'worker');
-      if (!l) continue;
-      rows.push({ name: `own cost p50, native ${transport}, ${w} (${l.frame_bytes} B)`, target: '≤ 50 µs', value: l.own_cost_us === undefined ? 'n/a' : `${l.own_cost_us} µs`, met: l.own_cost_us === undefined ? null : l.own_cost_us <= 50 });
-    }
-  }
-  const tiny = r.latency.find((x) => x.workload === 'tiny' && x.api === 'native_stream' && x.transport === 'tcp' && x.execution === 'worker');
-  if (tiny) rows.push({ name: 'tiny native TCP p50 over bare p50', target: '≤ 150 µs', value: tiny.overhead_us === undefined ? 'n/a' : `${tiny.overhead_us} µs`, met: tiny.overhead_us === undefined ? null : tiny.overhead_us <= 150 });
-  const cls8 = r.throughput.find((t) => t.workload === 'classifier' && t.server === 'agent' && t.api === 'native_stream' && t.batching === true && t.streams === 8);
-  const clsBare = cls8?.bare_b8_fps;
-  if (cls8) rows.push({ name: 'classifier 8 streams batching on vs bare batch 8', target: '≥ 80%', value: clsBare ? `${round1((100 * cls8.fps) / clsBare)}% (${cls8.fps} vs ${clsBare} frames/s)` : 'n/a', met: clsBare ? cls8.fps >= 0.8 * clsBare : null });
-  for (const n of r.naive) rows.push({ name: `${n.workload} 8 streams vs naive`, target: '≥ 2x', value: `${n.ratio}x (${n.agent_fps} vs ${n.naive_fps} frames/s)`, met: n.ratio >= 2 });
-  if (r.rss) rows.push({ name: `RSS growth over ${r.rss.frames} frames`, target: '≤ 5%', value: `${r.rss.growth_pct}% (${r.rss.before_kb} → ${r.rss.after_kb} kB)`, met: r.rss.growth_pct <= 5 });
-  if (r.cold_start) {
-    const c = r.cold_start;
-    rows.push({ name: 'cold start, graph cache vs empty', target: 'measurably faster', value: `${c.cached.median_ms} vs ${c.empty.median_ms} ms (saves ${c.saved_ms} ms)`, met: c.cached.median_ms < c.empty.median_ms && Math.max(...c.cached.runs_ms) < c.empty.median_ms });
-  }
-  const unequal = r.latency.filter((l) => !l.outputs_equal);
-  rows.push({ name: 'agent outputs equal bare', target: `relative ≤ ${EQUAL_REL}`, value: unequal.length === 0 ? `all ${r.latency.length} rows` : `${unequal.length} rows differ: ${unequal.map((l) => `${l.workload}/${l.api}/${l.transport}`).join(', ')}`, met: r.latency.length === 0 ? null : unequal.length === 0 });
-  return rows;
 }
 
 function list(value: string): string[] {
@@ -425,9 +378,10 @@ async function main(argv: readonly string[]): Promise<void> {
     .option('--rounds <n>', 'rounds of alternating blocks for latency and throughput (default 6 and 3; --quick 1)')
     .option('--reference-outputs', "include bare's outputs in the JSON (for comparing providers)", false)
     .option('--cpu-prof <dir>', 'run the agent children with --cpu-prof, profiles into <dir>')
+    .option('--queue-delay-us <n>', 'dynamic_batching.max_queue_delay_us in the batching-on model configs (default: the agent\'s, 0)')
     .option('--agent-config <file>', "YAML merged over the bench's agent config (e.g. runtime.provider_options.intra_op_threads)");
   program.parse(argv, { from: 'user' });
-  const opts = program.opts<{ quick: boolean; json: boolean; out?: string; workloads?: string; providers: string; sections: string; streams: string; rssFrames?: string; coldReps?: string; rounds?: string; referenceOutputs: boolean; cpuProf?: string; agentConfig?: string }>();
+  const opts = program.opts<{ quick: boolean; json: boolean; out?: string; workloads?: string; providers: string; sections: string; streams: string; rssFrames?: string; coldReps?: string; rounds?: string; referenceOutputs: boolean; cpuProf?: string; agentConfig?: string; queueDelayUs?: string }>();
   const sections = list(opts.sections);
   for (const s of sections) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`unknown section '${s}' (known: ${SECTIONS.join(', ')})`);
   const providers = list(opts.providers);
@@ -449,6 +403,7 @@ async function main(argv: readonly string[]): Promise<void> {
     ...(opts.rounds ? { rounds: positive(opts.rounds, 1, '--rounds') } : {}),
     referenceOutputs: opts.referenceOutputs,
     ...(opts.cpuProf ? { cpuProfDir: resolve(opts.cpuProf) } : {}),
+    ...(opts.queueDelayUs !== undefined ? { queueDelayUs: Number(opts.queueDelayUs) } : {}),
     ...(opts.agentConfig ? { agentConfig: parse(readFileSync(opts.agentConfig, 'utf8')) as Record<string, unknown> } : {}),
     log: (line) => process.stderr.write(`[bench] ${line}\n`),
   });

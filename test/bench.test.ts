@@ -45,18 +45,21 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
     for (const [api, transport] of [['native_stream', 'tcp'], ['native_stream', 'unix'], ['kserve_stream', 'tcp'], ['kserve_unary', 'tcp']]) {
       const echo = r.echo.find((e: Json) => e.frame === w && e.api === api && e.transport === transport);
       t.ok(echo && finite(echo.p50_us) && finite(echo.p99_us) && echo.n > 0, `echo ${w} ${api} ${transport}`);
-      const l = r.latency.find((x: Json) => x.workload === w && x.api === api && x.transport === transport && x.execution === 'worker');
+      const l = r.latency.find((x: Json) => x.workload === w && x.api === api && x.transport === transport && x.config === 'default');
       t.ok(l && finite(l.p50_us) && finite(l.p99_us) && finite(l.overhead_us) && finite(l.own_cost_us), `latency ${w} ${api} ${transport}: p50, p99, overhead, own cost`);
+      t.ok(l && finite(l.own_cpu_us) && finite(l.cpu_us_per_frame?.total) && finite(l.cpu_us_per_frame?.main), `latency ${w} ${api} ${transport}: CPU per frame`);
       t.equal(l?.outputs_equal, true, `${w} over ${api}/${transport}: the agent's outputs equal bare onnxruntime's (max relative diff ${l?.max_rel_diff})`);
     }
     for (const transport of ['tcp', 'unix']) {
-      const l = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.execution === 'inline');
-      t.ok(l && finite(l.p50_us) && l.outputs_equal === true, `inline execution ${w} ${transport}: measured, outputs equal bare`);
+      for (const execution of ['worker', 'inline']) {
+        const l = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.execution === execution);
+        t.ok(l && finite(l.p50_us) && finite(l.agent_inference_us) && l.outputs_equal === true, `${execution} execution ${w} ${transport}: measured, outputs equal bare`);
+      }
     }
     for (const batching of [true, false]) {
       for (const streams of [1, 8, 32]) {
         const row = r.throughput.find((x: Json) => x.workload === w && x.server === 'agent' && x.api === 'native_stream' && x.batching === batching && x.streams === streams);
-        t.ok(row && finite(row.fps) && row.fps > 0 && finite(row.mean_batch), `throughput ${w} batching ${batching ? 'on' : 'off'} ${streams} streams`);
+        t.ok(row && finite(row.fps) && row.fps > 0 && finite(row.mean_batch) && finite(row.cpu_us_per_frame?.server), `throughput ${w} batching ${batching ? 'on' : 'off'} ${streams} streams`);
         if (!batching && row) t.equal(row.mean_batch, 1, `batching off: every run holds one frame (${w}, ${streams} streams)`);
       }
     }
@@ -69,9 +72,13 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
   }
 
   t.ok(r.rss && [r.rss.ready_kb, r.rss.before_kb, r.rss.after_kb, r.rss.growth_pct, r.rss.fps].every(finite) && r.rss.frames > 0, 'RSS before and after');
+  t.ok(r.rss.samples_kb.length >= 4 && r.rss.samples_kb.every(finite), 'RSS sampled through the run');
   const c = r.cold_start;
   t.ok(c && finite(c.empty.median_ms) && finite(c.cached.median_ms) && finite(c.saved_ms) && finite(c.bare_first_result_ms), 'cold start, empty and cached data dir');
   t.ok(c.empty.runs_ms.length >= 1 && c.cached.runs_ms.length === c.empty.runs_ms.length, 'cold-start repetitions of each kind');
+  t.same(c.empty.graph_cache.map((x: string) => x.split(':')[1]).filter((x: string) => x !== 'stored'), [], 'an empty data dir stores every optimised graph');
+  t.same(c.cached.graph_cache.map((x: string) => x.split(':')[1]).filter((x: string) => x !== 'hit'), [], 'a warm data dir loads every graph from the cache');
+  for (const w of WORKLOADS) t.ok(finite(c.session_create_ms[w]?.empty_ms) && finite(c.session_create_ms[w]?.cached_ms), `session creation with and without the cache: ${w}`);
 
   t.ok(r.targets.length >= 8, 'every target evaluated');
   for (const row of r.targets) t.ok(typeof row.value === 'string' && (row.met === null || typeof row.met === 'boolean'), `target '${row.name}' has a figure`);

@@ -111,3 +111,17 @@ t.test('activate switches versions atomically: frames before finish on the old, 
   await t.rejects(rt.activate('tiny', 9), /version 9 is not loaded|not loaded/);
   t.equal(rt.modelInfo('tiny').version, 2, 'a failed activation leaves the current version serving');
 });
+
+t.test('execution auto: fast models stay on the event loop, slow ones get worker threads', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny', 'classifier']);
+  const { log, lines } = capturingLogger();
+  const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto', inline_max_run_us: 1000 });
+  const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir: tempDir(t), log });
+  await rt.start();
+  t.teardown(() => rt.close());
+  const ready = Object.fromEntries(lines().filter((l) => l.msg === 'model ready').map((l) => [l.model as string, l.execution]));
+  t.equal(ready.tiny, 'inline', 'tiny (tens of µs a run) runs inline');
+  t.equal(ready.classifier, 'worker', 'the classifier (milliseconds a run) gets a worker thread');
+  const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.5) };
+  t.same((await rt.submit('tiny', undefined, { inputs: { x } })).outputs.y?.shape, [1, 16]);
+});

@@ -19,14 +19,22 @@ export const providerOptionsSchema = z.strictObject({
   trt_int8: z.boolean().default(false),
   intra_op_threads: z.number().int().min(0).default(0),
   inter_op_threads: z.number().int().min(0).default(0),
+  /** onnxruntime's pool threads busy-wait for work (after a run and between parallel sections). That pays off
+   * for runs back to back; between frames that arrive over the network it burns cores gRPC and the sensor
+   * processes need (the bench: 20-30% more CPU per frame with it on). */
+  allow_spinning: z.boolean().default(false),
 });
 
 export const runtimeSchema = z.strictObject({
   execution_providers: z.array(z.enum(EXECUTION_PROVIDERS)).min(1).default([...EXECUTION_PROVIDERS]),
   provider_options: providerOptionsSchema.default(providerOptionsSchema.parse({})),
   /** `worker`: each model instance runs in its own thread, so inference never blocks gRPC, health or MQTT
-   * (onnxruntime-node's run is synchronous). `inline`: on the event loop — saves a thread hop per batch. */
-  execution: z.enum(['worker', 'inline']).default('worker'),
+   * (onnxruntime-node's run is synchronous). `inline`: on the event loop — saves a thread hop per batch.
+   * `auto`: inline for models fast enough (inline_max_run_us), worker for the rest. */
+  execution: z.enum(['worker', 'inline', 'auto']).default('auto'),
+  /** `auto`: a model whose slowest warm-up run (batch 1 and max_batch_size) is at most this long runs inline —
+   * the thread hop costs more than it saves — and any slower model gets worker threads. */
+  inline_max_run_us: z.number().int().min(0).default(1000),
   graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).default('all'),
   /** Cache the optimised graph under the data dir (keyed by model hash, provider, onnxruntime version). */
   graph_cache: z.boolean().default(true),

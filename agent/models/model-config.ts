@@ -43,8 +43,11 @@ export const modelConfigSchema = z.strictObject({
       inputs: z.enum(['zero', 'random']).default('zero'),
       /** Inputs that must hold a specific value to run at all (e.g. a sample rate): filled with it. */
       fill: z.record(z.string(), z.number()).default({}),
+      /** One frame's shape per input, where the model has dynamic dimensions besides the batch one that must
+       * hold a real size (an audio window): otherwise those warm up at size 1. */
+      shapes: z.record(z.string(), z.array(z.number().int().positive())).default({}),
     })
-    .default({ runs: 2, inputs: 'zero', fill: {} }),
+    .default({ runs: 2, inputs: 'zero', fill: {}, shapes: {} }),
   default_qos: z.enum(['LOSSLESS', 'LATEST_ONLY']).optional(),
   variant: z.enum(['auto', 'fp32', 'int8', 'fp16']).default('auto'),
   /** Least output cosine similarity (vs fp32, from the variant's report) for `auto` to serve a variant. */

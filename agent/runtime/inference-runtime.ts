@@ -203,7 +203,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       const cfg = this.options.config;
       options.onPhase?.('loading');
       const outcome = await loadModelVersion(slot.entry, ve, {
-        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution,
+        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution, inlineMaxRunUs: cfg.inline_max_run_us,
         ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {
@@ -226,7 +226,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       const m = outcome.model;
       this.options.log.info({
         model, version: m.version, provider: m.provider, variant: m.variant, instances: m.instances.length,
-        max_batch_size: m.maxBatchSize, graph_cache: outcome.graphCache, execution: cfg.execution, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
+        max_batch_size: m.maxBatchSize, graph_cache: outcome.graphCache, execution: outcome.execution, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
       }, 'model ready');
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
       if (previous && previous !== scheduler) {

@@ -15,7 +15,9 @@ export interface LoaderDefaults {
   readonly graphOptimization: GraphOptimizationLevel;
   /** Where optimised graphs are cached; undefined disables the cache. */
   readonly cacheDir?: string;
-  readonly execution: ExecutionMode;
+  readonly execution: ExecutionMode | 'auto';
+  /** `auto`: the slowest warm-up run that still keeps a model on the event loop. */
+  readonly inlineMaxRunUs: number;
 }
 
 /** Picks the file variant to serve. `auto` prefers what the variant selector allows (see compress/). */
@@ -45,10 +47,16 @@ function stateSpecs(model: string, path: string, config: ModelConfig, inputs: Te
   });
 }
 
-function warmupFeeds(inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean, fill: Readonly<Record<string, number>>): Record<string, FeedTensor> {
+function warmupFeeds(
+  inputs: readonly TensorSpec[], state: readonly StateSpec[], rows: number, random: boolean, fill: Readonly<Record<string, number>>,
+  shapes: Readonly<Record<string, readonly number[]>>,
+): Record<string, FeedTensor> {
   const feeds: Record<string, FeedTensor> = {};
   for (const spec of inputs) {
-    const shape = spec.shape.map((d, i) => (i === 0 && d === -1 ? rows : d === -1 ? 1 : d));
+    const given = shapes[spec.name];
+    const shape = given && given.length === spec.shape.length
+      ? given.map((d, i) => (i === 0 && spec.shape[0] === -1 ? rows : d))
+      : spec.shape.map((d, i) => (i === 0 && d === -1 ? rows : d === -1 ? 1 : d));
     const data = allocate(spec.dtype, elementCount(shape));
     const value = fill[spec.name];
     if (value !== undefined) {
@@ -72,6 +80,8 @@ export interface LoadOutcome {
   readonly graphCache: string;
   readonly skipped: readonly { provider: string; reason: string }[];
   readonly warmupMs: number;
+  /** Where the instances run (what `auto` chose). */
+  readonly execution: ExecutionMode;
 }
 
 /**
@@ -94,7 +104,9 @@ export async function loadModelVersion(
   });
   try {
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
-    const probe = await createInstance(request(fp32Path, providers), defaults.execution);
+    // `auto` starts inline (cheap to open) and moves the model to worker threads if warm-up shows it is slow.
+    const firstMode: ExecutionMode = defaults.execution === 'auto' ? 'inline' : defaults.execution;
+    const probe = await createInstance(request(fp32Path, providers), firstMode);
     const provider = probe.info.provider;
     if (probe.info.skipped.length > 0) log.info({ model: entry.name, provider, skipped: probe.info.skipped }, 'execution providers skipped before the one that serves');
     let variant: 'fp32' | 'int8' | 'fp16' = 'fp32';
@@ -110,7 +122,7 @@ export async function loadModelVersion(
       instances.push(probe);
     }
     while (instances.length < config.instance_count) {
-      const s = await createInstance(request(path, [provider]), defaults.execution);
+      const s = await createInstance(request(path, [provider]), firstMode);
       if (instances.length === 0) graphCache = s.info.graphCache;
       instances.push(s);
     }
@@ -120,7 +132,10 @@ export async function loadModelVersion(
     const state = stateSpecs(entry.name, path, config, allInputs, allOutputs);
     const inputs = allInputs.filter((i) => !state.some((s) => s.input === i.name));
     const outputs = allOutputs.filter((o) => !state.some((s) => s.output === o.name));
-    const dynamicBatch = inputs.length > 0 && inputs.every((i) => i.shape[0] === -1) && state.every((s) => allInputs.find((i) => i.name === s.input)?.shape[s.batchAxis] === -1);
+    // Scalar inputs (a sample rate) have no batch dimension: frames batch when their values agree (request
+    // validation puts the value in the batch key) and the run gets the value once.
+    const stacked = inputs.filter((i) => i.shape.length > 0);
+    const dynamicBatch = stacked.length > 0 && stacked.every((i) => i.shape[0] === -1) && state.every((s) => allInputs.find((i) => i.name === s.input)?.shape[s.batchAxis] === -1);
     const configured = config.max_batch_size ?? (dynamicBatch ? DEFAULT_MAX_BATCH : 0);
     if (configured > 0 && !dynamicBatch) {
       throw new ModelLoadError(entry.name, path, `max_batch_size ${configured} needs a dynamic first dimension on every input, but the model's inputs are ${inputs.map((i) => `${i.name}[${i.shape.join(',')}]`).join(', ')}`);
@@ -136,12 +151,32 @@ export async function loadModelVersion(
     };
     const t0 = performance.now();
     const sizes = batching ? [1, configured] : [1];
-    for (const instance of instances) {
-      for (let r = 0; r < config.warmup.runs; r++) {
-        for (const rows of sizes) await instance.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill));
+    /** Warms every instance; returns the slowest run of the last round (the first pays lazy initialisation). */
+    const warm = async (): Promise<number> => {
+      let slowestUs = 0;
+      for (const instance of instances) {
+        for (let r = 0; r < config.warmup.runs; r++) {
+          for (const rows of sizes) {
+            const t = performance.now();
+            await instance.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill, config.warmup.shapes));
+            if (r === config.warmup.runs - 1) slowestUs = Math.max(slowestUs, (performance.now() - t) * 1000);
+          }
+        }
       }
+      return slowestUs;
+    };
+    const slowestUs = await warm();
+    let execution = firstMode;
+    if (defaults.execution === 'auto' && (config.warmup.runs === 0 || slowestUs > defaults.inlineMaxRunUs)) {
+      // Too slow for the event loop (or not measured): each instance gets its own thread. The graph cache makes
+      // the second open cheap.
+      const inline = instances.splice(0);
+      await Promise.all(inline.map((s) => s.release()));
+      for (let i = 0; i < config.instance_count; i++) instances.push(await createInstance(request(path, [provider]), 'worker'));
+      await warm();
+      execution = 'worker';
     }
-    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0 };
+    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution };
   } catch (err) {
     await Promise.all(instances.map((s) => s.release().catch(() => undefined)));
     if (err instanceof ModelLoadError) throw err;

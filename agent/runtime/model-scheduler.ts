@@ -236,8 +236,9 @@ export class ModelScheduler {
       const session = instance.session;
       for (const spec of m.inputs) {
         const t = first.request.inputs[spec.name] as Tensor;
-        if (batch.length === 1 && !session.needsOwnBuffers) {
-          // One request on an inline session: its bytes go to onnxruntime as they came off the wire.
+        if ((batch.length === 1 && !session.needsOwnBuffers) || spec.shape.length === 0) {
+          // One request on an inline session: its bytes go to onnxruntime as they came off the wire. A scalar
+          // input is the same for the whole batch (it is part of the batch key) and goes once.
           feeds[spec.name] = { dtype: t.dtype, data: t.data, dims: t.shape };
           continue;
         }

@@ -34,6 +34,7 @@ export function validateRequest(model: ValidatedModel, req: InferenceRequest, li
     }
   }
   let rows = 1;
+  let rowsFrom: string | undefined;
   let groupKey = '';
   const batching = model.maxBatchSize > 0;
   for (let i = 0; i < model.inputs.length; i++) {
@@ -53,9 +54,16 @@ export function validateRequest(model: ValidatedModel, req: InferenceRequest, li
     }
     if (refuseNonFinite && hasNonFinite(t)) throw new InvalidInputError(`input '${spec.name}': contains NaN or Inf (runtime.non_finite_inputs = refuse)`);
     if (batching) {
+      if (spec.shape.length === 0) {
+        // A scalar is passed to the batch once: only frames with the same value may share a run.
+        groupKey += `=${String(t.data[0])};`;
+        continue;
+      }
       const r = t.shape[0] as number;
-      if (i === 0) rows = r;
-      else if (r !== rows) throw new InvalidInputError(`input '${spec.name}': batch size ${r} differs from input '${model.inputs[0]?.name}' (${rows})`);
+      if (rowsFrom === undefined) {
+        rows = r;
+        rowsFrom = spec.name;
+      } else if (r !== rows) throw new InvalidInputError(`input '${spec.name}': batch size ${r} differs from input '${rowsFrom}' (${rows})`);
       groupKey += `${t.shape.slice(1).join('x')};`;
     }
   }

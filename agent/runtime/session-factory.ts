@@ -87,6 +87,8 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
     };
     if (req.providerOptions.intra_op_threads > 0) base.intraOpNumThreads = req.providerOptions.intra_op_threads;
     if (req.providerOptions.inter_op_threads > 0) base.interOpNumThreads = req.providerOptions.inter_op_threads;
+    const spin = req.providerOptions.allow_spinning ? '1' : '0';
+    base.extra = { session: { intra_op: { allow_spinning: spin }, inter_op: { allow_spinning: spin } } };
     try {
       // TensorRT compiles whole subgraphs; such a graph cannot be serialised, and TensorRT has its own engine cache.
       if (req.cacheDir && provider !== 'tensorrt' && req.graphOptimization !== 'disabled') {

@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import * as ort from 'onnxruntime-node';
 import { allocate, type Tensor, type TensorData } from '../../agent/runtime/index.js';
-import { round1, type LatencySummary } from './stats.js';
+import { relativeDiff, round1, type LatencySummary } from './stats.js';
 import type { Workload } from './workloads.js';
 
 export type BenchProvider = 'cpu' | 'webgpu' | 'cuda';
@@ -98,3 +98,21 @@ export async function bareFirstResultMs(file: string, w: Workload, provider: Ben
   await s.release();
   return round1(ms);
 }
+
+/** Outputs equal bare's when no element differs by more than this, relative to the tensor's largest magnitude. */
+export const EQUAL_REL = 1e-5;
+
+/** The largest relative difference between two output sequences (every tensor of every step). */
+export function outputsDiff(actual: readonly Outputs[], reference: readonly Outputs[]): number {
+  if (actual.length === 0 || actual.length > reference.length) return Number.POSITIVE_INFINITY;
+  let worst = 0;
+  actual.forEach((step, i) => {
+    const ref = reference[i] as Outputs;
+    for (const [name, r] of Object.entries(ref)) {
+      const a = step[name];
+      worst = Math.max(worst, a && a.dims.join() === r.dims.join() ? relativeDiff(a.data, r.data) : Number.POSITIVE_INFINITY);
+    }
+  });
+  return worst;
+}
+

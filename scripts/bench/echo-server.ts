@@ -1,5 +1,6 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { NATIVE_LOADER_OPTIONS, PROTO_DIR, SENSOR_STREAM_PROTO } from '../../agent/server/index.js';
 import { KSERVE_BENCH_LOADER_OPTIONS } from './kserve-client.js';
@@ -91,6 +92,7 @@ server.addService(kserve.inference.GRPCInferenceService.service, {
 
 const bind = (address: string): Promise<number> => new Promise((resolve, reject) => server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => (err ? reject(err) : resolve(port))));
 const port = await bind('127.0.0.1:0');
+rmSync(unixPath, { force: true }); // a socket left by a killed run would make bind fail
 await bind(`unix:${unixPath}`);
 process.stdout.write(`${JSON.stringify({ listening: { tcp: `127.0.0.1:${port}`, unix: `unix:${unixPath}` } })}\n`);
 process.on('SIGTERM', () => { server.forceShutdown(); process.exit(0); });

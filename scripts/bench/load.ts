@@ -18,6 +18,10 @@ import type { StateTensor } from './workloads.js';
 export interface LatencyProbe {
   /** Outputs of the first frames after opening (a fresh stream/sequence), to compare with `bare`. */
   readonly outputs: readonly Outputs[];
+  /** Round trips so far, warm-up included (for CPU time per frame). */
+  readonly count: number;
+  /** The agent's own timings of each measured frame (native streams only): inference run, and decoded → result. */
+  readonly agentTimings?: { readonly inferenceUs: number[]; readonly totalUs: number[] };
   block(window: Window): Promise<number[]>;
   close(): Promise<void>;
 }
@@ -31,6 +35,8 @@ export interface LoadProbe {
 export interface LoadBlock {
   readonly fps: number;
   readonly samplesUs: number[];
+  /** Frames over the whole block, warm-up included (for CPU time per frame). */
+  readonly totalFrames: number;
   /** Mean frames per inference run as the agent reports it (native streams only). */
   readonly meanBatch: number | undefined;
 }
@@ -56,7 +62,7 @@ class ClosedLoopStream {
   private constructor(private readonly handle: SensorStreamHandle, private readonly it: AsyncIterator<FrameResult>) {}
 
   static async open(client: EdgeAgentClient, model: string): Promise<ClosedLoopStream> {
-    const handle = await client.openStream({ model, qos: 'LOSSLESS', maxInFlight: 1 });
+    const handle = await client.openStream({ model, qos: 'LOSSLESS' });
     return new ClosedLoopStream(handle, handle.results()[Symbol.asyncIterator]());
   }
 
@@ -80,9 +86,19 @@ export async function openNativeProbe(address: string, model: string, inputs: Re
   const stream = await ClosedLoopStream.open(client, model);
   const outputs: Outputs[] = [];
   for (let i = 0; i < capture; i++) outputs.push(resultOutputs(await stream.roundTrip(inputs)));
+  let count = 0;
+  const agentTimings = { inferenceUs: [] as number[], totalUs: [] as number[] };
   return {
     outputs,
-    block: (window) => timeLoop(window, async () => { okOutputs(await stream.roundTrip(inputs)); }),
+    agentTimings,
+    get count() { return count; },
+    block: (window) => timeLoop(window, async () => {
+      const r = await stream.roundTrip(inputs);
+      okOutputs(r);
+      count++;
+      agentTimings.inferenceUs.push(r.timings.inferenceUs);
+      agentTimings.totalUs.push(r.timings.totalUs);
+    }),
     close: async () => {
       await stream.close();
       client.close();
@@ -151,9 +167,11 @@ export async function openKServeProbe(target: KServeTarget, mode: KServeMode, ca
   const loop = kserveLoop(client, target, mode);
   const outputs: Outputs[] = [];
   for (let i = 0; i < capture; i++) outputs.push(await loop.step(true) as Outputs);
+  let count = 0;
   return {
     outputs,
-    block: (window) => timeLoop(window, async () => { await loop.step(false); }),
+    get count() { return count; },
+    block: (window) => timeLoop(window, async () => { await loop.step(false); count++; }),
     close: async () => {
       loop.end();
       client.close();
@@ -163,9 +181,11 @@ export async function openKServeProbe(target: KServeTarget, mode: KServeMode, ca
 
 /** onnxruntime in this process, batch 1, closed-loop: the latency limit. */
 export function bareLatencyProbe(session: ort.InferenceSession, feeds: Record<string, ort.Tensor>): LatencyProbe {
+  let count = 0;
   return {
     outputs: [],
-    block: (window) => timeLoop(window, async () => { await session.run(feeds); }),
+    get count() { return count; },
+    block: (window) => timeLoop(window, async () => { await session.run(feeds); count++; }),
     close: () => Promise.resolve(),
   };
 }
@@ -180,6 +200,7 @@ async function concurrentLoops(loops: number, window: LoadWindow, step: (i: numb
   let batchSum = 0;
   let batchCount = 0;
   let warmRounds = 0;
+  let totalFrames = 0;
   let measuring = false;
   let stop = false;
   let measureStart = 0;
@@ -194,6 +215,7 @@ async function concurrentLoops(loops: number, window: LoadWindow, step: (i: numb
       const t0 = performance.now();
       const batch = await step(i);
       const t1 = performance.now();
+      totalFrames++;
       if (first) {
         first = false;
         if (++warmRounds === loops) warmed();
@@ -216,7 +238,7 @@ async function concurrentLoops(loops: number, window: LoadWindow, step: (i: numb
   measureStart = performance.now();
   measuring = true;
   await Promise.all(runners);
-  return { fps: round1(samples.length / ((measureEnd - measureStart) / 1000)), samplesUs: samples, meanBatch: batchCount ? round1(batchSum / batchCount) : undefined };
+  return { fps: round1(samples.length / ((measureEnd - measureStart) / 1000)), samplesUs: samples, totalFrames, meanBatch: batchCount ? round1(batchSum / batchCount) : undefined };
 }
 
 /** `streams` native streams on one connection, each closed-loop. */
@@ -256,9 +278,10 @@ export function openKServeLoad(target: KServeTarget, clients: number): LoadProbe
 export function bareLoad(session: ort.InferenceSession, feeds: Record<string, ort.Tensor>, rows: number): LoadProbe {
   return {
     block: async (window) => {
-      const samples = await timeLoop({ warmupMs: Math.min(window.warmupMs, 200), durationMs: window.durationMs, minSamples: 3, maxSamples: 1_000_000 }, async () => { await session.run(feeds); });
+      let runs = 0;
+      const samples = await timeLoop({ warmupMs: Math.min(window.warmupMs, 200), durationMs: window.durationMs, minSamples: 3, maxSamples: 1_000_000 }, async () => { await session.run(feeds); runs++; });
       const total = samples.reduce((a, b) => a + b, 0);
-      return { fps: round1((rows * samples.length) / (total / 1e6)), samplesUs: samples, meanBatch: rows };
+      return { fps: round1((rows * samples.length) / (total / 1e6)), samplesUs: samples, totalFrames: rows * runs, meanBatch: rows };
     },
     close: () => Promise.resolve(),
   };

@@ -1,5 +1,5 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
@@ -55,6 +55,11 @@ export class ChildServer {
     });
   }
 
+  /** CPU time the process has used, all threads and its main thread (ns, from /proc/PID/task/TID/schedstat). */
+  cpuNs(): CpuNs {
+    return processCpuNs(this.pid);
+  }
+
   /** Resident set size now, from /proc (kB). */
   rssKb(): number {
     const status = readFileSync(`/proc/${this.pid}/status`, 'utf8');
@@ -81,6 +86,38 @@ export class ChildServer {
   }
 }
 
+export interface CpuNs {
+  readonly total: number;
+  readonly main: number;
+}
+
+/**
+ * On-CPU nanoseconds of a process: what a frame costs in CPU, which, unlike latency, another process sharing
+ * the cores does not inflate much. The main thread (TID = PID) runs gRPC, the agent's JavaScript and, inline,
+ * inference; the rest is worker threads, onnxruntime's pool and libuv.
+ */
+export function processCpuNs(pid: number): CpuNs {
+  let total = 0;
+  let main = 0;
+  let tids: string[] = [];
+  try {
+    tids = readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return { total: Number.NaN, main: Number.NaN };
+  }
+  for (const tid of tids) {
+    let ns: number;
+    try {
+      ns = Number(readFileSync(`/proc/${pid}/task/${tid}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      continue; // the thread exited between the listing and the read
+    }
+    total += ns;
+    if (Number(tid) === pid) main = ns;
+  }
+  return { total, main };
+}
+
 function spawnNode(name: string, script: string, args: readonly string[], nodeArgs: readonly string[] = []): ChildServer {
   const child = spawn(process.execPath, [...nodeArgs, script, ...args], { cwd: ROOT, stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env } });
   return new ChildServer(name, child);
@@ -89,7 +126,8 @@ function spawnNode(name: string, script: string, args: readonly string[], nodeAr
 export interface AgentSpec {
   readonly repo: string;
   readonly providers: readonly string[];
-  readonly execution: 'worker' | 'inline';
+  /** undefined: the agent's default. */
+  readonly execution?: 'worker' | 'inline';
   /** Reuse this data dir (graph cache present) instead of a fresh one. */
   readonly dataDir?: string;
   /** Extra node flags for the child (e.g. --cpu-prof). */
@@ -131,7 +169,7 @@ export async function startAgent(spec: AgentSpec, spawnedAt: number, timeoutMs =
   const configFile = join(configDir, 'agent.yaml');
   const sock = join(dataDir, 'agent.sock');
   writeFileSync(configFile, stringify(mergeConfig({
-    runtime: { execution_providers: [...spec.providers], execution: spec.execution, graph_cache: true },
+    runtime: { execution_providers: [...spec.providers], graph_cache: true, ...(spec.execution ? { execution: spec.execution } : {}) },
     log: { level: 'info' },
     // Telemetry stays on (it is part of what a frame costs in a deployed agent), on a free port: several agents
     // run side by side here.

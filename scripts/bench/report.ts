@@ -15,6 +15,8 @@ export interface EchoRow {
   readonly p99_us: number;
   readonly n: number;
   readonly rounds: number;
+  /** On-CPU time of the echo process per frame, all threads and main thread (µs). */
+  readonly cpu_us_per_frame: { total: number; main: number } | undefined;
 }
 
 export interface LatencyRow {
@@ -22,7 +24,10 @@ export interface LatencyRow {
   readonly frame_bytes: number;
   readonly api: Api;
   readonly transport: Transport;
+  /** Where inference ran: a worker thread or the event loop (as the agent logged it). */
   readonly execution: 'worker' | 'inline';
+  /** `default`: the agent's default configuration (what the targets read); `forced`: runtime.execution set. */
+  readonly config: 'default' | 'forced';
   readonly p50_us: number;
   readonly p99_us: number;
   readonly n: number;
@@ -36,6 +41,16 @@ export interface LatencyRow {
   readonly own_cost_us: number | undefined;
   /** Smallest and largest per-round own cost: how much the shared machine moved it. */
   readonly own_cost_range_us: [number, number] | undefined;
+  /** On-CPU time of the agent process per frame (all threads; main thread), and of bare's process. */
+  readonly cpu_us_per_frame: { total: number; main: number } | undefined;
+  readonly bare_cpu_us_per_frame: number | undefined;
+  /** The agent's own timings (native streams; p50): its inference run (thread hop included in worker mode), and
+   * decoded frame → result ready. The rest of a round trip is gRPC, the event loop and the client. */
+  readonly agent_inference_us: number | undefined;
+  readonly agent_total_us: number | undefined;
+  /** Agent CPU − echo CPU − bare CPU per frame: the agent's own work in CPU time, which sharing the cores
+   * inflates far less than latency. */
+  readonly own_cpu_us: number | undefined;
   /** The agent's outputs for the same frames equal bare onnxruntime's (relative 1e-5). */
   readonly outputs_equal: boolean;
   readonly max_rel_diff: number;
@@ -57,6 +72,11 @@ export interface ThroughputRow {
   /** bare batch 1 and batch 8 in the same rounds (medians). */
   readonly bare_b1_fps: number;
   readonly bare_b8_fps: number | undefined;
+  /** On-CPU µs per frame: the server process (all threads) and the load generator (this process). With the
+   * cores shared, throughput depends on how much CPU each process got; CPU per frame does not. */
+  readonly cpu_us_per_frame: { server: number; client: number } | undefined;
+  readonly bare_b1_cpu_us: number | undefined;
+  readonly bare_b8_cpu_us: number | undefined;
 }
 
 export interface NaiveRow {
@@ -74,16 +94,30 @@ export interface RssResult {
   readonly before_kb: number;
   readonly after_kb: number;
   readonly warmup_frames: number;
+  /** RSS after each twentieth of the run. */
+  readonly samples_kb: number[];
+  readonly first_quarter_kb: number;
+  readonly last_quarter_kb: number;
+  /** Last quarter's median over the first quarter's (robust to the GC's sawtooth). */
   readonly growth_pct: number;
+  /** Last reading over the reading after warm-up. */
+  readonly raw_growth_pct: number;
 }
 
 export interface ColdStartRuns {
   readonly median_ms: number;
   readonly ready_median_ms: number;
   readonly runs_ms: number[];
+  /** Sum of the agent's logged per-model load times (session creation, from the cache or not), per run. */
+  readonly model_load_median_ms: number;
+  readonly model_load_runs_ms: number[];
+  /** model:graph_cache as the agent logged it ('stored' on an empty data dir, 'hit' from the cache). */
+  readonly graph_cache: string[];
 }
 
 export interface ColdStartResult {
+  /** The agent's session factory alone, per model: empty cache folder (optimise + store) vs stored graph (median ms). */
+  readonly session_create_ms: Record<string, { empty_ms: number; cached_ms: number }>;
   readonly model: string;
   readonly models_in_repository: string[];
   readonly empty: ColdStartRuns;
@@ -116,8 +150,11 @@ export interface BenchReport {
     served_by: Record<string, string>;
     /** --agent-config overrides merged over every agent's config, if any. */
     agent_config: Record<string, unknown> | null;
+    /** --queue-delay-us: max_queue_delay_us of the batching-on configs (null: the agent's default). */
+    queue_delay_us: number | null;
     notes: string[];
   };
+  /** batchable: the agent batches it (max_batch_size > 0 as it logged); before an agent ran, whether the model has a batch dimension. */
   workloads: Record<string, { description: string; frame_bytes: number; batchable: boolean; stateful: boolean; inputs: Record<string, number[]> }>;
   bare: Record<string, BareResult & { reference?: Outputs[] }>;
   echo: EchoRow[];
@@ -130,6 +167,7 @@ export interface BenchReport {
 }
 
 const fmt = (x: number | undefined): string => (x === undefined ? 'n/a' : formatNumber(x));
+const cpuCell = (c: { total: number; main: number } | undefined): string => (c ? `${formatNumber(c.total)} (${formatNumber(c.main)})` : 'n/a');
 
 /** The human-readable report: one table per section, then the targets. */
 export function renderReport(r: BenchReport): string {
@@ -138,9 +176,10 @@ export function renderReport(r: BenchReport): string {
   out.push(`edge-agent benchmark — ${m.date}, node ${m.node}, onnxruntime ${m.onnxruntime}, ${m.cpus}× ${m.cpu_model}, providers ${m.providers.join(',')}${m.quick ? ' (--quick)' : ''}`);
   out.push(`load average at start ${m.loadavg_start.map((x) => x.toFixed(2)).join(' ')}, at end ${m.loadavg_end.map((x) => x.toFixed(2)).join(' ')}; ${m.duration_s.toFixed(0)} s`);
   if (m.agent_config) out.push(`agent config overrides: ${JSON.stringify(m.agent_config)}`);
+  if (m.queue_delay_us !== null) out.push(`batching-on configs: dynamic_batching.max_queue_delay_us ${m.queue_delay_us}`);
   for (const n of m.notes) out.push(`note: ${n}`);
   out.push('');
-  out.push(formatTable(['workload', 'frame bytes', 'batchable', 'stateful', 'served by'],
+  out.push(formatTable(['workload', 'frame bytes', 'agent batches', 'stateful', 'served by'],
     Object.entries(r.workloads).map(([k, w]) => [k, w.frame_bytes, w.batchable ? 'yes' : 'no', w.stateful ? 'yes' : 'no', m.served_by[k] ?? ''])));
   if (Object.keys(r.bare).length > 0) {
     out.push('', 'bare: onnxruntime session.run in-process');
@@ -149,22 +188,28 @@ export function renderReport(r: BenchReport): string {
   }
   if (r.echo.length > 0) {
     out.push('', 'echo: no-inference service, same grpc-js stack and frame (the transport floor), 1 client closed-loop');
-    out.push(formatTable(['frame', 'bytes', 'api', 'transport', 'p50 µs', 'p99 µs', 'n', 'rounds'],
-      r.echo.map((e) => [e.frame, e.frame_bytes, e.api, e.transport, e.p50_us, e.p99_us, e.n, e.rounds])));
+    out.push(formatTable(['frame', 'bytes', 'api', 'transport', 'p50 µs', 'p99 µs', 'cpu µs/frame (main)', 'n', 'rounds'],
+      r.echo.map((e) => [e.frame, e.frame_bytes, e.api, e.transport, e.p50_us, e.p99_us, cpuCell(e.cpu_us_per_frame), e.n, e.rounds])));
   }
   if (r.latency.length > 0) {
     out.push('', 'latency: agent as a child process, 1 stream/client closed-loop, in rounds alternating with bare and echo');
     out.push('(own cost = p50 − bare p50 − echo p50 of the same round, median over rounds; range: min..max round)');
-    out.push(formatTable(['workload', 'api', 'transport', 'execution', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'outputs = bare', 'n'],
-      r.latency.map((l) => [l.workload, l.api, l.transport, l.execution, l.p50_us, l.p99_us, l.bare_p50_us, fmt(l.echo_p50_us), l.overhead_us, fmt(l.own_cost_us),
-        l.own_cost_range_us ? `${fmt(l.own_cost_range_us[0])}..${fmt(l.own_cost_range_us[1])}` : 'n/a', l.outputs_equal ? 'yes' : `NO (${l.max_rel_diff.toExponential(1)})`, l.n])));
+    out.push('(cpu: on-CPU µs per frame of the agent process, all threads (main thread); own cpu = agent − echo − bare cpu)');
+    out.push('(agent run/total: p50 of the agent\'s own timings per frame — its inference run, and frame decoded → result ready)');
+    out.push(formatTable(['workload', 'api', 'transport', 'execution (config)', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'agent run/total', 'cpu µs/frame', 'own cpu µs', 'outputs = bare', 'n'],
+      r.latency.map((l) => [l.workload, l.api, l.transport, `${l.execution} (${l.config})`, l.p50_us, l.p99_us, l.bare_p50_us, fmt(l.echo_p50_us), l.overhead_us, fmt(l.own_cost_us),
+        l.own_cost_range_us ? `${fmt(l.own_cost_range_us[0])}..${fmt(l.own_cost_range_us[1])}` : 'n/a',
+        l.agent_inference_us === undefined ? 'n/a' : `${fmt(l.agent_inference_us)}/${fmt(l.agent_total_us)}`, cpuCell(l.cpu_us_per_frame), fmt(l.own_cpu_us),
+        l.outputs_equal ? 'yes' : `NO (${l.max_rel_diff.toExponential(1)})`, l.n])));
   }
   if (r.throughput.length > 0) {
     out.push('', 'throughput: concurrent closed-loop streams (native) or unary clients (KServe), one connection, over TCP;');
     out.push('in rounds alternating with bare batch 1 and batch 8 (frames/s: median over rounds; vs bare: same rounds)');
-    out.push(formatTable(['workload', 'server', 'api', 'batching', 'streams', 'frames/s', 'range', 'p50 µs', 'p99 µs', 'mean batch', 'vs bare b1', 'vs bare b8'],
+    out.push('(cpu: on-CPU µs per frame of the server process + the load generator; bare b1/b8: onnxruntime alone)');
+    out.push(formatTable(['workload', 'server', 'api', 'batching', 'streams', 'frames/s', 'range', 'p50 µs', 'p99 µs', 'mean batch', 'vs bare b1', 'vs bare b8', 'cpu server+client', 'bare cpu b1/b8'],
       r.throughput.map((t) => [t.workload, t.server, t.api, t.batching === null ? 'n/a' : t.batching ? 'on' : 'off', t.streams, t.fps, `${fmt(t.fps_range[0])}..${fmt(t.fps_range[1])}`,
-        t.p50_us, t.p99_us, fmt(t.mean_batch), `${fmt((100 * t.fps) / t.bare_b1_fps)}%`, t.bare_b8_fps ? `${fmt((100 * t.fps) / t.bare_b8_fps)}%` : 'n/a'])));
+        t.p50_us, t.p99_us, fmt(t.mean_batch), `${fmt((100 * t.fps) / t.bare_b1_fps)}%`, t.bare_b8_fps ? `${fmt((100 * t.fps) / t.bare_b8_fps)}%` : 'n/a',
+        t.cpu_us_per_frame ? `${fmt(t.cpu_us_per_frame.server)}+${fmt(t.cpu_us_per_frame.client)}` : 'n/a', `${fmt(t.bare_b1_cpu_us)}/${fmt(t.bare_b8_cpu_us)}`])));
   }
   if (r.naive.length > 0) {
     out.push('', 'naive baseline: 8 concurrent unary KServe clients on the naive server vs the agent at 8 native streams (batching on)');
@@ -172,16 +217,19 @@ export function renderReport(r: BenchReport): string {
   }
   if (r.rss) {
     const s = r.rss;
-    out.push('', `RSS (tiny, native streams): ready ${s.ready_kb} kB; after ${s.warmup_frames} warm-up frames ${s.before_kb} kB; after ${s.frames} more frames (${fmt(s.fps)} frames/s) ${s.after_kb} kB: growth ${fmt(s.growth_pct)}%`);
+    out.push('', `RSS (tiny, 8 native streams × 8 in flight): ready ${s.ready_kb} kB; after ${s.warmup_frames} warm-up frames ${s.before_kb} kB; then ${s.frames} frames at ${fmt(s.fps)} frames/s:`);
+    out.push(`  every ${Math.round(s.frames / s.samples_kb.length)} frames (kB): ${s.samples_kb.join(' ')}`);
+    out.push(`  first-quarter median ${s.first_quarter_kb} kB → last-quarter median ${s.last_quarter_kb} kB: growth ${fmt(s.growth_pct)}% (last reading vs after warm-up: ${fmt(s.raw_growth_pct)}%)`);
   }
   if (r.cold_start) {
     const c = r.cold_start;
     out.push('', `cold start (process spawn → first ${c.model} result; repository: ${c.models_in_repository.join(', ')}), median of ${c.empty.runs_ms.length}:`);
-    out.push(formatTable(['data dir', 'first result ms', 'ready ms', 'runs ms'], [
-      ['empty (no graph cache)', c.empty.median_ms, c.empty.ready_median_ms, c.empty.runs_ms.map(fmt).join(' ')],
-      ['warm (graph cache)', c.cached.median_ms, c.cached.ready_median_ms, c.cached.runs_ms.map(fmt).join(' ')],
+    out.push(formatTable(['data dir', 'first result ms', 'ready ms', 'model loads ms', 'runs ms (first result)', 'model loads, runs ms', 'graph cache'], [
+      ['empty (no graph cache)', c.empty.median_ms, c.empty.ready_median_ms, c.empty.model_load_median_ms, c.empty.runs_ms.map(fmt).join(' '), c.empty.model_load_runs_ms.map(fmt).join(' '), c.empty.graph_cache.join(' ')],
+      ['warm (graph cache)', c.cached.median_ms, c.cached.ready_median_ms, c.cached.model_load_median_ms, c.cached.runs_ms.map(fmt).join(' '), c.cached.model_load_runs_ms.map(fmt).join(' '), c.cached.graph_cache.join(' ')],
     ]));
-    out.push(`cache saves ${fmt(c.saved_ms)} ms; in-process onnxruntime open + first run of ${c.model}: ${fmt(c.bare_first_result_ms)} ms`);
+    out.push(`cache saves ${fmt(c.saved_ms)} ms to first result; in-process onnxruntime open + first run of ${c.model}: ${fmt(c.bare_first_result_ms)} ms`);
+    out.push(`session creation by the agent's session factory (median ms, empty cache → from cache): ${Object.entries(c.session_create_ms).map(([k, v]) => `${k} ${fmt(v.empty_ms)} → ${fmt(v.cached_ms)}`).join(', ')}`);
   }
   if (r.targets.length > 0) {
     out.push('', 'targets (issue 4, on this machine)');

@@ -86,3 +86,38 @@ export function formatNumber(x: number): string {
   if (Math.abs(x) >= 10) return x.toFixed(1);
   return x.toFixed(2);
 }
+
+export function median(xs: readonly number[]): number {
+  const s = [...xs].sort((a, b) => a - b);
+  const mid = Math.floor(s.length / 2);
+  return s.length % 2 ? (s[mid] as number) : ((s[mid - 1] as number) + (s[mid] as number)) / 2;
+}
+
+/** Per-round blocks of one participant: p50 per round, every sample pooled. */
+export class Rounds {
+  readonly p50s: number[] = [];
+  readonly values: number[] = [];
+  readonly batches: number[] = [];
+  readonly all: number[] = [];
+  add(samplesUs: readonly number[], value?: number, batch?: number): void {
+    this.p50s.push(summarize(samplesUs).p50_us);
+    for (const x of samplesUs) this.all.push(x);
+    if (value !== undefined) this.values.push(value);
+    if (batch !== undefined) this.batches.push(batch);
+  }
+  summary(): LatencySummary & { p50_median: number } {
+    const s = summarize(this.all);
+    return { ...s, p50_median: round1(median(this.p50s)) };
+  }
+}
+
+/** Runs each probe's block in turn, `rounds` times, rotating the order so none always follows the same one. */
+export async function inRounds<P>(rounds: number, probes: readonly { key: string; probe: P }[], block: (p: P, key: string) => Promise<void>): Promise<void> {
+  for (let r = 0; r < rounds; r++) {
+    for (let i = 0; i < probes.length; i++) {
+      const { key, probe } = probes[(i + r) % probes.length] as { key: string; probe: P };
+      await block(probe, key);
+    }
+  }
+}
+

