@@ -1,6 +1,6 @@
 import t from 'tap';
 import { spawn, spawnSync } from 'node:child_process';
-import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readFileSync, readlinkSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { loadConfig } from '../agent/config/index.js';
 import { EdgeAgentClient } from '../agent/client/index.js';
@@ -53,6 +53,8 @@ t.test('the unit: notify service with a watchdog, dedicated user, read-only syst
   t.equal(one('Service.ProtectSystem'), 'strict');
   t.equal(one('Service.NoNewPrivileges'), 'true');
   t.equal(one('Service.PrivateTmp'), 'true');
+  t.equal(one('Service.ProtectHome'), 'true');
+  t.equal(one('Service.CapabilityBoundingSet'), '', 'no capabilities');
   t.equal(one('Service.ExecReload'), '/bin/kill -HUP $MAINPID');
   t.equal(one('Service.ExecStart'), '/opt/edge-agent/bin/edge-agent serve --config /etc/edge-agent/agent.yaml');
   t.same(k.get('Service.Environment'), ['NODE_ENV=production', 'EDGE_AGENT_DATA_DIR=/var/lib/edge-agent']);
@@ -170,11 +172,15 @@ t.test('install into a DESTDIR, run the staged app, verify the staged unit, rein
 
 t.test('--prefix rewrites the unit; a prefix the script did not make is never deleted', async (t) => {
   const root = tempDir(t, 'edge-destdir-');
-  const r = installer(['--prefix', '/srv/edge', '--no-enable'], { DESTDIR: root });
+  // A node outside systemd's default PATH (as nvm or a tarball install has it).
+  const nodeDir = tempDir(t, 'edge-node-');
+  symlinkSync(process.execPath, join(nodeDir, 'node'));
+  const r = installer(['--prefix', '/srv/edge', '--no-enable'], { DESTDIR: root, PATH: `${nodeDir}:${process.env.PATH}` });
   t.equal(r.code, 0, r.err);
   const unit = readFileSync(join(root, 'etc', 'systemd', 'system', 'edge-agent.service'), 'utf8');
   t.match(unit, /^ExecStart=\/srv\/edge\/bin\/edge-agent serve --config \/etc\/edge-agent\/agent\.yaml$/m);
   t.notMatch(unit, /\/opt\/edge-agent/);
+  t.match(unit, new RegExp(`^Environment=NODE_ENV=production\nEnvironment=PATH=${nodeDir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin$`, 'm'), "node's folder is put on the unit's PATH");
   t.ok(existsSync(join(root, 'srv', 'edge', 'dist', 'agent', 'cli.js')));
   t.notMatch(r.out, /(\+ |skipped \(DESTDIR\): )systemctl enable/, '--no-enable: not enabled');
   t.match(r.out, /not enabled \(--no-enable\)/);
