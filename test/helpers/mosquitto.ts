@@ -1,37 +1,10 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { existsSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
-import { createServer, connect } from 'node:net';
+import { freePort, waitForPort } from '../../scripts/soak/soak-broker.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-/** A free TCP port on loopback, found by binding port 0 and closing again. */
-export function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
-    const srv = createServer();
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const addr = srv.address();
-      const port = typeof addr === 'object' && addr ? addr.port : 0;
-      srv.close(() => resolve(port));
-    });
-  });
-}
-
-function waitForPort(port: number, timeoutMs: number): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  return new Promise((resolve, reject) => {
-    const attempt = (): void => {
-      const sock = connect(port, '127.0.0.1');
-      sock.once('connect', () => { sock.destroy(); resolve(); });
-      sock.once('error', () => {
-        sock.destroy();
-        if (Date.now() > until) reject(new Error(`mosquitto did not listen on ${port} within ${timeoutMs} ms`));
-        else setTimeout(attempt, 50);
-      });
-    };
-    attempt();
-  });
-}
+export { freePort };
 
 export interface MosquittoOptions {
   /** Extra lines appended to the generated mosquitto.conf (TLS listeners, for example). */
@@ -75,7 +48,7 @@ export class MosquittoBroker {
     let stderr = '';
     child.stderr?.on('data', (d: Buffer) => { stderr += d.toString(); });
     const exited = new Promise<never>((_, reject) => child.once('exit', (code) => reject(new Error(`mosquitto exited (${code}): ${stderr}`))));
-    await Promise.race([waitForPort(this.port, 5000), exited]);
+    await Promise.race([waitForPort(this.port, 5000, 'mosquitto'), exited]);
     exited.catch(() => undefined);
   }
 
