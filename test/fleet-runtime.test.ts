@@ -56,8 +56,9 @@ t.test('a far slower version is rolled back on its p99 while frames keep flowing
   const { h, runtime, target } = await setup(t, { duration_s: 30, max_p99_factor: 3, min_requests: 30, max_error_rate: 0.01 });
   const frames = stream(runtime, 1);
   t.teardown(frames.stop);
-  while (target.versionHealth('cls', 1).requests < 100) await new Promise((r) => setTimeout(r, 20));
-  // The baseline is v1's p99 since it was activated: measured under the same load as v2 will be.
+  while (target.versionHealth('cls', 1).requests < 1000) await new Promise((r) => setTimeout(r, 20));
+  // The baseline is v1's p99 since it was activated, over enough frames that a few first-frame stalls (thread
+  // wake-ups, lazy allocation) do not set it.
   const m = h.manifest({ model: 'cls', version: 2, artifact: await h.artifact(classifier(HEAVY), 65536), chunkSize: 65536 });
   await h.publish('edge/devices/dev-1/deployments', m);
   const rolled = await h.manager.waitForState(m.deployment_id, 'rolled_back', 90_000);
