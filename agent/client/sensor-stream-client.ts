@@ -1,13 +1,8 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
-import { NATIVE_LOADER_OPTIONS, SENSOR_STREAM_PROTO } from '../server/index.js';
+import { dtypeFromWire, NATIVE_LOADER_OPTIONS, SENSOR_STREAM_PROTO, wireDType } from '../server/index.js';
 import { tensorBytes, viewBytes, type DType, type Tensor } from '../runtime/index.js';
 
-const WIRE: Record<DType, string> = {
-  float32: 'FLOAT32', float16: 'FLOAT16', float64: 'FLOAT64', int8: 'INT8', int16: 'INT16', int32: 'INT32', int64: 'INT64',
-  uint8: 'UINT8', uint16: 'UINT16', uint32: 'UINT32', uint64: 'UINT64', bool: 'BOOL',
-};
-const FROM_WIRE = Object.fromEntries(Object.entries(WIRE).map(([k, v]) => [v, k])) as Record<string, DType>;
 
 export type Qos = 'LOSSLESS' | 'LATEST_ONLY';
 export type ResultStatus = 'OK' | 'DROPPED' | 'INVALID_ARGUMENT' | 'DEADLINE_EXCEEDED' | 'UNAVAILABLE' | 'RESOURCE_EXHAUSTED' | 'INTERNAL' | 'FAILED_PRECONDITION';
@@ -53,7 +48,7 @@ export interface FrameToSend {
 interface WireTensor { name: string; dtype: string; shape: number[]; data: Buffer }
 
 function fromWire(t: WireTensor): Tensor {
-  const dtype = FROM_WIRE[t.dtype] as DType;
+  const dtype = dtypeFromWire(t.dtype) as DType;
   return { dtype, shape: t.shape, data: viewBytes(dtype, t.data) };
 }
 
@@ -64,7 +59,7 @@ export function encodeFrame(frame: FrameToSend): { frame: object } {
       seq: frame.seq,
       capture_time_us: frame.captureTimeUs ?? 0,
       deadline_us: frame.deadlineUs ?? 0,
-      inputs: Object.entries(frame.inputs).map(([name, t]) => ({ name, dtype: WIRE[t.dtype], shape: t.shape, data: tensorBytes(t) })),
+      inputs: Object.entries(frame.inputs).map(([name, t]) => ({ name, dtype: wireDType(t.dtype), shape: t.shape, data: tensorBytes(t) })),
     },
   };
 }
@@ -100,7 +95,7 @@ export class SensorStreamHandle {
           return;
         }
         const o = msg.opened as { model: string; model_version: number; inputs: WireTensor[]; outputs: WireTensor[]; execution_provider: string; variant: string; qos: Qos; max_in_flight: number; stateful: boolean };
-        const info = (l: WireTensor[]): { name: string; dtype: DType; shape: number[] }[] => l.map((x) => ({ name: x.name, dtype: FROM_WIRE[x.dtype] as DType, shape: x.shape }));
+        const info = (l: WireTensor[]): { name: string; dtype: DType; shape: number[] }[] => l.map((x) => ({ name: x.name, dtype: dtypeFromWire(x.dtype) as DType, shape: x.shape }));
         resolve(new SensorStreamHandle(call, {
           model: o.model, version: o.model_version, inputs: info(o.inputs), outputs: info(o.outputs), provider: o.execution_provider,
           variant: o.variant, qos: o.qos, maxInFlight: o.max_in_flight, stateful: o.stateful,

@@ -4,7 +4,7 @@ import { stringify } from 'yaml';
 import { InvalidInputError } from '../errors.js';
 import { MODEL_CONFIG_FILE, MODEL_FILE, type ActiveVersions, type ModelRepository } from '../models/index.js';
 import {
-  elementCount, isDType, viewBytes, type InferenceRequest, type InferenceResult, type InferenceRuntime, type LoadedModel, type RuntimeObserver, type Tensor, type TensorData,
+  allocate, elementCount, isDType, viewBytes, type InferenceRequest, type InferenceResult, type InferenceRuntime, type LoadedModel, type RuntimeObserver, type Tensor, type TensorData,
 } from '../runtime/index.js';
 import type { ActivationPhase, DeploymentTarget, JsonTensor, ModelVersions, ValidationSpec, VersionHealth } from './deployment-target.js';
 
@@ -40,8 +40,7 @@ export function tensorFromJson(name: string, t: JsonTensor): Tensor {
   if (typeof t.data === 'string') {
     data = viewBytes(t.dtype, Buffer.from(t.data, 'base64'));
   } else {
-    const Ctor = viewBytes(t.dtype, new Uint8Array(0)).constructor as new (n: number) => TensorData;
-    data = new Ctor(t.data.length);
+    data = allocate(t.dtype, t.data.length);
     t.data.forEach((v, i) => {
       (data as unknown as Record<number, number | bigint>)[i] = data instanceof BigInt64Array || data instanceof BigUint64Array ? BigInt(Number(v)) : Number(v);
     });

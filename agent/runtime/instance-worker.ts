@@ -2,8 +2,7 @@ import { parentPort, workerData } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
 import { errorMessage, ModelLoadError } from '../errors.js';
 import { createSession, type SessionRequest } from './session-factory.js';
-import { typedView } from './session-instance.js';
-import type { DType, TensorData } from './tensor.js';
+import { typedView, type DType, type TensorData } from './tensor.js';
 
 // One onnxruntime session per worker thread: `session.run` blocks its thread, never the agent's event loop.
 const port = parentPort;

@@ -2,7 +2,7 @@ import { Worker } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
 import { EdgeAgentError, InternalError, ModelLoadError, UnavailableError } from '../errors.js';
 import { createSession, type SessionRequest } from './session-factory.js';
-import { allocate, type DType, type TensorData } from './tensor.js';
+import { allocate, bytesPerElement, typedView, type DType, type TensorData } from './tensor.js';
 
 export interface FeedTensor {
   readonly dtype: DType;
@@ -78,15 +78,6 @@ type FromWorker =
   | { type: 'result'; id: number; outputs: { name: string; dtype: DType; dims: number[]; buffer: ArrayBuffer; byteOffset: number; length: number }[]; inputs: { name: string; buffer: ArrayBuffer }[] }
   | { type: 'error'; id: number; message: string; inputs: { name: string; buffer: ArrayBuffer }[] };
 
-const TYPED: Record<DType, new (b: ArrayBufferLike, o: number, l: number) => TensorData> = {
-  float32: Float32Array, float16: Uint16Array, float64: Float64Array, int8: Int8Array, int16: Int16Array, int32: Int32Array,
-  int64: BigInt64Array, uint8: Uint8Array, uint16: Uint16Array, uint32: Uint32Array, uint64: BigUint64Array, bool: Uint8Array,
-} as Record<DType, new (b: ArrayBufferLike, o: number, l: number) => TensorData>;
-
-export function typedView(dtype: DType, buffer: ArrayBufferLike, byteOffset: number, length: number): TensorData {
-  return new TYPED[dtype](buffer, byteOffset, length);
-}
-
 function workerUrl(): URL {
   // Under a TypeScript loader (tests) this module is a .ts file and so is its worker; compiled, both are .js.
   const ext = import.meta.url.endsWith('.ts') ? 'ts' : 'js';
@@ -152,7 +143,7 @@ class WorkerInstance implements SessionInstance {
   }
 
   inputBuffer(name: string, dtype: DType, length: number): TensorData {
-    const bytes = length * (TYPED[dtype] as unknown as { BYTES_PER_ELEMENT: number }).BYTES_PER_ELEMENT;
+    const bytes = length * bytesPerElement(dtype);
     let b = this.buffers.get(name);
     // Missing, too small, or detached (lost with a failed worker): allocate; otherwise reuse run after run.
     if (!b || b.byteLength < bytes) {

@@ -69,6 +69,11 @@ export function viewBytes(dtype: DType, bytes: Uint8Array): TensorData {
   return new ctor(copy.buffer, 0, length);
 }
 
+/** A typed array of `length` elements over `buffer` at `byteOffset` (no copy). */
+export function typedView(dtype: DType, buffer: ArrayBufferLike, byteOffset: number, length: number): TensorData {
+  return new CTORS[dtype](buffer, byteOffset, length);
+}
+
 /** The tensor's bytes as a Buffer over the same memory (no copy), ready for a protobuf `bytes` field. */
 export function tensorBytes(t: Tensor): Buffer {
   return Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);

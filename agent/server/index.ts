@@ -8,3 +8,4 @@ export { createKServeService } from './kserve-service.js';
 export { toGrpcStatus, toServiceError } from './status-map.js';
 export { PROTO_DIR } from './proto-path.js';
 export { serverCredentials } from './tls.js';
+export { wireDType, dtypeFromWire } from './native-codec.js';

@@ -26,6 +26,11 @@ export function wireDType(dtype: DType): string {
   return FROM_DTYPE[dtype];
 }
 
+/** An edge.v1.DataType name as the runtime's dtype; undefined when unset or unknown. */
+export function dtypeFromWire(name: string): DType | undefined {
+  return TO_DTYPE[name];
+}
+
 function toShape(name: string, shape: readonly (number | string)[]): number[] {
   return shape.map((d) => {
     const n = typeof d === 'number' ? d : Number(d);
