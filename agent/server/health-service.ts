@@ -45,8 +45,13 @@ export class HealthService {
 
   status(service: string): ServingStatus {
     if (service === '') return !this.shuttingDown && this.runtime.isReady() ? 'SERVING' : 'NOT_SERVING';
-    const model = this.runtime.listModels().find((m) => m.name === service);
-    if (!model) return 'SERVICE_UNKNOWN';
+    // modelInfo, not listModels: a health check must not rescan the repository on disk each time.
+    let model;
+    try {
+      model = this.runtime.modelInfo(service);
+    } catch {
+      return 'SERVICE_UNKNOWN';
+    }
     return !this.shuttingDown && model.state === 'READY' ? 'SERVING' : 'NOT_SERVING';
   }
 
