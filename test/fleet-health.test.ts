@@ -29,6 +29,8 @@ t.test('a version that fails its requests is rolled back automatically, with the
   const m = h.manifest({ model: 'cls', version: 2, artifact: await h.artifact(modelBytes(5000, 'ERRORS', 2)) });
   await h.publish('edge/devices/dev-1/deployments', m);
   const rolled = await h.manager.waitForState(m.deployment_id, 'rolled_back');
+  // The status can arrive before the next frame lands on v1; let one land before the traffic stops.
+  for (let i = 0; i < 250 && load.served.at(-1)?.version !== 1; i++) await new Promise((r) => setTimeout(r, 20));
   await load.stop();
   t.match(rolled.json?.reason, /^rolled back to version 1: error rate 100\.0% \(\d+\/\d+\) exceeds 5\.0%$/);
   t.match(rolled.json?.details, { rolled_back_to: 1, health: { error_rate: 1, max_error_rate: 0.05, min_requests: 20 } });
