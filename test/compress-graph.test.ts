@@ -11,7 +11,7 @@ import {
   makeNode, valueInfo,
 } from '../agent/compress/onnx-graph.js';
 import { upgradeOpset } from '../agent/compress/opset-upgrade.js';
-import { foldBatchNorms, prepareModel } from '../agent/compress/prepare-graph.js';
+import { foldAffineIntoConvs, foldBatchNorms, prepareModel } from '../agent/compress/prepare-graph.js';
 
 const work = mkdtempSync(join(tmpdir(), 'edge-agent-compress-graph-'));
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
@@ -106,6 +106,53 @@ t.test('prepare: Constant nodes become initializers and Conv→BatchNormalizatio
   const a = await runAll(await ort.InferenceSession.create(encodeModel(model)), samples);
   const b = await runAll(await ort.InferenceSession.create(encodeModel(prepared)), samples);
   t.ok(compareOutputs(a, b).maxAbsError < 1e-5);
+});
+
+t.test('prepare: constant Mul/Add after a Conv (PP-LCNet learnable affine) fold into its weights and bias exactly', async (t) => {
+  const w = Float32Array.from({ length: 3 * 2 * 3 * 3 }, (_, i) => Math.sin(i * 1.3));
+  const model = makeModel({
+    opset: 13,
+    graph: {
+      name: 'affine',
+      nodes: [
+        makeNode('Conv', ['x', 'w', 'b'], ['c'], { pads: attr.ints([1, 1, 1, 1]) }),
+        makeNode('Mul', ['scale', 'c'], ['m']), // paddle2onnx puts the constant first
+        makeNode('Add', ['m', 'shift'], ['a']),
+        makeNode('Conv', ['a', 'w2'], ['c2']),
+        makeNode('Mul', ['c2', 'rows'], ['y']), // varies along H: not a per-channel factor, must stay
+      ],
+      initializers: [
+        floatTensor('w', [3, 2, 3, 3], w), floatTensor('b', [3], [0.5, -1, 2]),
+        floatTensor('scale', [1], [-0.75]), floatTensor('shift', [1, 3, 1, 1], [1, 2, -3]),
+        floatTensor('w2', [2, 3, 1, 1], [1, -1, 0.5, 2, 0.25, -0.5]), floatTensor('rows', [1, 1, 4, 1], [1, 2, 3, 4]),
+      ],
+      inputs: [valueInfo('x', DataType.FLOAT, [1, 2, 4, 4])],
+      outputs: [valueInfo('y', DataType.FLOAT, [1, 2, 4, 4])],
+    },
+  });
+  const { model: prepared, notes } = prepareModel(model);
+  t.ok(notes.some((n) => n.includes('2 constant Mul/Add')), notes.join('; '));
+  t.same(prepared.graph!.node!.map((n) => n.opType), ['Conv', 'Conv', 'Mul'], 'the scale and shift are gone; the row factor stays');
+  t.equal(foldAffineIntoConvs(prepared), 0, 'nothing left to fold');
+  const samples = [feeds('x', [1, 2, 4, 4], 5), feeds('x', [1, 2, 4, 4], 6)];
+  const a = await runAll(await ort.InferenceSession.create(encodeModel(model)), samples);
+  const b = await runAll(await ort.InferenceSession.create(encodeModel(prepared)), samples);
+  t.ok(compareOutputs(a, b).maxAbsError < 1e-5, `max abs error ${compareOutputs(a, b).maxAbsError}`);
+});
+
+t.test('output cosine weighs samples by their energy: near-zero outputs (nothing detected) do not swamp it', async (t) => {
+  // Sample 1: a probability map with a detection, matched closely. Sample 2: the model sees nothing; both sides
+  // are rounding noise around 1e-7 whose own cosine is meaningless (here: negatively correlated).
+  const map = Float32Array.from({ length: 64 }, (_, i) => (i % 8 < 3 ? 0.9 : 1e-4));
+  const close = map.map((v, i) => v + (i % 2 ? 1e-3 : -1e-3));
+  const noiseA = Float32Array.from({ length: 64 }, (_, i) => (i % 2 ? 2e-7 : 1e-9));
+  const noiseB = Float32Array.from({ length: 64 }, (_, i) => (i % 2 ? 1e-9 : 2e-7));
+  const out = (d: Float32Array) => ({ y: { dims: [1, 64], data: d } });
+  const acc = compareOutputs([out(map), out(noiseA)], [out(close), out(noiseB)]);
+  t.ok(acc.cosine > 0.999, `cosine ${acc.cosine} reflects the sample that carries the signal`);
+  t.ok(acc.minSampleCosine < 0.1, `the worst single sample is still reported (${acc.minSampleCosine})`);
+  const wrong = compareOutputs([out(map)], [out(Float32Array.from(map, (v) => 0.9 - v))]);
+  t.ok(wrong.cosine < 0.5, `a wrong map still fails (${wrong.cosine})`);
 });
 
 t.test('element types are inferred through shape arithmetic, so int64 tensors are never quantized', async (t) => {

@@ -207,3 +207,29 @@ t.test('cross-layer equalization leaves the float function unchanged', async (t)
   const acc = compareOutputs(a, b);
   t.ok(acc.maxAbsError < 1e-4, `max abs error ${acc.maxAbsError}`);
 });
+
+t.test('plan: Mul/Add with the constant first and Div by a constant carry int8 between convs (hard-swish chains)', async (t) => {
+  // Conv → Mul(3, ·) → Div(·, 6) → Conv, as paddle2onnx writes PP-LCNet's scaled hard-swish: without flow ops
+  // there, the first Conv's output has no QuantizeLinear and onnxruntime cannot run it as QLinearConv.
+  const model = makeModel({
+    opset: 13,
+    graph: {
+      name: 'chain',
+      nodes: [
+        makeNode('Conv', ['x', 'w1'], ['c1'], {}, 'conv1'),
+        makeNode('Mul', ['three', 'c1'], ['m'], {}, 'mul'),
+        makeNode('Div', ['m', 'six'], ['d'], {}, 'div'),
+        makeNode('Conv', ['d', 'w2'], ['y'], {}, 'conv2'),
+      ],
+      initializers: [
+        floatTensor('w1', [2, 2, 1, 1], [1, 2, 3, 4]), floatTensor('w2', [2, 2, 1, 1], [1, -1, 2, 0.5]),
+        floatTensor('three', [], [3]), floatTensor('six', [], [6]),
+      ],
+      inputs: [valueInfo('x', DataType.FLOAT, [1, 2, 3, 3])],
+      outputs: [valueInfo('y', DataType.FLOAT, [1, 2, 3, 3])],
+    },
+  });
+  const plan = planQuantization(model);
+  t.same([...plan.compute].sort(), ['conv1', 'conv2']);
+  t.same([...plan.flow].sort(), ['div', 'mul'], 'the constant-first Mul and the Div join the int8 region');
+});

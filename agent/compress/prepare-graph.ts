@@ -1,7 +1,7 @@
-import { hoistConstants, indexGraph, nameNodes, pruneInitializers, requireGraph } from './graph-analysis.js';
+import { hoistConstants, indexGraph, nameNodes, pruneInitializers, requireGraph, uniqueNamer } from './graph-analysis.js';
 import { upgradeOpset } from './opset-upgrade.js';
 import {
-  decodeModel, encodeModel, floatTensor, getFloatAttribute, tensorDims, tensorToFloat32,
+  DataType, decodeModel, encodeModel, floatTensor, getFloatAttribute, tensorDims, tensorToFloat32,
   type ModelProto, type NodeProto,
 } from './onnx-graph.js';
 
@@ -33,9 +33,86 @@ export function prepareModel(source: ModelProto): PreparedModel {
   notes.push(...upgradeOpset(model, QDQ_MIN_OPSET));
   const folded = foldBatchNorms(model);
   if (folded > 0) notes.push(`${folded} BatchNormalization nodes folded into Conv weights`);
+  const affine = foldAffineIntoConvs(model);
+  if (affine > 0) notes.push(`${affine} constant Mul/Add nodes after a Conv folded into its weights and bias`);
   nameNodes(graph);
   pruneInitializers(graph);
   return { model, notes };
+}
+
+/**
+ * Per-output-channel factors (or one scalar) of a broadcast constant that a Conv's output is multiplied by or
+ * added to, or undefined when the constant does not broadcast that way (e.g. it varies along a spatial axis).
+ */
+function channelConstant(index: ReturnType<typeof indexGraph>, name: string, outRank: number, outCh: number): Float32Array | undefined {
+  const t = index.initializers.get(name);
+  if (!t || t.dataType !== DataType.FLOAT) return undefined;
+  const dims = tensorDims(t);
+  if (dims.length > outRank) return undefined;
+  const padded = [...new Array<number>(outRank - dims.length).fill(1), ...dims];
+  if (padded.some((d, i) => d !== 1 && !(i === 1 && d === outCh))) return undefined;
+  const values = tensorToFloat32(t);
+  if (values.length === outCh) return values;
+  return values.length === 1 ? new Float32Array(outCh).fill(values[0]!) : undefined;
+}
+
+/**
+ * Folds a Mul or Add by a constant (scalar or one value per output channel) that directly follows a Conv into
+ * the Conv's weights and bias — the "learnable affine" blocks of PP-LCNet/MobileOne backbones (paddle2onnx
+ * emits them as `Mul(scale, conv)` then `Add(·, bias)`). onnxruntime fuses these into the fp32 Conv itself;
+ * left in the int8 graph they would sit between the Conv and its QuantizeLinear, so the Conv could not run as
+ * QLinearConv and its raw output (channels an order of magnitude apart before the scale) would share one
+ * uint8 scale. Returns how many Mul/Add nodes were folded.
+ */
+export function foldAffineIntoConvs(model: ModelProto): number {
+  const graph = requireGraph(model);
+  const fresh = uniqueNamer(graph);
+  let folded = 0;
+  for (;;) {
+    const index = indexGraph(graph);
+    let changed: NodeProto | undefined;
+    for (const op of graph.node as NodeProto[]) {
+      if ((op.opType !== 'Mul' && op.opType !== 'Add') || (op.domain && op.domain !== 'ai.onnx') || op.input.length !== 2) continue;
+      const side = index.initializers.has(op.input[0] ?? '') ? 0 : 1;
+      const x = op.input[1 - side] ?? '';
+      const conv = index.producers.get(x);
+      if (!conv || conv.opType !== 'Conv' || (index.consumers.get(x)?.length ?? 0) !== 1 || index.graphOutputs.has(x)) continue;
+      const w = index.initializers.get(conv.input[1] ?? '');
+      if (!w || w.dataType !== DataType.FLOAT) continue;
+      const dims = tensorDims(w);
+      const outCh = dims[0] ?? 0;
+      const factors = channelConstant(index, op.input[side] ?? '', dims.length, outCh);
+      const biasInit = conv.input[2] ? index.initializers.get(conv.input[2]) : undefined;
+      if (!factors || (conv.input[2] && (!biasInit || biasInit.dataType !== DataType.FLOAT))) continue;
+      const bias = biasInit ? tensorToFloat32(biasInit) : new Float32Array(outCh);
+      const newB = new Float32Array(outCh);
+      let wName = conv.input[1] ?? '';
+      if (op.opType === 'Mul') {
+        const weights = tensorToFloat32(w);
+        const perCh = weights.length / outCh;
+        const newW = new Float32Array(weights.length);
+        for (let c = 0; c < outCh; c++) {
+          for (let j = 0; j < perCh; j++) newW[c * perCh + j] = weights[c * perCh + j]! * factors[c]!;
+          newB[c] = bias[c]! * factors[c]!;
+        }
+        wName = fresh(`${wName}_scaled`);
+        graph.initializer.push(floatTensor(wName, dims, newW));
+      } else {
+        for (let c = 0; c < outCh; c++) newB[c] = bias[c]! + factors[c]!;
+      }
+      const bName = fresh(`${conv.name || conv.output[0]}_bias_folded`);
+      graph.initializer.push(floatTensor(bName, [outCh], newB));
+      conv.input = [conv.input[0] ?? '', wName, bName];
+      conv.output = [op.output[0] ?? ''];
+      changed = op;
+      break;
+    }
+    if (!changed) break;
+    graph.node = (graph.node as NodeProto[]).filter((n) => n !== changed);
+    folded++;
+  }
+  if (folded > 0) pruneInitializers(graph);
+  return folded;
 }
 
 /** Folds BatchNormalization into the Conv feeding it when the Conv's output has no other reader. */

@@ -19,8 +19,9 @@ export const COMPUTE_OPS: ReadonlySet<string> = new Set(['Conv', 'MatMul', 'Gemm
 /** Ops that get QDQ on their inputs and outputs so int8 flows through them between compute ops. */
 export const FLOW_OPS: ReadonlySet<string> = new Set([
   'Add', 'Mul', 'MaxPool', 'AveragePool', 'GlobalAveragePool', 'Concat', 'Reshape', 'Transpose', 'Flatten',
-  'Squeeze', 'Unsqueeze', 'Resize', 'Sigmoid', 'LeakyRelu', 'Slice', 'Split',
+  'Squeeze', 'Unsqueeze', 'Resize', 'Sigmoid', 'LeakyRelu', 'Slice', 'Split', 'Div',
 ]);
+const COMMUTATIVE_OPS: ReadonlySet<string> = new Set(['Add', 'Mul']);
 /** Ops that only move or select values: their output reuses the input's scale, so onnxruntime drops the QDQ pair. */
 const SHARED_SCALE_OPS: ReadonlySet<string> = new Set(['Reshape', 'Transpose', 'Flatten', 'Squeeze', 'Unsqueeze', 'MaxPool', 'Slice', 'Split']);
 /** Activations a quantized producer absorbs: a uint8 range starting at 0 clamps exactly like them. */
@@ -117,7 +118,8 @@ function isComputeCandidate(node: NodeProto, index: GraphIndex, types: Map<strin
 
 function isFlowCandidate(node: NodeProto, index: GraphIndex, types: Map<string, number>): boolean {
   if (!FLOW_OPS.has(node.opType ?? '') || (node.domain && node.domain !== 'ai.onnx')) return false;
-  const x = node.input[0] ?? '';
+  // Add and Mul commute: exporters put a constant operand first as often as second.
+  const x = (COMMUTATIVE_OPS.has(node.opType ?? '') ? node.input.find((i) => i && !index.initializers.has(i)) : node.input[0]) ?? '';
   if (types.get(x) !== DataType.FLOAT || index.initializers.has(x)) return false;
   return (node.output ?? []).filter(Boolean).every((o) => types.get(o) === DataType.FLOAT);
 }
