@@ -1,4 +1,5 @@
 import t from 'tap';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
@@ -462,33 +463,39 @@ t.test('ModelStatistics and RepositoryIndex', async (t) => {
 });
 
 t.test('RepositoryModelUnload lets in-flight requests finish; RepositoryModelLoad brings the model back', async (t) => {
-  const rt = await startRuntime(t, copyDemoRepo(t, ['tiny', 'types']));
+  // The classifier (milliseconds a run, in a worker, one frame a run) keeps requests in flight long enough.
+  const repo = copyDemoRepo(t, ['classifier', 'types']);
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'max_batch_size: 32\ndynamic_batching: { enabled: false }\n');
+  const rt = await startRuntime(t, repo, { execution: 'worker' });
   const hh = await serve(t, rt);
-  const x = randomFloats(1024, seeded(17));
-  const req = { model_name: 'tiny', inputs: [{ name: 'x', datatype: 'FP32', shape: [1, 1024] }], raw_input_contents: [bytesOf(x)] };
+  const x = randomFloats(3 * 112 * 112, seeded(17));
+  const req = { model_name: 'classifier', inputs: [{ name: 'image', datatype: 'FP32', shape: [1, 3, 112, 112] }], raw_input_contents: [bytesOf(x)] };
   const inflight = Array.from({ length: 8 }, () => hh.call('ModelInfer', req));
-  while (rt.inFlight() < 8) await new Promise((r) => setImmediate(r));
-  await hh.call('RepositoryModelUnload', { model_name: 'tiny' });
+  const answered = (): number => rt.statistics('classifier')[0]?.success.count ?? 0;
+  while (rt.inFlight() + answered() < 8) await new Promise((r) => setImmediate(r));
+  const inFlightAtUnload = rt.inFlight();
+  await hh.call('RepositoryModelUnload', { model_name: 'classifier' });
+  t.ok(inFlightAtUnload > 0, `the unload came with requests in flight (${inFlightAtUnload})`);
   const done = await Promise.allSettled(inflight);
   t.same(done.map((d) => d.status), Array(8).fill('fulfilled'), 'requests accepted before the unload were answered');
 
-  t.same(await hh.call('ModelReady', { name: 'tiny' }), { ready: false });
+  t.same(await hh.call('ModelReady', { name: 'classifier' }), { ready: false });
   const unavailable = await rejection(hh.call('ModelInfer', req));
   t.equal(unavailable.code, grpc.status.UNAVAILABLE);
-  t.match(unavailable.details, /tiny/);
-  t.equal((await rejection(hh.call('ModelMetadata', { name: 'tiny' }))).code, grpc.status.UNAVAILABLE);
+  t.match(unavailable.details, /classifier/);
+  t.equal((await rejection(hh.call('ModelMetadata', { name: 'classifier' }))).code, grpc.status.UNAVAILABLE);
   const index = (await hh.call('RepositoryIndex', {}))['models'] as Msg[];
-  t.same(index.map((m) => [m['name'], m['state']]), [['tiny', 'UNAVAILABLE'], ['types', 'READY']]);
+  t.same(index.map((m) => [m['name'], m['state']]), [['classifier', 'UNAVAILABLE'], ['types', 'READY']]);
   t.same(((await hh.call('RepositoryIndex', { ready: true }))['models'] as Msg[]).map((m) => m['name']), ['types']);
 
-  await hh.call('RepositoryModelLoad', { model_name: 'tiny' });
-  t.same(await hh.call('ModelReady', { name: 'tiny' }), { ready: true });
+  await hh.call('RepositoryModelLoad', { model_name: 'classifier' });
+  t.same(await hh.call('ModelReady', { name: 'classifier' }), { ready: true });
   const res = await hh.call('ModelInfer', req);
-  const want = await direct('tiny', { x: new ort.Tensor('float32', x, [1, 1024]) });
-  t.ok(maxAbsDiff(floats(res['raw_output_contents'][0]), want['y']!.data as Float32Array) < 1e-5, 'serves again after the load');
+  const want = await direct('classifier', { image: new ort.Tensor('float32', x, [1, 3, 112, 112]) });
+  t.ok(maxAbsDiff(floats(res['raw_output_contents'][0]), want['logits']!.data as Float32Array) < 1e-5, 'serves again after the load');
 
   t.equal((await rejection(hh.call('RepositoryModelLoad', { model_name: 'nope' }))).code, grpc.status.NOT_FOUND);
-  const override = await rejection(hh.call('RepositoryModelLoad', { model_name: 'tiny', parameters: { config: { string_param: '{}' } } }));
+  const override = await rejection(hh.call('RepositoryModelLoad', { model_name: 'classifier', parameters: { config: { string_param: '{}' } } }));
   t.equal(override.code, grpc.status.INVALID_ARGUMENT);
   t.match(override.details, /'config' is not supported/);
   t.equal((await rejection(hh.call('RepositoryModelUnload', { model_name: '' }))).code, grpc.status.INVALID_ARGUMENT);
