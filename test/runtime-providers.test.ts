@@ -1,13 +1,15 @@
 import t from 'tap';
 import { readFileSync, writeFileSync, readdirSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { runtimeSchema } from '../agent/config/schema.js';
 import { ModelRepository } from '../agent/models/index.js';
 import { InferenceRuntime, createSession, type Tensor } from '../agent/runtime/index.js';
+import { directBinding, openOrtSession } from '../agent/runtime/ort-session.js';
 import { buildTiny } from '../scripts/demo-models.js';
-import { copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
+import { DEMO_REPO, copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
 
 function capturingLogger(): { log: pino.Logger; lines: () => Record<string, unknown>[] } {
   const out: string[] = [];
@@ -47,6 +49,24 @@ t.test('a truncated model file is reported with name, path and onnxruntime\'s me
   const rt = await startRuntime(t, repo);
   t.match(rt.modelInfo('tiny').reason, new RegExp(`model 'tiny' \\(${file.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}\\) failed to load: .*cpu: .*(?:protobuf|parse|Protobuf)`, 'i'));
   t.equal(rt.modelInfo('filter').state, 'READY');
+});
+
+t.test('sessions open through onnxruntime-node\'s native binding with the metadata its public API reports', async (t) => {
+  t.ok(directBinding, 'the binding loads, so runs are synchronous (no setImmediate per frame)');
+  const ort = await import('onnxruntime-node');
+  for (const model of ['tiny', 'types', 'filter']) {
+    const path = join(DEMO_REPO, model, '1', 'model.onnx');
+    const viaBinding = await openOrtSession(path, {});
+    const viaApi = await ort.InferenceSession.create(path);
+    t.same(viaBinding.inputMetadata, viaApi.inputMetadata, `${model}: inputs`);
+    t.same(viaBinding.outputMetadata, viaApi.outputMetadata, `${model}: outputs`);
+    await viaBinding.release();
+    await viaApi.release();
+  }
+  const bad = await openOrtSession(join(DEMO_REPO, 'tiny', '1', 'model.onnx'), {});
+  const { Tensor: OrtTensor } = await import('onnxruntime-node');
+  t.throws(() => bad.run({ x: new OrtTensor('float32', new Float32Array(7), [1, 7]) }), /dimension|shape|Got/i, 'a bad feed is an exception, not a crash');
+  await bad.release();
 });
 
 t.test('the optimised graph is cached, reused, and rebuilt when the model changes', async (t) => {
@@ -122,6 +142,61 @@ t.test('execution auto: fast models stay on the event loop, slow ones get worker
   const ready = Object.fromEntries(lines().filter((l) => l.msg === 'model ready').map((l) => [l.model as string, l.execution]));
   t.equal(ready.tiny, 'inline', 'tiny (tens of µs a run) runs inline');
   t.equal(ready.classifier, 'worker', 'the classifier (milliseconds a run) gets a worker thread');
+  t.equal(ready.classifier, 'worker', 'the classifier (milliseconds a run) gets a worker thread');
   const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.5) };
   t.same((await rt.submit('tiny', undefined, { inputs: { x } })).outputs.y?.shape, [1, 16]);
+});
+
+t.test('intra-op threads: a model config sets them; several instances split the cores when it does not', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny', 'classifier']);
+  writeFileSync(join(repo, 'tiny', 'config.yaml'), 'max_batch_size: 32\nintra_op_threads: 1\n');
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'max_batch_size: 32\ninstance_count: 2\n');
+  const { log, lines } = capturingLogger();
+  const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'worker' });
+  const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir: tempDir(t), log });
+  await rt.start();
+  t.teardown(() => rt.close());
+  const threads = Object.fromEntries(lines().filter((l) => l.msg === 'model ready').map((l) => [l.model as string, l.intra_op_threads]));
+  t.equal(threads.tiny, 1, 'the model config\'s intra_op_threads is used');
+  t.equal(threads.classifier, Math.max(1, Math.floor(availableParallelism() / 2)), 'two instances share the cores');
+  const x: Tensor = { dtype: 'float32', shape: [1, 3, 112, 112], data: new Float32Array(3 * 112 * 112).fill(0.25) };
+  const [a, b] = await Promise.all([rt.submit('classifier', undefined, { inputs: { image: x } }), rt.submit('classifier', undefined, { inputs: { image: x } })]);
+  t.same(Array.from(a.outputs.logits?.data as Float32Array), Array.from(b.outputs.logits?.data as Float32Array), 'both instances compute the same');
+});
+
+t.test('execution auto remembers where each model ran: the next start opens it there without measuring', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny', 'classifier']);
+  const dataDir = tempDir(t);
+  const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto' });
+  const start = async (): Promise<Record<string, Record<string, unknown>>> => {
+    const { log, lines } = capturingLogger();
+    const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir, log });
+    await rt.start();
+    const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.5) };
+    t.same((await rt.submit('tiny', undefined, { inputs: { x } })).outputs.y?.shape, [1, 16]);
+    await rt.close();
+    return Object.fromEntries(lines().filter((l) => l.msg === 'model ready').map((l) => [l.model as string, l]));
+  };
+  const first = await start();
+  t.equal(first.tiny?.placement_cached, false, 'first start measures');
+  t.equal(first.classifier?.placement_cached, false);
+  const second = await start();
+  for (const m of ['tiny', 'classifier']) {
+    t.equal(second[m]?.placement_cached, true, `${m}: the second start uses what the first measured`);
+    t.equal(second[m]?.execution, first[m]?.execution, `${m}: same place`);
+    t.equal(second[m]?.intra_op_threads, first[m]?.intra_op_threads, `${m}: same threads`);
+  }
+  // A damaged record is measured again, not trusted.
+  const dir = join(dataDir, 'cache', 'placement');
+  for (const f of readdirSync(dir)) writeFileSync(join(dir, f), '{"provider":"cpu","execution":"sideways"');
+  const third = await start();
+  t.equal(third.tiny?.placement_cached, false, 'an unreadable record is ignored and the model measured again');
+  t.equal(third.tiny?.execution, first.tiny?.execution);
+  // A changed model file is a different key: measured again.
+  const model = join(repo, 'tiny', '1', 'model.onnx');
+  const bytes = readFileSync(model);
+  const mid = bytes.length >> 1;
+  bytes[mid] = (bytes[mid] as number) ^ 1;
+  writeFileSync(model, bytes);
+  t.equal((await start()).tiny?.placement_cached, false, 'a changed model is measured again');
 });

@@ -1,4 +1,5 @@
 import t from 'tap';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { DeadlineExceededError, FrameDroppedError, InvalidInputError, ModelNotFoundError, FailedPreconditionError } from '../agent/errors.js';
@@ -60,6 +61,54 @@ t.test('concurrent frames batch into one run and each gets its own rows', async 
   const stats = rt.statistics('tiny')[0];
   t.equal(stats?.inferenceCount, 24);
   t.ok((stats?.executionCount ?? 0) < 24, 'fewer executions than frames');
+});
+
+t.test('an inline model batches frames that several streams deliver together, and runs a lone stream\'s frame at once', async (t) => {
+  const order: string[] = [];
+  const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']), { execution: 'inline' }, { onExecution: (e) => order.push(`run b${e.batchSize}`) });
+  const rnd = seeded(4);
+  // Two streams' frames submitted in one I/O callback, as HTTP/2 delivers them. The first pair shows the model
+  // that several streams feed it (its first frame has already run alone by then); from the next pair on, one run.
+  const a = {};
+  const b = {};
+  const pair = () => Promise.all([
+    rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1024], rnd) }, streamKey: a }),
+    rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1024], rnd) }, streamKey: b }),
+  ]);
+  await pair();
+  t.same((await pair()).map((r) => r.batchSize), [2, 2], 'frames of two streams arriving together ran as one batch');
+  // One stream alone, once the other has gone quiet: its frame runs before the event loop turns.
+  await new Promise((r) => setTimeout(r, 50));
+  for (let i = 0; i < 3; i++) {
+    order.length = 0;
+    setImmediate(() => order.push('next loop turn'));
+    const r = await rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1024], rnd) }, streamKey: a });
+    t.equal(r.batchSize, 1);
+    await new Promise((resolve) => setImmediate(resolve));
+    t.same(order, ['run b1', 'next loop turn'], `lone frame ${i} ran without waiting for the event loop`);
+  }
+});
+
+t.test('max_queue_delay_us waits for frames of active streams, never for frames no stream will send', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny']);
+  // A delay far beyond any run: a frame that waited it out would show it in its queue time.
+  writeFileSync(join(repo, 'tiny', 'config.yaml'), 'max_batch_size: 32\ndynamic_batching: { max_queue_delay_us: 2000000, preferred_batch_sizes: [4] }\n');
+  const rt = await startRuntime(t, repo);
+  const rnd = seeded(5);
+  const frame = (key: object) => rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1024], rnd) }, streamKey: key });
+  const lone = {};
+  for (let i = 0; i < 3; i++) {
+    const r = await frame(lone);
+    t.ok(r.timings.queueUs < 1_000_000, `a lone stream's frame ${i} did not wait for a batch nobody would fill (queued ${Math.round(r.timings.queueUs)} µs)`);
+  }
+  const streams = [{}, {}, {}, {}];
+  const round = () => Promise.all(streams.map(async (key, i) => {
+    await new Promise((r) => setTimeout(r, 3 * i)); // frames of four streams, a few ms apart
+    return frame(key);
+  }));
+  await round(); // the model learns that four streams feed it
+  const second = await round();
+  t.same(second.map((r) => r.batchSize), [4, 4, 4, 4], 'the first frame waited for the other three streams: one run of four');
 });
 
 t.test('frames whose shapes cannot stack run alone', async (t) => {

@@ -34,6 +34,9 @@ export const modelConfigSchema = z.strictObject({
     })
     .optional(),
   instance_count: z.number().int().min(1).max(16).default(1),
+  /** onnxruntime intra-op threads of each instance (overrides runtime.provider_options.intra_op_threads).
+   * Unset with several instances: the CPU's cores are split between them. */
+  intra_op_threads: z.number().int().min(0).max(256).optional(),
   execution_providers: z.array(z.enum(EXECUTION_PROVIDERS)).min(1).optional(),
   graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).optional(),
   state: z.array(stateSchema).default([]),

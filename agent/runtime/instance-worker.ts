@@ -1,6 +1,7 @@
 import { parentPort, workerData } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
 import { errorMessage, ModelLoadError } from '../errors.js';
+import type { OrtSession } from './ort-session.js';
 import { createSession, type SessionRequest } from './session-factory.js';
 import { typedView, type DType, type TensorData } from './tensor.js';
 
@@ -16,7 +17,7 @@ interface RunMessage {
 
 async function main(): Promise<void> {
   const request = (workerData as { request: SessionRequest }).request;
-  let session: ort.InferenceSession;
+  let session: OrtSession;
   try {
     const created = await createSession(request);
     session = created.session;
@@ -40,7 +41,7 @@ async function main(): Promise<void> {
     for (const f of m.feeds) feeds[f.name] = new ort.Tensor(f.dtype, typedView(f.dtype, f.buffer, f.byteOffset, f.length) as ort.Tensor.DataType, f.dims);
     // The input buffers go back with the answer so the main thread reuses them for the next batch.
     const inputs = m.feeds.map((f) => ({ name: f.name, buffer: f.buffer }));
-    session.run(feeds).then(
+    Promise.resolve().then(() => session.run(feeds)).then(
       (out) => {
         const outputs = [];
         const transfer: ArrayBuffer[] = inputs.map((i) => i.buffer);

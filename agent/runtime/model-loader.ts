@@ -1,10 +1,13 @@
-import { randomFillSync } from 'node:crypto';
+import { createHash, randomFillSync } from 'node:crypto';
+import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { availableParallelism, cpus } from 'node:os';
+import { dirname, join } from 'node:path';
 import type { ProviderOptions, ExecutionProviderName } from '../config/index.js';
 import { errorMessage, ModelLoadError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { ModelConfig, ModelEntry, ModelVersionEntry } from '../models/index.js';
 import type { LoadedModel } from './model-scheduler.js';
-import type { GraphOptimizationLevel } from './session-factory.js';
+import { ORT_VERSION, type GraphOptimizationLevel } from './session-factory.js';
 import { createInstance, type ExecutionMode, type FeedTensor, type SessionInstance, type ValueInfo } from './session-instance.js';
 import { allocate, elementCount, isDType, type TensorSpec } from './tensor.js';
 import type { StateSpec } from './types.js';
@@ -24,6 +27,8 @@ export interface LoaderDefaults {
 export type VariantChooser = (args: { provider: string; version: ModelVersionEntry; config: ModelConfig }) => 'fp32' | 'int8' | 'fp16';
 
 const DEFAULT_MAX_BATCH = 32;
+/** Runs timed per size when `auto` decides where a model runs and with how many threads. */
+const TIMED_RUNS = 7;
 
 function specsFrom(model: string, path: string, meta: readonly ValueInfo[], kind: string): TensorSpec[] {
   return meta.map((m) => {
@@ -75,6 +80,45 @@ function warmupFeeds(
   return feeds;
 }
 
+interface Placement {
+  readonly provider: ExecutionProviderName;
+  readonly execution: ExecutionMode;
+  readonly intraOpThreads: number;
+}
+
+/** Everything the measured placement depends on: the files, the settings that shape it, and this machine. */
+function placementKey(version: ModelVersionEntry, providers: readonly ExecutionProviderName[], config: ModelConfig, defaults: LoaderDefaults, threads: number): string {
+  const h = createHash('sha256');
+  for (const file of Object.values(version.variants).sort()) h.update(readFileSync(file as string));
+  h.update(JSON.stringify({
+    providers, ort: ORT_VERSION, level: config.graph_optimization ?? defaults.graphOptimization, threads,
+    instances: config.instance_count, inlineMaxRunUs: defaults.inlineMaxRunUs, maxBatch: config.max_batch_size,
+    batching: config.dynamic_batching?.enabled, warmup: config.warmup, cpu: cpus()[0]?.model, cores: availableParallelism(),
+  }));
+  return h.digest('hex').slice(0, 32);
+}
+
+function readPlacement(file: string): Placement | undefined {
+  try {
+    const p = JSON.parse(readFileSync(file, 'utf8')) as Partial<Placement>;
+    if (typeof p.provider !== 'string' || (p.execution !== 'inline' && p.execution !== 'worker') || typeof p.intraOpThreads !== 'number') return undefined;
+    return p as Placement;
+  } catch {
+    return undefined; // none yet, or unreadable: measure again
+  }
+}
+
+function storePlacement(file: string, p: Placement): void {
+  try {
+    mkdirSync(dirname(file), { recursive: true });
+    const tmp = `${file}.tmp-${process.pid}`;
+    writeFileSync(tmp, JSON.stringify(p));
+    renameSync(tmp, file);
+  } catch {
+    // A read-only or full data dir costs the next start its measuring, nothing else.
+  }
+}
+
 export interface LoadOutcome {
   readonly model: LoadedModel;
   readonly graphCache: string;
@@ -82,6 +126,10 @@ export interface LoadOutcome {
   readonly warmupMs: number;
   /** Where the instances run (what `auto` chose). */
   readonly execution: ExecutionMode;
+  /** onnxruntime intra-op threads of each instance; 0: onnxruntime's default (a thread per core). */
+  readonly intraOpThreads: number;
+  /** `auto` placed the model from what an earlier start measured (the placement cache). */
+  readonly placementCached: boolean;
 }
 
 /**
@@ -97,8 +145,13 @@ export async function loadModelVersion(
   const fp32Path = versionEntry.variants.fp32 ?? Object.values(versionEntry.variants)[0] as string;
 
   const instances: SessionInstance[] = [];
-  const request = (path: string, providerList: LoaderDefaults['providers']) => ({
-    model: entry.name, path, providers: providerList, providerOptions: defaults.providerOptions,
+  const configuredThreads = config.intra_op_threads ?? defaults.providerOptions.intra_op_threads;
+  // Several instances each with onnxruntime's default pool (a thread per core) would oversubscribe the CPU and
+  // fight over it; unless told otherwise, each gets its share of the cores.
+  const instanceThreads = configuredThreads > 0 || config.instance_count === 1 ? configuredThreads
+    : Math.max(1, Math.floor(availableParallelism() / config.instance_count));
+  const request = (path: string, providerList: LoaderDefaults['providers'], intraOpThreads = instanceThreads) => ({
+    model: entry.name, path, providers: providerList, providerOptions: { ...defaults.providerOptions, intra_op_threads: intraOpThreads },
     graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
     ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir } : {}),
   });
@@ -106,8 +159,24 @@ export async function loadModelVersion(
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
     // `auto` loads and warms in worker threads first: a slow model (or a new version loading while the old one
     // serves) must never block the event loop, even once. It moves inline only if warm-up shows it is fast.
-    const firstMode: ExecutionMode = defaults.execution === 'auto' ? 'worker' : defaults.execution;
-    const probe = await createInstance(request(fp32Path, providers), firstMode);
+    // A start that finds what an earlier load of these same files on this machine measured (provider, where
+    // the model runs, its threads) opens the model there at once, skipping the probing and timing. Only a
+    // restart can hit: a new version is new bytes, so it is always probed in a worker first.
+    const placementFile = defaults.execution === 'auto' && defaults.cacheDir
+      ? join(defaults.cacheDir, 'placement', `${entry.name}-${placementKey(versionEntry, providers, config, defaults, instanceThreads)}.json`)
+      : undefined;
+    let placed = placementFile ? readPlacement(placementFile) : undefined;
+    let firstMode: ExecutionMode = placed?.execution ?? (defaults.execution === 'auto' ? 'worker' : defaults.execution);
+    let probe: SessionInstance;
+    try {
+      probe = await createInstance(request(fp32Path, placed ? [placed.provider] : providers, placed?.intraOpThreads), firstMode);
+    } catch (err) {
+      if (!placed) throw err;
+      // The recorded provider no longer opens (a GPU gone): place the model from scratch.
+      placed = undefined;
+      firstMode = 'worker';
+      probe = await createInstance(request(fp32Path, providers), firstMode);
+    }
     const provider = probe.info.provider;
     if (probe.info.skipped.length > 0) log.info({ model: entry.name, provider, skipped: probe.info.skipped }, 'execution providers skipped before the one that serves');
     let variant: 'fp32' | 'int8' | 'fp16' = 'fp32';
@@ -123,7 +192,7 @@ export async function loadModelVersion(
       instances.push(probe);
     }
     while (instances.length < config.instance_count) {
-      const s = await createInstance(request(path, [provider]), firstMode);
+      const s = await createInstance(request(path, [provider], placed?.intraOpThreads), firstMode);
       if (instances.length === 0) graphCache = s.info.graphCache;
       instances.push(s);
     }
@@ -152,33 +221,75 @@ export async function loadModelVersion(
     };
     const t0 = performance.now();
     const sizes = batching ? [1, configured] : [1];
-    /** Warms every instance; returns the slowest run of the last round (the first pays lazy initialisation). */
-    const warm = async (): Promise<number> => {
-      let slowestUs = 0;
-      for (const instance of instances) {
-        for (let r = 0; r < config.warmup.runs; r++) {
-          for (const rows of sizes) {
-            const t = performance.now();
-            await instance.run(warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill, config.warmup.shapes));
-            if (r === config.warmup.runs - 1) slowestUs = Math.max(slowestUs, (performance.now() - t) * 1000);
-          }
-        }
+    const feedsFor = (rows: number): Record<string, FeedTensor> =>
+      warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill, config.warmup.shapes);
+    const warm = async (list: readonly SessionInstance[]): Promise<void> => {
+      for (const instance of list) {
+        for (let r = 0; r < config.warmup.runs; r++) for (const rows of sizes) await instance.run(feedsFor(rows));
       }
-      return slowestUs;
     };
-    const slowestUs = await warm();
+    /**
+     * A warm instance's typical run: the median of a few, at each warm-up size (smallest first), the slowest
+     * size counting. Stops at the first size already over `stopAboveUs`: the answer is known.
+     */
+    const typicalRunUs = async (instance: SessionInstance, at: readonly number[] = sizes, stopAboveUs = Infinity): Promise<number> => {
+      let worst = 0;
+      for (const rows of at) {
+        if (worst > stopAboveUs) break;
+        const feeds = feedsFor(rows);
+        const times: number[] = [];
+        for (let i = 0; i < TIMED_RUNS; i++) {
+          const t = performance.now();
+          await instance.run(feeds);
+          times.push((performance.now() - t) * 1000);
+        }
+        times.sort((a, b) => a - b);
+        worst = Math.max(worst, times[times.length >> 1] as number);
+      }
+      return worst;
+    };
+    await warm(instances);
     let execution = firstMode;
+    let intraOpThreads = instanceThreads;
     // Timed in the worker, so a run's time includes the thread hop: a model under the threshold even with it is
-    // certainly fast enough to run on the event loop, where the hop is saved.
-    if (defaults.execution === 'auto' && config.warmup.runs > 0 && slowestUs <= defaults.inlineMaxRunUs) {
+    // certainly fast enough to run on the event loop, where the hop is saved. A median, not one warm-up run:
+    // a model that loads while others load and warm would otherwise be judged on their noise.
+    if (placed) {
+      execution = placed.execution;
+      intraOpThreads = placed.intraOpThreads;
+    } else if (defaults.execution === 'auto' && config.warmup.runs > 0
+      && await typicalRunUs(instances[0] as SessionInstance, sizes, defaults.inlineMaxRunUs) <= defaults.inlineMaxRunUs) {
       const workers = instances.splice(0);
       await Promise.all(workers.map((s) => s.release()));
-      // The graph cache makes the second open cheap; warming a fast model inline takes microseconds.
-      for (let i = 0; i < config.instance_count; i++) instances.push(await createInstance(request(path, [provider]), 'inline'));
-      await warm();
+      // onnxruntime's default intra-op pool fans each run out to a thread per core, and with spinning off every
+      // run pays for waking them: on a short model that costs more than it saves (the 4 KiB demo MLP ran 77 µs
+      // a frame in the agent on the pool, 41 µs on one thread). Unless the config sets the thread count, both
+      // are measured at batch 1 (a lone frame's latency is what inline execution is for) and the faster is kept.
+      // The graph cache makes the extra open cheap.
+      const candidates = instanceThreads > 0 ? [instanceThreads] : [0, 1];
+      let best: { instance: SessionInstance; threads: number; us: number } | undefined;
+      for (const threads of candidates) {
+        const instance = await createInstance(request(path, [provider], threads), 'inline');
+        await warm([instance]);
+        const us = candidates.length > 1 ? await typicalRunUs(instance, [1]) : 0;
+        if (!best || us < best.us) {
+          await best?.instance.release();
+          best = { instance, threads, us };
+        } else {
+          await instance.release();
+        }
+      }
+      const chosen = best as { instance: SessionInstance; threads: number };
+      instances.push(chosen.instance);
+      while (instances.length < config.instance_count) instances.push(await createInstance(request(path, [provider], chosen.threads), 'inline'));
+      await warm(instances.slice(1));
       execution = 'inline';
+      intraOpThreads = chosen.threads;
     }
-    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution };
+    if (placementFile && !placed && defaults.execution === 'auto' && config.warmup.runs > 0) {
+      storePlacement(placementFile, { provider, execution, intraOpThreads });
+    }
+    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution, intraOpThreads, placementCached: placed !== undefined };
   } catch (err) {
     await Promise.all(instances.map((s) => s.release().catch(() => undefined)));
     if (err instanceof ModelLoadError) throw err;

@@ -58,6 +58,12 @@ interface Instance {
 
 const NS_PER_US = 1000;
 
+/**
+ * Frames from two sources (streams, or unary requests) this close together mean several are feeding the model;
+ * for this long after, a synchronous instance waits one event-loop turn before forming its batch (see `pump`).
+ */
+const CONCURRENT_SOURCES_WINDOW_MS = 5;
+
 function zeroStats(): { count: number; ns: number } {
   return { count: 0, ns: 0 };
 }
@@ -77,6 +83,14 @@ export class ModelScheduler {
   private accepting = true;
   private drainWaiters: (() => void)[] = [];
   private delayTimer: NodeJS.Timeout | undefined;
+  private dispatchImmediate: NodeJS.Immediate | undefined;
+  private lastSource: object | undefined;
+  /** Sources (streams, unary requests) by when they last submitted, pruned to recent ones. */
+  private readonly sourcesSeen = new Map<object, number>();
+  private lastExecutionMs = 0;
+  private lastSubmitAt = -Infinity;
+  /** When a frame last arrived hard on the heels of one from another source. */
+  private otherSourceAt = -Infinity;
   private readonly stats = {
     lastInference: 0, inferenceCount: 0, executionCount: 0,
     success: zeroStats(), fail: zeroStats(), queue: zeroStats(),
@@ -143,6 +157,12 @@ export class ModelScheduler {
       }
       this.queue.push(pending);
       this.live++;
+      const source = key ?? pending;
+      if (source !== this.lastSource && pending.enqueuedAt - this.lastSubmitAt < CONCURRENT_SOURCES_WINDOW_MS) this.otherSourceAt = pending.enqueuedAt;
+      this.lastSource = source;
+      this.lastSubmitAt = pending.enqueuedAt;
+      this.sourcesSeen.delete(source); // re-inserted last: the map stays ordered oldest first
+      this.sourcesSeen.set(source, pending.enqueuedAt);
       this.pump();
     });
   }
@@ -160,8 +180,29 @@ export class ModelScheduler {
     this.notifyDrained();
   }
 
-  /** Assigns queued requests to idle instances, forming batches; called whenever either changes. */
+  /**
+   * Assigns queued requests to idle instances, forming batches; called whenever either changes.
+   *
+   * An inline instance runs synchronously: started at once, a frame runs alone while the frames that other
+   * streams delivered in the same I/O phase wait behind it, each then running alone too — no batch ever forms.
+   * So while frames from several sources are arriving, dispatch waits for the end of the I/O phase
+   * (setImmediate) and takes them all as one batch. A lone stream gains nothing from waiting and its frame
+   * starts at once, which is what single-stream latency needs.
+   */
   private pump(): void {
+    if (this.dispatchImmediate) return;
+    const concurrent = performance.now() - this.otherSourceAt < CONCURRENT_SOURCES_WINDOW_MS;
+    if (concurrent && this.accepting && this.model.maxBatchSize > 1 && this.instances.some((i) => !i.busy && i.session.synchronous)) {
+      this.dispatchImmediate = setImmediate(() => {
+        this.dispatchImmediate = undefined;
+        this.dispatch();
+      });
+      return;
+    }
+    this.dispatch();
+  }
+
+  private dispatch(): void {
     for (;;) {
       const instance = this.instances.find((i) => !i.busy);
       if (!instance || this.live === 0) return;
@@ -206,7 +247,7 @@ export class ModelScheduler {
       const preferred = this.batching.preferredBatchSizes;
       const target = preferred.length > 0 ? Math.max(...preferred) : max;
       const waitedUs = (now - (batch[0] as Pending).enqueuedAt) * 1000;
-      if (rows < target && waitedUs < delayUs) {
+      if (rows < target && waitedUs < delayUs && this.activeSources(now, delayUs) > batch.length) {
         // Not full yet and the oldest frame may still wait: leave everything queued and come back.
         this.queue = this.queue.filter((p) => !p.cancelled);
         if (!this.delayTimer) {
@@ -218,6 +259,20 @@ export class ModelScheduler {
     this.queue = remaining;
     for (const p of batch) p.started = true;
     return batch;
+  }
+
+  /**
+   * Sources that submitted within the last two runs (and the queue delay): the frames a batch may still
+   * expect. A frame waits for a fuller batch only while some of them have nothing in it yet — a lone stream,
+   * or streams all already in the batch, never wait out `max_queue_delay_us` for frames nobody will send.
+   */
+  private activeSources(now: number, delayUs: number): number {
+    const since = now - Math.max(CONCURRENT_SOURCES_WINDOW_MS, 2 * this.lastExecutionMs + delayUs / 1000);
+    for (const [source, at] of this.sourcesSeen) {
+      if (at >= since) break;
+      this.sourcesSeen.delete(source);
+    }
+    return this.sourcesSeen.size;
   }
 
   private async execute(instance: Instance, batch: Pending[]): Promise<void> {
@@ -287,6 +342,7 @@ export class ModelScheduler {
       }
       const done = performance.now();
       const inferUs = (runEnd - runStart) * 1000;
+      this.lastExecutionMs = done - startedAt;
       this.stats.executionCount++;
       this.stats.inferenceCount += totalRows;
       this.stats.lastInference = Date.now();
@@ -344,6 +400,11 @@ export class ModelScheduler {
   /** Stops accepting; resolves when every accepted request has been answered. */
   drain(): Promise<void> {
     this.accepting = false;
+    if (this.dispatchImmediate) {
+      clearImmediate(this.dispatchImmediate);
+      this.dispatchImmediate = undefined;
+      this.dispatch();
+    }
     if (this.delayTimer) {
       clearTimeout(this.delayTimer);
       this.delayTimer = undefined;

