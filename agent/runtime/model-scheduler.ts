@@ -62,7 +62,7 @@ const NS_PER_US = 1000;
  * Frames from two sources (streams, or unary requests) this close together mean several are feeding the model;
  * for this long after, a synchronous instance waits one event-loop turn before forming its batch (see `pump`).
  */
-const CONCURRENT_SOURCES_WINDOW_MS = 5;
+const CONCURRENT_SOURCES_WINDOW_MS = 20;
 
 function zeroStats(): { count: number; ns: number } {
   return { count: 0, ns: 0 };
@@ -168,7 +168,8 @@ export class ModelScheduler {
   }
 
   private report(o: Omit<RequestOutcome, 'model' | 'version'>): void {
-    this.options.observer?.onRequest?.({ model: this.model.name, version: this.model.version, ...o });
+    const observer = this.options.observer;
+    if (observer?.onRequest) observer.onRequest({ model: this.model.name, version: this.model.version, status: o.status, timings: o.timings });
   }
 
   private cancel(p: Pending, err: EdgeAgentError, status: RequestOutcome['status']): void {

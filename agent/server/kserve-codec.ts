@@ -183,12 +183,12 @@ export function decodeInferRequest(msg: ModelInferRequestMessage, deadline?: num
   const requestedOutputs = decodeRequestedOutputs(msg.outputs ?? []);
   const sequence = decodeSequence(params);
   const effectiveDeadline = earliest(deadline, timeoutDeadline(params));
-  const request: InferenceRequest = {
-    inputs: tensors,
-    ...(requestedOutputs !== undefined ? { outputs: requestedOutputs } : {}),
-    ...(sequence !== undefined ? { sequence } : {}),
-    ...(effectiveDeadline !== undefined ? { deadline: effectiveDeadline } : {}),
-  };
+  // Keys only when set (the request is compared as a plain object), assigned rather than spread: object
+  // spread costs microseconds a request on this hot path.
+  const request: { -readonly [K in keyof InferenceRequest]: InferenceRequest[K] } = { inputs: tensors };
+  if (requestedOutputs !== undefined) request.outputs = requestedOutputs;
+  if (sequence !== undefined) request.sequence = sequence;
+  if (effectiveDeadline !== undefined) request.deadline = effectiveDeadline;
   return {
     model: msg.model_name,
     version,
@@ -256,7 +256,10 @@ export function decodeSequence(params: ParameterMap): SequenceControl | undefine
     if (start || end) throw new InvalidInputError('sequence_start/sequence_end need a non-zero, non-empty sequence_id');
     return undefined;
   }
-  return { id: KSERVE_SEQUENCE_PREFIX + id, ...(start ? { start: true } : {}), ...(end ? { end: true } : {}) };
+  const control: { id: string; start?: boolean; end?: boolean } = { id: KSERVE_SEQUENCE_PREFIX + id };
+  if (start) control.start = true;
+  if (end) control.end = true;
+  return control;
 }
 
 function boolParam(params: ParameterMap, key: string): boolean {
@@ -405,11 +408,9 @@ export function encodeInferResponse(
     outputs.push(out);
   }
   // An empty id stays off the wire (protobufjs would write the empty string; proto3 leaves defaults out).
-  return {
-    model_name: result.model,
-    model_version: String(result.version),
-    ...(id !== '' ? { id } : {}),
-    outputs,
-    raw_output_contents: raw,
+  const response: { model_name: string; model_version: string; id?: string; outputs: InferOutputTensorMessage[]; raw_output_contents: Buffer[] } = {
+    model_name: result.model, model_version: String(result.version), outputs, raw_output_contents: raw,
   };
+  if (id !== '') response.id = id;
+  return response;
 }
