@@ -8,13 +8,14 @@ import { calibrateRanges, percentileRange, type Feeds } from '../agent/compress/
 import { convertFloat16 } from '../agent/compress/convert-fp16.js';
 import { compareOutputs, runAll } from '../agent/compress/evaluate.js';
 import {
-  DataType, decodeModel, encodeModel, floatTensor, makeModel, makeNode, valueInfo,
+  attr, DataType, decodeModel, encodeModel, floatTensor, makeModel, makeNode, valueInfo, type NodeProto,
 } from '../agent/compress/onnx-graph.js';
 import { prepareModel } from '../agent/compress/prepare-graph.js';
 import {
   calibrationTensors, dequantizeWeightsPerChannel, planQuantization, quantizeInt8, quantizeWeightsPerChannel, uint8Params,
 } from '../agent/compress/quantize-int8.js';
 import { equalizeCrossLayer } from '../agent/compress/cross-layer-equalization.js';
+import { requireGraph } from '../agent/compress/graph-analysis.js';
 
 function seeded(seed: number): () => number {
   let a = seed >>> 0;
@@ -170,7 +171,7 @@ t.test('int8: excluded layers stay float, only-mode quantizes a single layer', a
   t.same(plan.flow, [], 'pool/flatten lead to no quantized compute op once fc is float');
   const ranges = await calibrateRanges(model, calibrationTensors(model), [imageFeeds(32, 1), imageFeeds(32, 2)]);
   const q = quantizeInt8(model, ranges, plan);
-  const nodes = q.model.graph!.node!;
+  const nodes = requireGraph(q.model).node as NodeProto[];
   const conv0 = nodes.find((n) => n.name === 'conv0')!;
   t.equal(conv0.input?.[1], 'conv0.weight', 'conv0 keeps its float weight');
   const only = planQuantization(model, { only: ['conv2'] });
@@ -232,4 +233,42 @@ t.test('plan: Mul/Add with the constant first and Div by a constant carry int8 b
   const plan = planQuantization(model);
   t.same([...plan.compute].sort(), ['conv1', 'conv2']);
   t.same([...plan.flow].sort(), ['div', 'mul'], 'the constant-first Mul and the Div join the int8 region');
+});
+
+t.test('int8: a Conv read only by a float activation (HardSwish) gets a QuantizeLinear, so it runs as QLinearConv', async (t) => {
+  const w = Float32Array.from({ length: 4 * 3 * 3 * 3 }, (_, i) => Math.sin(i * 0.37) * 0.5);
+  const source = makeModel({
+    opset: 14,
+    graph: {
+      name: 'conv-hswish',
+      nodes: [
+        makeNode('Conv', ['image', 'w', 'b'], ['c'], { pads: attr.ints([1, 1, 1, 1]) }, 'conv'),
+        makeNode('HardSwish', ['c'], ['y'], {}, 'hswish'),
+      ],
+      initializers: [floatTensor('w', [4, 3, 3, 3], w), floatTensor('b', [4], [0.1, -0.2, 0.3, 0])],
+      inputs: [valueInfo('image', DataType.FLOAT, ['N', 3, 16, 16])],
+      outputs: [valueInfo('y', DataType.FLOAT, ['N', 4, 16, 16])],
+    },
+  });
+  const { model } = prepareModel(source);
+  const ranges = await calibrateRanges(model, calibrationTensors(model), Array.from({ length: 6 }, (_, i) => imageFeeds(16, i)));
+  const plan = planQuantization(model);
+  t.same(plan.compute, ['conv']);
+  const q = quantizeInt8(model, ranges, plan);
+  const nodes = requireGraph(q.model).node as NodeProto[];
+  const quantizeC = nodes.find((n) => n.opType === 'QuantizeLinear' && n.input[0] === 'c');
+  t.ok(quantizeC, 'the Conv output has a QuantizeLinear');
+  const dq = nodes.find((n) => n.opType === 'DequantizeLinear' && n.input[0] === quantizeC?.output[0]);
+  t.equal(nodes.find((n) => n.opType === 'HardSwish')?.input[0], dq?.output[0], 'HardSwish reads the dequantized Conv output');
+
+  const optimized = join(tmpdir(), `edge-agent-qdq-hswish-${process.pid}.onnx`);
+  t.teardown(() => rmSync(optimized, { force: true }));
+  const session = await ort.InferenceSession.create(encodeModel(q.model), { optimizedModelFilePath: optimized, logSeverityLevel: 3 });
+  const fused = decodeModel(readFileSync(optimized)).graph!.node!.map((n) => n.opType);
+  t.equal(fused.filter((o) => o === 'QLinearConv').length, 1, `the Conv runs as QLinearConv (${fused.join(', ')})`);
+  t.notOk(fused.includes('Conv'), 'no float Conv is left');
+
+  const heldOut = Array.from({ length: 4 }, (_, i) => imageFeeds(16, 50 + i));
+  const acc = compareOutputs(await runAll(await ort.InferenceSession.create(encodeModel(source)), heldOut), await runAll(session, heldOut));
+  t.ok(acc.cosine > 0.99, `held-out cosine ${acc.cosine}`);
 });

@@ -251,7 +251,7 @@ export type LoadOptions = ImageOptions;
 
 /**
  * Reads calibration samples for a model. `path` is a directory of images (single image input), a `.npy` file
- * (single input; leading axis = samples), a directory of `.npy` files, or a directory of per-sample
+ * (single input; leading axis = samples), a directory of `.npy` files (each file one source), or a directory of per-sample
  * subdirectories holding `<input name>.npy` for multi-input models. Throws InvalidInputError naming the
  * problem when nothing usable is there.
  */
@@ -272,7 +272,9 @@ export async function loadSamples(path: string, inputs: readonly ModelInputSpec[
   const dirs = entries.filter((f) => statSync(join(path, f)).isDirectory()).map((f) => join(path, f));
   let samples: Sample[] = [];
   if (images.length > 0) samples = samples.concat(await imageSamples(images, inputs, options));
-  for (const f of npys) samples = samples.concat(npyFileSamples(f, inputs));
+  // Several .npy files in a folder are several sources (e.g. the crops of one image each): their rows stay
+  // together on one side of the held-out split. A lone .npy file's rows are the only sources there are.
+  for (const f of npys) samples = samples.concat(npyFileSamples(f, inputs, npys.length >= 2));
   for (const d of dirs) {
     const feeds: Feeds = {};
     const missing: string[] = [];
@@ -294,13 +296,13 @@ export async function loadSamples(path: string, inputs: readonly ModelInputSpec[
   return samples;
 }
 
-function npyFileSamples(file: string, inputs: readonly ModelInputSpec[]): Sample[] {
+function npyFileSamples(file: string, inputs: readonly ModelInputSpec[], fileIsSource = false): Sample[] {
   if (inputs.length !== 1) {
     throw new InvalidInputError(`${file}: the model has ${inputs.length} inputs (${inputs.map((i) => i.name).join(', ')}); give a directory of per-sample subdirectories with one <input>.npy each`);
   }
   const tensors = npySamples(decodeNpy(readFileSync(file), file), inputs[0]!, file);
   if (tensors.length === 0) throw new InvalidInputError(`${file}: holds no samples`);
-  return tensors.map((t, i) => ({ source: `${file}#${i}`, feeds: { [inputs[0]!.name]: t } }));
+  return tensors.map((t, i) => ({ source: fileIsSource ? file : `${file}#${i}`, feeds: { [inputs[0]!.name]: t } }));
 }
 
 async function imageSamples(files: readonly string[], inputs: readonly ModelInputSpec[], options: ImageOptions): Promise<Sample[]> {

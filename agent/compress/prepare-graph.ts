@@ -1,7 +1,7 @@
 import { hoistConstants, indexGraph, nameNodes, pruneInitializers, requireGraph, uniqueNamer } from './graph-analysis.js';
 import { upgradeOpset } from './opset-upgrade.js';
 import {
-  DataType, decodeModel, encodeModel, floatTensor, getFloatAttribute, tensorDims, tensorToFloat32,
+  DataType, decodeModel, defaultOpsetVersion, encodeModel, floatTensor, getFloatAttribute, makeNode, tensorDims, tensorToFloat32,
   type ModelProto, type NodeProto,
 } from './onnx-graph.js';
 
@@ -35,6 +35,10 @@ export function prepareModel(source: ModelProto): PreparedModel {
   if (folded > 0) notes.push(`${folded} BatchNormalization nodes folded into Conv weights`);
   const affine = foldAffineIntoConvs(model);
   if (affine > 0) notes.push(`${affine} constant Mul/Add nodes after a Conv folded into its weights and bias`);
+  const hardSwish = fuseHardSwish(model);
+  if (hardSwish > 0) notes.push(`${hardSwish} Add→Clip→Mul→Div chains fused into HardSwish (opset 14)`);
+  const scaled = foldScaleIntoNextConvs(model);
+  if (scaled > 0) notes.push(`${scaled} scalar Mul nodes before a Conv folded into its weights`);
   nameNodes(graph);
   pruneInitializers(graph);
   return { model, notes };
@@ -160,4 +164,113 @@ export function foldBatchNorms(model: ModelProto): number {
     pruneInitializers(graph);
   }
   return folded;
+}
+
+/** The single value of a float initializer, or undefined when `name` is no scalar constant. */
+function scalarConstant(index: ReturnType<typeof indexGraph>, name: string): number | undefined {
+  const t = index.initializers.get(name);
+  if (!t || t.dataType !== DataType.FLOAT) return undefined;
+  const v = tensorToFloat32(t);
+  return v.length === 1 ? v[0] : undefined;
+}
+
+/**
+ * Rewrites hard-swish as exporters spell it, `x · Clip(x + 3, 0, 6) / 6` (four nodes), into one HardSwish
+ * node, raising the default opset to 14 where HardSwish lives (13→14 changes no inference semantics). Left
+ * decomposed, the int8 graph wraps every one of the four in QuantizeLinear/DequantizeLinear and spends more
+ * time converting than the int8 Convs save (PP-LCNet/MobileNetV3 backbones run hard-swish after every Conv).
+ * Returns how many chains were fused.
+ */
+export function fuseHardSwish(model: ModelProto): number {
+  const graph = requireGraph(model);
+  const index = indexGraph(graph);
+  const near = (v: number | undefined, want: number): boolean => v !== undefined && Math.abs(v - want) < 1e-6 * Math.max(1, want);
+  const only = (t: string, reader: NodeProto): boolean =>
+    !index.graphOutputs.has(t) && (index.consumers.get(t) ?? []).length === 1 && index.consumers.get(t)![0] === reader;
+  const single = (t: string): NodeProto | undefined => {
+    const readers = index.consumers.get(t) ?? [];
+    return readers.length === 1 && !index.graphOutputs.has(t) ? readers[0] : undefined;
+  };
+  const isDefault = (n: NodeProto): boolean => !n.domain || n.domain === 'ai.onnx';
+  const removed = new Set<NodeProto>();
+  const replacements = new Map<NodeProto, NodeProto>();
+  for (const add of graph.node as NodeProto[]) {
+    if (add.opType !== 'Add' || !isDefault(add) || add.input.length !== 2 || removed.has(add)) continue;
+    const side = index.initializers.has(add.input[0] ?? '') ? 0 : 1;
+    const x = add.input[1 - side] ?? '';
+    if (!near(scalarConstant(index, add.input[side] ?? ''), 3) || index.initializers.has(x)) continue;
+    const clip = single(add.output[0] ?? '');
+    if (!clip || clip.opType !== 'Clip' || !isDefault(clip) || clip.input[0] !== add.output[0]) continue;
+    if (!near(scalarConstant(index, clip.input[1] ?? ''), 0) || !near(scalarConstant(index, clip.input[2] ?? ''), 6)) continue;
+    const mul = single(clip.output[0] ?? '');
+    if (!mul || mul.opType !== 'Mul' || !isDefault(mul) || mul.input.length !== 2) continue;
+    if (!(mul.input.includes(x) && mul.input.includes(clip.output[0] ?? ''))) continue;
+    const scale = single(mul.output[0] ?? '');
+    if (!scale || !isDefault(scale) || scale.input[0] !== mul.output[0] || !only(mul.output[0] ?? '', scale)) continue;
+    const by = scalarConstant(index, scale.input[1] ?? '');
+    if (!((scale.opType === 'Div' && near(by, 6)) || (scale.opType === 'Mul' && near(by, 1 / 6)))) continue;
+    for (const n of [add, clip, mul]) removed.add(n);
+    replacements.set(scale, makeNode('HardSwish', [x], [scale.output[0] ?? ''], {}, `${scale.name || scale.output[0]}_hardswish`));
+  }
+  if (replacements.size === 0) return 0;
+  // Through upgradeOpset, not a bare version bump: below 13 other ops (Squeeze axes, Split, …) change form.
+  // It keeps the matched nodes' identities, and throws before any of them is replaced.
+  if (defaultOpsetVersion(model) < 14) upgradeOpset(model, 14);
+  graph.node = (graph.node as NodeProto[]).filter((n) => !removed.has(n)).map((n) => replacements.get(n) ?? n);
+  pruneInitializers(graph);
+  return replacements.size;
+}
+
+/**
+ * Folds `Mul(y, a)` (a scalar constant) that reaches a Conv, directly or through `Add(·, b)` with a scalar b,
+ * into that Conv's weights: Conv(a·y + b) = Conv'(y + b/a) with W' = a·W — exact, zero padding included.
+ * PP-LCNetV3 puts such a learnable scale after every activation; left in, each costs a float pass (or a
+ * quantize/dequantize pair) between two int8 Convs. Returns how many Mul nodes were folded.
+ */
+export function foldScaleIntoNextConvs(model: ModelProto): number {
+  const graph = requireGraph(model);
+  const fresh = uniqueNamer(graph);
+  const index = indexGraph(graph);
+  const removed = new Set<NodeProto>();
+  const single = (t: string): NodeProto | undefined => {
+    const readers = index.consumers.get(t) ?? [];
+    return readers.length === 1 && !index.graphOutputs.has(t) ? readers[0] : undefined;
+  };
+  const isDefault = (n: NodeProto): boolean => !n.domain || n.domain === 'ai.onnx';
+  for (const mul of graph.node as NodeProto[]) {
+    if (mul.opType !== 'Mul' || !isDefault(mul) || mul.input.length !== 2) continue;
+    const side = index.initializers.has(mul.input[0] ?? '') ? 0 : 1;
+    const a = scalarConstant(index, mul.input[side] ?? '');
+    const y = mul.input[1 - side] ?? '';
+    if (a === undefined || a === 0 || !Number.isFinite(1 / a) || index.initializers.has(y)) continue;
+    let next = single(mul.output[0] ?? '');
+    let add: NodeProto | undefined;
+    if (next && next.opType === 'Add' && isDefault(next) && next.input.length === 2) {
+      const bSide = next.input[0] === mul.output[0] ? 1 : 0;
+      if (scalarConstant(index, next.input[bSide] ?? '') === undefined) continue;
+      add = next;
+      next = single(add.output[0] ?? '');
+    }
+    if (!next || next.opType !== 'Conv' || !isDefault(next) || next.input[0] !== (add ?? mul).output[0]) continue;
+    const w = index.initializers.get(next.input[1] ?? '');
+    if (!w || w.dataType !== DataType.FLOAT || (index.consumers.get(next.input[1] ?? '') ?? []).length !== 1) continue;
+    const weights = tensorToFloat32(w);
+    const wName = fresh(`${next.input[1]}_prescaled`);
+    graph.initializer.push(floatTensor(wName, tensorDims(w), weights.map((v) => v * a)));
+    next.input[1] = wName;
+    if (add) {
+      const bSide = add.input[0] === mul.output[0] ? 1 : 0;
+      const b = scalarConstant(index, add.input[bSide] ?? '')!;
+      const bName = fresh(`${add.name || add.output[0]}_prescaled`);
+      graph.initializer.push(floatTensor(bName, [], [b / a]));
+      add.input = [y, bName];
+    } else {
+      next.input[0] = y;
+    }
+    removed.add(mul);
+  }
+  if (removed.size === 0) return 0;
+  graph.node = (graph.node as NodeProto[]).filter((n) => !removed.has(n));
+  pruneInitializers(graph);
+  return removed.size;
 }

@@ -24,6 +24,12 @@ export const FLOW_OPS: ReadonlySet<string> = new Set([
 const COMMUTATIVE_OPS: ReadonlySet<string> = new Set(['Add', 'Mul']);
 /** Ops that only move or select values: their output reuses the input's scale, so onnxruntime drops the QDQ pair. */
 const SHARED_SCALE_OPS: ReadonlySet<string> = new Set(['Reshape', 'Transpose', 'Flatten', 'Squeeze', 'Unsqueeze', 'MaxPool', 'Slice', 'Split']);
+/**
+ * Float activations after a compute op: onnxruntime runs a Conv as QLinearConv only with a QuantizeLinear on
+ * its output, so that output is quantized even though these read it in float (one DequantizeLinear in front).
+ * Without it the Conv would run in float on dequantized weights, slower than the fp32 model.
+ */
+const FLOAT_ACTIVATIONS: ReadonlySet<string> = new Set(['HardSwish', 'HardSigmoid', 'Tanh', 'Softplus', 'Elu', 'Selu', 'Erf']);
 /** Activations a quantized producer absorbs: a uint8 range starting at 0 clamps exactly like them. */
 const ABSORBABLE_ACTIVATIONS: ReadonlySet<string> = new Set(['Relu', 'Clip']);
 
@@ -282,7 +288,9 @@ export function quantizeInt8(source: ModelProto, ranges: ReadonlyMap<string, Ten
       if (!need(o) || qdq.has(o)) continue;
       // An output only float ops read stays float: a uint8 step there buys no integer kernel downstream and
       // costs precision (detector heads end in Conv → Transpose → Reshape → graph output).
-      if (!(index.consumers.get(o) ?? []).some((c) => quantized.has(c))) continue;
+      const readers = index.consumers.get(o) ?? [];
+      const intoActivation = compute.has(node) && readers.length > 0 && readers.every((c) => FLOAT_ACTIVATIONS.has(c.opType ?? ''));
+      if (!intoActivation && !readers.some((c) => quantized.has(c))) continue;
       const shared = SHARED_SCALE_OPS.has(node.opType ?? '') ? qdq.get(node.input[0] ?? '') : undefined;
       qdq.set(o, shared ?? paramsFor(o));
     }
