@@ -128,6 +128,8 @@ export class Agent {
       keepaliveTimeMs: config.server.keepalive_time_ms,
       keepaliveTimeoutMs: config.server.keepalive_timeout_ms,
       maxConnectionIdleMs: config.server.max_connection_idle_ms,
+      streamWindowBytes: config.server.http2_stream_window_bytes,
+      connectionWindowBytes: config.server.http2_connection_window_bytes,
       tcpCredentials: serverCredentials(config.server.tls, o.configSource),
       configSource: o.configSource,
     }, log.child({ part: 'grpc' }));

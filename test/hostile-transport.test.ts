@@ -5,6 +5,7 @@ import { connect } from 'node:net';
 import * as grpc from '@grpc/grpc-js';
 import { EdgeAgentClient, type SensorStreamHandle } from '../agent/client/index.js';
 import { bytesOf, KServeClient, startHostileAgent, TINY_ELEMENTS, type HostileAgent } from './helpers/hostile-agent.js';
+import { startTestAgent } from './helpers/agent.js';
 
 // Hostile connections against the real CLI agent: bytes that are not HTTP/2, broken HTTP/2, broken gRPC
 // framing on a valid HTTP/2 stream, a flood of streams, streams reset as fast as they open, and clients that
@@ -233,4 +234,24 @@ t.test('connections that end in an HTTP/2 protocol error are closed, not leaked'
   }
   t.ok(now <= baseline + 2, `${now} open fds (baseline ${baseline}) after 50 connections ended in protocol errors`);
   await a.stillServing(t, 'after protocol-error connections');
+});
+
+t.test('HTTP/2 receive windows: the configured stream and connection windows are what a client may send', async (t) => {
+  const h = await startTestAgent(t, { models: ['tiny'], config: { server: { http2_stream_window_bytes: 2 * 1024 * 1024, http2_connection_window_bytes: 24 * 1024 * 1024 } } });
+  const session = http2.connect(`http://${h.tcp}`);
+  t.teardown(() => session.destroy());
+  await new Promise<void>((resolve, reject) => { session.once('remoteSettings', () => resolve()); session.once('error', reject); });
+  t.equal(session.remoteSettings.initialWindowSize, 2 * 1024 * 1024, 'each stream may carry 2 MiB before the agent reads it');
+  // The connection window arrives as a WINDOW_UPDATE right after the settings.
+  const deadline = Date.now() + 5000;
+  while ((session.state.remoteWindowSize ?? 0) < 24 * 1024 * 1024 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 10));
+  t.equal(session.state.remoteWindowSize, 24 * 1024 * 1024, 'the whole connection may carry 24 MiB');
+  // And frames still flow over gRPC with them.
+  const stream = await h.client().openStream({ model: 'tiny' });
+  await stream.send({ seq: 1, inputs: { x: { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024) } } });
+  for await (const r of stream.results()) {
+    t.equal(r.status, 'OK');
+    break;
+  }
+  stream.end();
 });

@@ -1,4 +1,5 @@
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { dirname } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { ConfigError } from '../errors.js';
@@ -15,6 +16,9 @@ export interface ListenerOptions {
   readonly keepaliveTimeMs?: number;
   readonly keepaliveTimeoutMs?: number;
   readonly maxConnectionIdleMs?: number;
+  /** HTTP/2 receive windows per stream and per connection; undefined: HTTP/2's 64 KiB defaults. */
+  readonly streamWindowBytes?: number;
+  readonly connectionWindowBytes?: number;
   /** Allow plaintext TCP on a non-loopback address. */
   readonly insecure: boolean;
   /** Server credentials for TCP listeners (TLS); undefined = plaintext. */
@@ -49,6 +53,8 @@ function isLoopback(address: string): boolean {
 export class GrpcListeners {
   readonly server: grpc.Server;
   private bound: BoundAddress[] = [];
+  private readonly widened = new WeakSet<Http2Server>();
+  private windowsUnavailable = false;
 
   constructor(private readonly o: ListenerOptions, private readonly log: Logger) {
     this.server = new grpc.Server({
@@ -100,9 +106,44 @@ export class GrpcListeners {
     return new Promise((resolve, reject) => {
       this.server.bindAsync(address, creds, (err, port) => {
         if (err) reject(new ConfigError(this.o.configSource, 'server.listen', `cannot listen on '${address}': ${err.message}`));
-        else resolve(port);
+        else {
+          this.widenWindows();
+          resolve(port);
+        }
       });
     });
+  }
+
+  /**
+   * grpc-js has no option for the server's HTTP/2 receive windows, and HTTP/2's 64 KiB default covers a whole
+   * connection: large frames from several streams then trickle in window update by window update. The windows
+   * are set on the http2 servers grpc-js created, which it keeps in a private map; if a future grpc-js moves
+   * it, the agent logs that once and serves with the defaults.
+   */
+  private widenWindows(): void {
+    const stream = this.o.streamWindowBytes;
+    const connection = this.o.connectionWindowBytes;
+    if (stream === undefined && connection === undefined) return;
+    const servers = (this.server as unknown as { http2Servers?: unknown }).http2Servers;
+    if (!(servers instanceof Map)) {
+      if (!this.windowsUnavailable) this.log.warn('cannot set HTTP/2 receive windows on this grpc-js; serving with the 64 KiB defaults');
+      this.windowsUnavailable = true;
+      return;
+    }
+    for (const http2Server of servers.keys() as IterableIterator<Http2Server>) {
+      if (this.widened.has(http2Server) || typeof http2Server.updateSettings !== 'function') continue;
+      this.widened.add(http2Server);
+      if (stream !== undefined) http2Server.updateSettings({ initialWindowSize: stream });
+      if (connection !== undefined) {
+        http2Server.on('session', (session: ServerHttp2Session) => {
+          try {
+            session.setLocalWindowSize(connection);
+          } catch {
+            // A session already closing: nothing to widen.
+          }
+        });
+      }
+    }
   }
 
   get addresses(): readonly BoundAddress[] {
