@@ -39,7 +39,7 @@ function feedsFor(session) {
 const median = (xs) => [...xs].sort((a, b) => a - b)[xs.length >> 1];
 for (const threads of [1, 0]) {
   const sessions = [];
-  for (const f of files) sessions.push(await ort.InferenceSession.create(f, threads ? { intraOpNumThreads: threads } : {}));
+  for (const f of files) sessions.push(await ort.InferenceSession.create(f, { logSeverityLevel: 3, ...(threads ? { intraOpNumThreads: threads } : {}) }));
   const feeds = sessions.map(feedsFor);
   for (let i = 0; i < sessions.length; i++) for (let w = 0; w < 3; w++) await sessions[i].run(feeds[i]);
   const times = sessions.map(() => []);
