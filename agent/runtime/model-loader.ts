@@ -160,8 +160,8 @@ export async function loadModelVersion(
     // `auto` loads and warms in worker threads first: a slow model (or a new version loading while the old one
     // serves) must never block the event loop, even once. It moves inline only if warm-up shows it is fast.
     // A start that finds what an earlier load of these same files on this machine measured (provider, where
-    // the model runs, its threads) opens the model there at once, skipping the probing and timing. Only a
-    // restart can hit: a new version is new bytes, so it is always probed in a worker first.
+    // the model runs, its threads) opens the model there at once, skipping the probing and timing. Only unchanged
+    // files hit (a restart, a reload): a new version is new bytes, so it is always probed in a worker first.
     const placementFile = defaults.execution === 'auto' && defaults.cacheDir
       ? join(defaults.cacheDir, 'placement', `${entry.name}-${placementKey(versionEntry, providers, config, defaults, instanceThreads)}.json`)
       : undefined;

@@ -59,10 +59,11 @@ interface Instance {
 const NS_PER_US = 1000;
 
 /**
- * Frames from two sources (streams, or unary requests) this close together mean several are feeding the model;
- * for this long after, a synchronous instance waits one event-loop turn before forming its batch (see `pump`).
+ * A source (stream, or unary request) that submitted this recently still feeds the model (at least; the
+ * window also spans the last two runs). With more than one, a synchronous instance waits one event-loop turn
+ * before forming its batch (see `pump`).
  */
-const CONCURRENT_SOURCES_WINDOW_MS = 20;
+const ACTIVE_SOURCE_WINDOW_MS = 20;
 
 function zeroStats(): { count: number; ns: number } {
   return { count: 0, ns: 0 };
@@ -84,13 +85,9 @@ export class ModelScheduler {
   private drainWaiters: (() => void)[] = [];
   private delayTimer: NodeJS.Timeout | undefined;
   private dispatchImmediate: NodeJS.Immediate | undefined;
-  private lastSource: object | undefined;
   /** Sources (streams, unary requests) by when they last submitted, pruned to recent ones. */
   private readonly sourcesSeen = new Map<object, number>();
   private lastExecutionMs = 0;
-  private lastSubmitAt = -Infinity;
-  /** When a frame last arrived hard on the heels of one from another source. */
-  private otherSourceAt = -Infinity;
   private readonly stats = {
     lastInference: 0, inferenceCount: 0, executionCount: 0,
     success: zeroStats(), fail: zeroStats(), queue: zeroStats(),
@@ -158,9 +155,6 @@ export class ModelScheduler {
       this.queue.push(pending);
       this.live++;
       const source = key ?? pending;
-      if (source !== this.lastSource && pending.enqueuedAt - this.lastSubmitAt < CONCURRENT_SOURCES_WINDOW_MS) this.otherSourceAt = pending.enqueuedAt;
-      this.lastSource = source;
-      this.lastSubmitAt = pending.enqueuedAt;
       this.sourcesSeen.delete(source); // re-inserted last: the map stays ordered oldest first
       this.sourcesSeen.set(source, pending.enqueuedAt);
       this.pump();
@@ -192,8 +186,7 @@ export class ModelScheduler {
    */
   private pump(): void {
     if (this.dispatchImmediate) return;
-    const concurrent = performance.now() - this.otherSourceAt < CONCURRENT_SOURCES_WINDOW_MS;
-    if (concurrent && this.accepting && this.model.maxBatchSize > 1 && this.instances.some((i) => !i.busy && i.session.synchronous)) {
+    if (this.activeSources(performance.now()) > 1 && this.accepting && this.model.maxBatchSize > 1 && this.instances.some((i) => !i.busy && i.session.synchronous)) {
       this.dispatchImmediate = setImmediate(() => {
         this.dispatchImmediate = undefined;
         this.dispatch();
@@ -248,7 +241,7 @@ export class ModelScheduler {
       const preferred = this.batching.preferredBatchSizes;
       const target = preferred.length > 0 ? Math.max(...preferred) : max;
       const waitedUs = (now - (batch[0] as Pending).enqueuedAt) * 1000;
-      if (rows < target && waitedUs < delayUs && this.activeSources(now, delayUs) > batch.length) {
+      if (rows < target && waitedUs < delayUs && this.activeSources(now) > batch.length) {
         // Not full yet and the oldest frame may still wait: leave everything queued and come back.
         this.queue = this.queue.filter((p) => !p.cancelled);
         if (!this.delayTimer) {
@@ -267,8 +260,8 @@ export class ModelScheduler {
    * expect. A frame waits for a fuller batch only while some of them have nothing in it yet — a lone stream,
    * or streams all already in the batch, never wait out `max_queue_delay_us` for frames nobody will send.
    */
-  private activeSources(now: number, delayUs: number): number {
-    const since = now - Math.max(CONCURRENT_SOURCES_WINDOW_MS, 2 * this.lastExecutionMs + delayUs / 1000);
+  private activeSources(now: number): number {
+    const since = now - Math.max(ACTIVE_SOURCE_WINDOW_MS, 2 * this.lastExecutionMs + this.batching.maxQueueDelayUs / 1000);
     for (const [source, at] of this.sourcesSeen) {
       if (at >= since) break;
       this.sourcesSeen.delete(source);
