@@ -154,7 +154,8 @@ export class ModelScheduler {
       }
       this.queue.push(pending);
       this.live++;
-      const source = key ?? pending;
+      // A request without a stream is a source of its own; a fresh key, so the map holds no request (or its tensors).
+      const source = key ?? {};
       this.sourcesSeen.delete(source); // re-inserted last: the map stays ordered oldest first
       this.sourcesSeen.set(source, pending.enqueuedAt);
       this.pump();
