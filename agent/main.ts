@@ -9,7 +9,7 @@ import { FleetAgent, MqttLink, RuntimeDeploymentTarget } from './fleet/index.js'
 import { ActiveVersions, ModelRepository } from './models/index.js';
 import { InferenceRuntime, type RuntimeObserver, type VariantChooser } from './runtime/index.js';
 import {
-  createKServeService, createSensorStreamService, GrpcListeners, HealthService, serverCredentials, StreamAdmission,
+  createKServeService, createSensorStreamService, EventLoopSpinner, GrpcListeners, HealthService, serverCredentials, StreamAdmission,
   type BoundAddress, type SensorStreamService, type StreamDefaults,
 } from './server/index.js';
 import { Database, SqliteOutbox } from './store/index.js';
@@ -107,16 +107,21 @@ export class Agent {
     // Constructed here so a bad fleet.tls file is a config error before anything starts.
     if (config.fleet) this.link = new MqttLink({ config: config.fleet, agentVersion: AGENT_VERSION, logger: log.child({ part: 'mqtt' }) });
     this.health = new HealthService(this.runtime);
+    const spinner = new EventLoopSpinner(config.server.busy_poll_us, () => this.runtime.inFlight() > 0);
     this.sensorStreams = createSensorStreamService({
       runtime: this.runtime,
       log: log.child({ part: 'sensor-stream' }),
       defaults: streamDefaults(config),
       admission: new StreamAdmission({ maxStreams: config.server.max_streams, maxStreamsPerPeer: config.server.max_streams_per_peer }),
+      onArrival: spinner.arrived,
+      onAnswered: spinner.poke,
       onStreamOpened: () => this.metrics.streamOpened(),
       onStreamClosed: () => this.metrics.streamClosed(),
     });
     const kserve = createKServeService(this.runtime, { name: AGENT_NAME, version: AGENT_VERSION }, {
       onInternalError: (rpc, err) => log.error({ rpc, err: errorMessage(err) }, 'KServe request failed'),
+      onArrival: spinner.arrived,
+      onAnswered: spinner.poke,
     });
     this.listeners = new GrpcListeners({
       listen: config.server.listen,

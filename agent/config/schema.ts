@@ -77,6 +77,9 @@ export const serverSchema = z.strictObject({
    * camera streams of 196 KB frames wait on window updates (the bench: 318 → 433 frames/s with these). */
   http2_stream_window_bytes: z.number().int().min(65_535).max(2 ** 31 - 1).default(1024 * 1024),
   http2_connection_window_bytes: z.number().int().min(65_535).max(2 ** 31 - 1).default(16 * 1024 * 1024),
+  /** After answering, keep the event loop polling this long before the thread may sleep, while clients send
+   * their next frames within it: they are then read without a wake-up. 0 turns it off. */
+  busy_poll_us: z.number().int().min(0).max(100_000).default(1000),
   /** TLS for every TCP listener (unix sockets rely on file permissions). */
   tls: z
     .strictObject({

@@ -51,6 +51,9 @@ const STREAM_MAX_IN_FLIGHT = 64;
 export interface KServeServiceOptions {
   /** Called for failures that reach the client as INTERNAL (their text is not sent; it belongs in the log). */
   onInternalError?(rpc: string, err: unknown): void;
+  /** Called when an inference request arrives and after its answer is sent (the event-loop spinner). */
+  onArrival?(source: unknown): void;
+  onAnswered?(): void;
 }
 
 interface NameVersion {
@@ -86,7 +89,10 @@ export function createKServeService(
       Promise.resolve()
         .then(() => handler(call.request, call))
         .then(
-          (res) => callback(null, res),
+          (res) => {
+            callback(null, res);
+            options.onAnswered?.();
+          },
           (err: unknown) => {
             report(rpc, err);
             callback(toServiceError(err));
@@ -141,6 +147,7 @@ export function createKServeService(
     call.on('close', close);
 
     call.on('data', (msg: ModelInferRequestMessage) => {
+      options.onArrival?.(call);
       inFlight++;
       if (inFlight >= STREAM_MAX_IN_FLIGHT && !paused) {
         paused = true;
@@ -152,7 +159,9 @@ export function createKServeService(
           const res = await response;
           inFlight--;
           if (closed) return;
-          if (!call.write(res)) await drained(call);
+          const flowing = call.write(res);
+          options.onAnswered?.();
+          if (!flowing) await drained(call);
           if (paused && inFlight < STREAM_MAX_IN_FLIGHT / 2) {
             paused = false;
             call.resume();
@@ -199,7 +208,11 @@ export function createKServeService(
       };
     }),
 
-    ModelInfer: unary('ModelInfer', (req: ModelInferRequestMessage, call) => infer(req, perfDeadline(call.getDeadline()))),
+    ModelInfer: unary('ModelInfer', (req: ModelInferRequestMessage, call) => {
+      // Unary calls of one client share its connection: the peer address is that client.
+      options.onArrival?.(call.getPeer());
+      return infer(req, perfDeadline(call.getDeadline()));
+    }),
 
     ModelStreamInfer: modelStreamInfer,
 

@@ -48,6 +48,9 @@ export interface SensorStreamOptions {
   readonly log: Logger;
   readonly defaults: StreamDefaults;
   readonly admission: StreamAdmission;
+  /** Called when a frame arrives and after each answer is written (the event-loop spinner). */
+  readonly onArrival?: (source: object) => void;
+  readonly onAnswered?: () => void;
   /** Active-stream gauge for telemetry. */
   readonly onStreamOpened?: () => void;
   readonly onStreamClosed?: () => void;
@@ -145,6 +148,7 @@ class SensorStream {
   private frame(frame: WireFrame): void {
     const b = this.bound as NonNullable<SensorStream['bound']>;
     const arrived = performance.now();
+    this.o.onArrival?.(this.streamKey);
     const slot: { settled: boolean; result?: WireResult } = { settled: false };
     this.pending.push(slot);
     this.inFlight++;
@@ -210,6 +214,7 @@ class SensorStream {
       const slot = this.pending.shift() as { result: WireResult };
       this.inFlight--;
       if (!this.write({ result: slot.result })) this.writeBlocked = true;
+      this.o.onAnswered?.();
     }
     const b = this.bound;
     if (this.paused && !this.writeBlocked && b && this.inFlight < b.maxInFlight) {
