@@ -1,5 +1,6 @@
 import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
+import type { Socket } from 'node:net';
 import { dirname } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { ConfigError } from '../errors.js';
@@ -32,6 +33,43 @@ export interface BoundAddress {
   readonly port: number;
 }
 
+/**
+ * Transport settings grpc-js has no options for, applied to the http2 servers it created (kept in a private
+ * map; returns false if a future grpc-js moves it, and the defaults then stay):
+ * - TCP_NODELAY on every connection, as gRPC's C core does. grpc-js sets it on its client sockets but not on
+ *   accepted ones, where Nagle's algorithm may hold back a small result written while an earlier one is
+ *   unacknowledged. (On the development VM the difference drowned in run-to-run noise.)
+ * - The HTTP/2 receive windows. HTTP/2's 64 KiB default covers a whole connection, and large frames from
+ *   several streams then trickle in window update by window update.
+ * The benchmark's echo floor calls this too, so the floor has the agent's transport.
+ */
+export function tuneHttp2Sessions(
+  server: grpc.Server, o: { readonly streamWindowBytes?: number | undefined; readonly connectionWindowBytes?: number | undefined }, done = new WeakSet<Http2Server>(),
+): boolean {
+  const servers = (server as unknown as { http2Servers?: unknown }).http2Servers;
+  if (!(servers instanceof Map)) return false;
+  for (const http2Server of servers.keys() as IterableIterator<Http2Server>) {
+    if (done.has(http2Server)) continue;
+    done.add(http2Server);
+    if (o.streamWindowBytes !== undefined && typeof http2Server.updateSettings === 'function') http2Server.updateSettings({ initialWindowSize: o.streamWindowBytes });
+    // The raw socket, before HTTP/2 takes it over (its session only exposes a proxy that refuses this).
+    http2Server.on('connection', (socket: Socket) => {
+      socket.setNoDelay?.(true); // absent on unix sockets
+    });
+    if (o.connectionWindowBytes !== undefined) {
+      const connection = o.connectionWindowBytes;
+      http2Server.on('session', (session: ServerHttp2Session) => {
+        try {
+          session.setLocalWindowSize(connection);
+        } catch {
+          // A session already closing: nothing to widen.
+        }
+      });
+    }
+  }
+  return true;
+}
+
 /** A user or group name from /etc/passwd or /etc/group (or a numeric id) as its id. */
 export function resolveId(kind: 'passwd' | 'group', nameOrId: string, source: string, key: string): number {
   if (/^\d+$/.test(nameOrId)) return Number(nameOrId);
@@ -53,8 +91,8 @@ function isLoopback(address: string): boolean {
 export class GrpcListeners {
   readonly server: grpc.Server;
   private bound: BoundAddress[] = [];
-  private readonly widened = new WeakSet<Http2Server>();
-  private windowsUnavailable = false;
+  private readonly tuned = new WeakSet<Http2Server>();
+  private tuningUnavailable = false;
 
   constructor(private readonly o: ListenerOptions, private readonly log: Logger) {
     this.server = new grpc.Server({
@@ -114,35 +152,10 @@ export class GrpcListeners {
     });
   }
 
-  /**
-   * grpc-js has no option for the server's HTTP/2 receive windows, and HTTP/2's 64 KiB default covers a whole
-   * connection: large frames from several streams then trickle in window update by window update. The windows
-   * are set on the http2 servers grpc-js created, which it keeps in a private map; if a future grpc-js moves
-   * it, the agent logs that once and serves with the defaults.
-   */
   private widenWindows(): void {
-    const stream = this.o.streamWindowBytes;
-    const connection = this.o.connectionWindowBytes;
-    if (stream === undefined && connection === undefined) return;
-    const servers = (this.server as unknown as { http2Servers?: unknown }).http2Servers;
-    if (!(servers instanceof Map)) {
-      if (!this.windowsUnavailable) this.log.warn('cannot set HTTP/2 receive windows on this grpc-js; serving with the 64 KiB defaults');
-      this.windowsUnavailable = true;
-      return;
-    }
-    for (const http2Server of servers.keys() as IterableIterator<Http2Server>) {
-      if (this.widened.has(http2Server) || typeof http2Server.updateSettings !== 'function') continue;
-      this.widened.add(http2Server);
-      if (stream !== undefined) http2Server.updateSettings({ initialWindowSize: stream });
-      if (connection !== undefined) {
-        http2Server.on('session', (session: ServerHttp2Session) => {
-          try {
-            session.setLocalWindowSize(connection);
-          } catch {
-            // A session already closing: nothing to widen.
-          }
-        });
-      }
+    if (!tuneHttp2Sessions(this.server, this.o, this.tuned) && !this.tuningUnavailable) {
+      this.log.warn('cannot reach grpc-js\'s http2 servers: serving with HTTP/2\'s 64 KiB windows and Nagle on TCP');
+      this.tuningUnavailable = true;
     }
   }
 

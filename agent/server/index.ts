@@ -1,4 +1,4 @@
-export { GrpcListeners } from './grpc-server.js';
+export { GrpcListeners, tuneHttp2Sessions } from './grpc-server.js';
 export type { BoundAddress, ListenerOptions } from './grpc-server.js';
 export { HealthService } from './health-service.js';
 export { createSensorStreamService, SENSOR_STREAM_PROTO, NATIVE_LOADER_OPTIONS } from './sensor-stream-service.js';

@@ -2,7 +2,8 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { NATIVE_LOADER_OPTIONS, PROTO_DIR, SENSOR_STREAM_PROTO } from '../../agent/server/index.js';
+import { agentConfigSchema } from '../../agent/config/index.js';
+import { NATIVE_LOADER_OPTIONS, PROTO_DIR, SENSOR_STREAM_PROTO, tuneHttp2Sessions } from '../../agent/server/index.js';
 import { KSERVE_BENCH_LOADER_OPTIONS } from './kserve-client.js';
 
 /**
@@ -94,5 +95,8 @@ const bind = (address: string): Promise<number> => new Promise((resolve, reject)
 const port = await bind('127.0.0.1:0');
 rmSync(unixPath, { force: true }); // a socket left by a killed run would make bind fail
 await bind(`unix:${unixPath}`);
+// The agent's transport settings (TCP_NODELAY, HTTP/2 windows at the agent's defaults), so the floor is its floor.
+const defaults = agentConfigSchema.parse({}).server;
+tuneHttp2Sessions(server, { streamWindowBytes: defaults.http2_stream_window_bytes, connectionWindowBytes: defaults.http2_connection_window_bytes });
 process.stdout.write(`${JSON.stringify({ listening: { tcp: `127.0.0.1:${port}`, unix: `unix:${unixPath}` } })}\n`);
 process.on('SIGTERM', () => { server.forceShutdown(); process.exit(0); });
