@@ -3,7 +3,7 @@ import { readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
-import { buildClassifier } from '../scripts/demo-models.js';
+import { buildClassifier, mulberry32 as seeded } from '../scripts/demo-models.js';
 import { calibrateRanges, percentileRange, type Feeds } from '../agent/compress/calibrate.js';
 import { convertFloat16 } from '../agent/compress/convert-fp16.js';
 import { compareOutputs, runAll } from '../agent/compress/evaluate.js';
@@ -16,16 +16,6 @@ import {
 } from '../agent/compress/quantize-int8.js';
 import { equalizeCrossLayer } from '../agent/compress/cross-layer-equalization.js';
 import { requireGraph } from '../agent/compress/graph-analysis.js';
-
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let x = Math.imul(a ^ (a >>> 15), a | 1);
-    x ^= x + Math.imul(x ^ (x >>> 7), x | 61);
-    return ((x ^ (x >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** Smooth, image-like inputs (gradients and blobs), different per seed. */
 function imageFeeds(size: number, seed: number): Feeds {

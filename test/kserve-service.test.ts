@@ -7,6 +7,7 @@ import * as ort from 'onnxruntime-node';
 import { createKServeService, KSERVE_EXTENSIONS } from '../agent/server/kserve-service.js';
 import type { InferenceRuntime } from '../agent/runtime/index.js';
 import { copyDemoRepo, DEMO_REPO, ROOT, startRuntime } from './helpers/runtime.js';
+import { mulberry32 as seeded } from '../scripts/demo-models.js';
 
 // End to end: a real runtime over the demo models, the KServe service on a real grpc.Server on loopback, and a
 // client generated from proto/inference/grpc_service.proto by @grpc/proto-loader, as any Triton client would be.
@@ -89,16 +90,6 @@ async function direct(model: string, feeds: Record<string, ort.Tensor>): Promise
 t.teardown(async () => {
   for (const s of sessions.values()) await (await s).release();
 });
-
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let r = Math.imul(a ^ (a >>> 15), 1 | a);
-    r = (r + Math.imul(r ^ (r >>> 7), 61 | r)) ^ r;
-    return ((r ^ (r >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function randomFloats(n: number, rnd: () => number): Float32Array {
   return Float32Array.from({ length: n }, () => rnd() * 2 - 1);

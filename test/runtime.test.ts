@@ -5,16 +5,7 @@ import * as ort from 'onnxruntime-node';
 import { DeadlineExceededError, FrameDroppedError, InvalidInputError, ModelNotFoundError, FailedPreconditionError } from '../agent/errors.js';
 import type { Tensor } from '../agent/runtime/index.js';
 import { DEMO_REPO, startRuntime, copyDemoRepo } from './helpers/runtime.js';
-
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let r = Math.imul(a ^ (a >>> 15), 1 | a);
-    r = (r + Math.imul(r ^ (r >>> 7), 61 | r)) ^ r;
-    return ((r ^ (r >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { mulberry32 as seeded } from '../scripts/demo-models.js';
 
 function randomTensor(shape: number[], rnd: () => number): Tensor {
   const data = new Float32Array(shape.reduce((a, b) => a * b, 1));

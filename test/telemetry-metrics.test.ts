@@ -12,16 +12,7 @@ import type { Tensor } from '../agent/runtime/index.js';
 import { FrameDroppedError, DeadlineExceededError, InvalidInputError } from '../agent/errors.js';
 import { parsePrometheusText, sampleValue } from './helpers/prometheus-text.js';
 import { startRuntime, copyDemoRepo } from './helpers/runtime.js';
-
-function seeded(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let r = Math.imul(a ^ (a >>> 15), 1 | a);
-    r = (r + Math.imul(r ^ (r >>> 7), 61 | r)) ^ r;
-    return ((r ^ (r >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { mulberry32 as seeded } from '../scripts/demo-models.js';
 
 /** Nearest-rank percentile: the smallest sample with at least p% of the samples at or below it. */
 function exactPercentile(sorted: readonly number[], p: number): number {
