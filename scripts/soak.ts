@@ -21,8 +21,7 @@ import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { Command } from 'commander';
 import * as hdr from 'hdr-histogram-js';
-import { EdgeAgentClient, type FrameResult, type SensorStreamHandle } from '../agent/client/index.js';
-import { allocate, elementCount, type Tensor } from '../agent/runtime/index.js';
+import { EdgeAgentClient, syntheticInputs, type FrameResult, type SensorStreamHandle } from '../agent/client/index.js';
 import { PROTO_DIR } from '../agent/server/index.js';
 import { SoakAgent, ROOT } from './soak/soak-agent.js';
 import { freePort, SoakBroker } from './soak/soak-broker.js';
@@ -121,13 +120,7 @@ const client = new EdgeAgentClient({ address });
 const probe = await client.openStream({ model: o.model, maxInFlight: o.maxInFlight });
 const info = probe.opened;
 probe.end();
-const inputs: Record<string, Tensor> = {};
-for (const spec of info.inputs) {
-  const shape = spec.shape.map((d) => (d < 0 ? 1 : d));
-  const data = allocate(spec.dtype, elementCount(shape));
-  if (data instanceof Float32Array) for (let i = 0; i < data.length; i++) data[i] = Math.sin(i * 0.01);
-  inputs[spec.name] = { dtype: spec.dtype, shape, data };
-}
+const inputs = syntheticInputs(info.inputs);
 console.log(`soak: ${o.streams} streams x ${o.rate} frames/s to ${info.model} v${info.version} (${info.provider}) at ${address} for ${o.minutes} min; reload every ${o.reloadEvery || '-'} s; deploy every ${o.deployEvery || '-'} s; broker restart every ${o.brokerRestartEvery || '-'} s; agent pid ${agentPid ?? '? (no RSS)'}`);
 
 const t0 = performance.now();

@@ -6,8 +6,7 @@
 //   node dist/scripts/stream-frames.js --address unix:var/edge-agent.sock --model filter --qos LOSSLESS
 import { Command, Option } from 'commander';
 import * as hdr from 'hdr-histogram-js';
-import { EdgeAgentClient, type FrameResult } from '../agent/client/index.js';
-import { allocate, elementCount, type Tensor } from '../agent/runtime/index.js';
+import { EdgeAgentClient, syntheticInputs, type FrameResult } from '../agent/client/index.js';
 
 const program = new Command('stream-frames')
   .option('-a, --address <addr>', "agent address: 'host:port' or 'unix:/path'", '127.0.0.1:50051')
@@ -25,14 +24,7 @@ const stream = await client.openStream({ model: o.model, qos: o.qos, maxInFlight
 const info = stream.opened;
 console.log(`streaming ${o.frames} frames to ${info.model} v${info.version} on ${info.provider} (${info.variant}), qos ${info.qos}${info.stateful ? ', stateful' : ''}`);
 
-// Synthetic sensor data in the model's input shapes (dynamic dims as 1).
-const inputs: Record<string, Tensor> = {};
-for (const spec of info.inputs) {
-  const shape = spec.shape.map((d) => (d < 0 ? 1 : d));
-  const data = allocate(spec.dtype, elementCount(shape));
-  if (data instanceof Float32Array) for (let i = 0; i < data.length; i++) data[i] = Math.sin(i * 0.01);
-  inputs[spec.name] = { dtype: spec.dtype, shape, data };
-}
+const inputs = syntheticInputs(info.inputs);
 
 const latency = hdr.build({ lowestDiscernibleValue: 1, highestTrackableValue: 60_000_000, numberOfSignificantValueDigits: 3 });
 const sentAt = new Map<number, number>();

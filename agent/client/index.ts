@@ -1,2 +1,2 @@
-export { EdgeAgentClient, SensorStreamHandle, encodeFrame } from './sensor-stream-client.js';
+export { EdgeAgentClient, SensorStreamHandle, encodeFrame, syntheticInputs } from './sensor-stream-client.js';
 export type { EdgeAgentClientOptions, FrameResult, FrameToSend, OpenedInfo, Qos, ResultStatus, StreamOpenOptions } from './sensor-stream-client.js';

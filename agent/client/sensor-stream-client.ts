@@ -1,7 +1,7 @@
 import * as grpc from '@grpc/grpc-js';
 import * as protoLoader from '@grpc/proto-loader';
 import { dtypeFromWire, NATIVE_LOADER_OPTIONS, SENSOR_STREAM_PROTO, wireDType } from '../server/index.js';
-import { tensorBytes, viewBytes, type DType, type Tensor } from '../runtime/index.js';
+import { allocate, elementCount, tensorBytes, viewBytes, type DType, type Tensor } from '../runtime/index.js';
 
 
 export type Qos = 'LOSSLESS' | 'LATEST_ONLY';
@@ -187,4 +187,19 @@ export class EdgeAgentClient {
     this.client.close();
     this.health.close();
   }
+}
+
+/**
+ * Synthetic sensor data in a model's input shapes (dynamic dimensions as 1; float inputs a slow sine, others
+ * zero): enough to exercise a stream end to end, e.g. from `opened.inputs`.
+ */
+export function syntheticInputs(specs: OpenedInfo['inputs']): Record<string, Tensor> {
+  const inputs: Record<string, Tensor> = {};
+  for (const spec of specs) {
+    const shape = spec.shape.map((d) => (d < 0 ? 1 : d));
+    const data = allocate(spec.dtype, elementCount(shape));
+    if (data instanceof Float32Array) for (let i = 0; i < data.length; i++) data[i] = Math.sin(i * 0.01);
+    inputs[spec.name] = { dtype: spec.dtype, shape, data };
+  }
+  return inputs;
 }
