@@ -104,11 +104,8 @@ function firstIssue(err: z.ZodError): string {
   return path === '' ? issue.message : `${path}: ${issue.message}`;
 }
 
-/**
- * Checks everything that can be checked without the device's state, in the order that costs least to an
- * attacker: JSON, signature, then shape, name, source and sizes. Throws ManifestRejection naming the problem.
- */
-export function verifyManifest(payload: Buffer, keys: TrustedKeys, limits: ManifestLimits): { manifest: DeploymentManifest; raw: Record<string, unknown> } {
+/** A manifest or command payload as a JSON object, or ManifestRejection('not json'). */
+function parseJsonObject(payload: Buffer): Record<string, unknown> {
   let raw: unknown;
   try {
     raw = JSON.parse(payload.toString('utf8'));
@@ -116,7 +113,15 @@ export function verifyManifest(payload: Buffer, keys: TrustedKeys, limits: Manif
     throw new ManifestRejection('not json', `not JSON: ${err instanceof Error ? err.message : String(err)}`);
   }
   if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ManifestRejection('not json', 'not a JSON object');
-  const obj = raw as Record<string, unknown>;
+  return raw as Record<string, unknown>;
+}
+
+/**
+ * Checks everything that can be checked without the device's state, in the order that costs least to an
+ * attacker: JSON, signature, then shape, name, source and sizes. Throws ManifestRejection naming the problem.
+ */
+export function verifyManifest(payload: Buffer, keys: TrustedKeys, limits: ManifestLimits): { manifest: DeploymentManifest; raw: Record<string, unknown> } {
+  const obj = parseJsonObject(payload);
   const sig = keys.verify(obj);
   if (!sig.ok) throw new ManifestRejection(sig.problem, sig.message);
   const parsed = manifestSchema.safeParse(obj);
@@ -155,14 +160,8 @@ export function verifyManifest(payload: Buffer, keys: TrustedKeys, limits: Manif
 
 /** Verifies a signed command and that it is meant for this topic and device. */
 export function verifyCommand(payload: Buffer, topicCommandId: string, deviceId: string, keys: TrustedKeys): FleetCommand {
-  let raw: unknown;
-  try {
-    raw = JSON.parse(payload.toString('utf8'));
-  } catch (err) {
-    throw new ManifestRejection('not json', `not JSON: ${err instanceof Error ? err.message : String(err)}`);
-  }
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new ManifestRejection('not json', 'not a JSON object');
-  const sig = keys.verify(raw as Record<string, unknown>);
+  const raw = parseJsonObject(payload);
+  const sig = keys.verify(raw);
   if (!sig.ok) throw new ManifestRejection(sig.problem, sig.message);
   const parsed = commandSchema.safeParse(raw);
   if (!parsed.success) throw new ManifestRejection('invalid manifest', `invalid command: ${firstIssue(parsed.error)}`);
