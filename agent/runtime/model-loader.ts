@@ -80,6 +80,15 @@ function warmupFeeds(
   return feeds;
 }
 
+/**
+ * An inline run blocks the event loop until it returns. Warming and timing a model inline (a new version
+ * while the old one serves, or a thousand warm-up runs) therefore yields a loop turn before each run, so the
+ * frames of streams already being served are read and answered in between.
+ */
+function yieldIfInline(instance: SessionInstance): Promise<void> | undefined {
+  return instance.synchronous ? new Promise((resolve) => setImmediate(resolve)) : undefined;
+}
+
 interface Placement {
   readonly provider: ExecutionProviderName;
   readonly execution: ExecutionMode;
@@ -225,7 +234,12 @@ export async function loadModelVersion(
       warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill, config.warmup.shapes);
     const warm = async (list: readonly SessionInstance[]): Promise<void> => {
       for (const instance of list) {
-        for (let r = 0; r < config.warmup.runs; r++) for (const rows of sizes) await instance.run(feedsFor(rows));
+        for (let r = 0; r < config.warmup.runs; r++) {
+          for (const rows of sizes) {
+            await yieldIfInline(instance);
+            await instance.run(feedsFor(rows));
+          }
+        }
       }
     };
     /**
@@ -239,6 +253,7 @@ export async function loadModelVersion(
         const feeds = feedsFor(rows);
         const times: number[] = [];
         for (let i = 0; i < TIMED_RUNS; i++) {
+          await yieldIfInline(instance);
           const t = performance.now();
           await instance.run(feeds);
           times.push((performance.now() - t) * 1000);
