@@ -145,9 +145,8 @@ t.test('SIGKILL mid-download: the restart serves version 1 and asks only for the
 
 t.test('SIGKILL mid-activation: the restart serves the old version, then finishes the deployment', async (t) => {
   const { h, agent, tinyBytes } = await setup(t);
-  // Many warm-up runs make loading last long enough to be killed in the middle of it, and the resumed activation
-  // long enough for frames to reach version 1 first (runs are synchronous now: 2000 no longer always sufficed).
-  const m = h.manifest({ model: 'tiny', version: 2, artifact: await h.artifact(tinyBytes, 65536), chunkSize: 65536, config: { max_batch_size: 32, warmup: { runs: 8000 } } });
+  // Many warm-up runs make loading last long enough to be killed in the middle of it.
+  const m = h.manifest({ model: 'tiny', version: 2, artifact: await h.artifact(tinyBytes, 65536), chunkSize: 65536, config: { max_batch_size: 32, warmup: { runs: 2000 } } });
   await h.publish(DEVICE_TOPIC, m);
   await h.manager.waitForState(m.deployment_id, 'loading', 30_000);
   await agent.kill();
