@@ -2,7 +2,7 @@ import { join } from 'node:path';
 import { agentConfigSchema, type AgentConfig } from '../../agent/config/index.js';
 import { silentLogger } from '../../agent/logger.js';
 import { Agent } from '../../agent/main.js';
-import { EdgeAgentClient } from '../../agent/client/index.js';
+import { EdgeAgentClient, type EdgeAgentClientOptions } from '../../agent/client/index.js';
 import { copyDemoRepo, tempDir } from './runtime.js';
 
 export interface TestAgent {
@@ -11,7 +11,7 @@ export interface TestAgent {
   readonly unix: string;
   readonly dataDir: string;
   readonly repo: string;
-  client(address?: string): EdgeAgentClient;
+  client(address?: string, options?: Omit<EdgeAgentClientOptions, 'address'>): EdgeAgentClient;
 }
 
 type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? (T[K] extends unknown[] ? T[K] : DeepPartial<T[K]>) : T[K] };
@@ -44,8 +44,8 @@ export async function startTestAgent(
   const tcp = `127.0.0.1:${bound.find((b) => b.port > 0)?.port}`;
   return {
     agent, tcp, unix: `unix:${sock}`, dataDir, repo,
-    client: (address = tcp) => {
-      const cl = new EdgeAgentClient({ address });
+    client: (address = tcp, options = {}) => {
+      const cl = new EdgeAgentClient({ ...options, address });
       clients.push(cl);
       return cl;
     },
