@@ -16,7 +16,7 @@ import { processCpuNs, startAgent, startHelperServer, type RunningAgent, type Se
 import {
   renderReport, type Api, type BenchReport, type Transport,
 } from './bench/report.js';
-import { inRounds, median, round1, Rounds, summarize, type Window } from './bench/stats.js';
+import { inRounds, median, round1, Rounds, summarize, type WarmupRounds, type Window } from './bench/stats.js';
 import { evaluateTargets } from './bench/targets.js';
 import { batchingOptions, ROOT, workload, WORKLOAD_NAMES } from './bench/workloads.js';
 
@@ -47,18 +47,24 @@ export interface BenchOptions {
   readonly agentConfig?: Readonly<Record<string, unknown>>;
   /** dynamic_batching.max_queue_delay_us for the batching-on model configs (default: the agent's). */
   readonly queueDelayUs?: number;
+  /** The latency clients' busy poll while a result is awaited (EdgeAgentClient busyPollUs); 0: off. */
+  readonly clientPollUs: number;
   readonly log: (line: string) => void;
 }
 
 /** Frames each latency row checks against bare (a stateful model's outputs change step by step). */
 const CAPTURE = 3;
 
-interface Timing { latencyRounds: number; latency: Window; throughputRounds: number; throughput: LoadWindow }
+interface Timing {
+  latencyRounds: number;
+  /** Untimed rounds before the first latency rows of a run, and before each later set of rows. */
+  latencyWarmup: { first: WarmupRounds; next: WarmupRounds };
+  latency: Window; throughputRounds: number; throughput: LoadWindow }
 
 function timing(quick: boolean, rounds: number | undefined): Timing {
   return quick
-    ? { latencyRounds: rounds ?? 1, latency: { warmupMs: 20, durationMs: 60, minSamples: 5, maxSamples: 2000 }, throughputRounds: rounds ?? 1, throughput: { warmupMs: 30, durationMs: 100 } }
-    : { latencyRounds: rounds ?? 6, latency: { warmupMs: 50, durationMs: 250, minSamples: 20, maxSamples: 20_000 }, throughputRounds: rounds ?? 3, throughput: { warmupMs: 300, durationMs: 1200 } };
+    ? { latencyRounds: rounds ?? 1, latencyWarmup: { first: { rounds: 0, minMs: 0 }, next: { rounds: 0, minMs: 0 } }, latency: { warmupMs: 20, durationMs: 60, minSamples: 5, maxSamples: 2000 }, throughputRounds: rounds ?? 1, throughput: { warmupMs: 30, durationMs: 100 } }
+    : { latencyRounds: rounds ?? 6, latencyWarmup: { first: { rounds: 1, minMs: 4000 }, next: { rounds: 1, minMs: 0 } }, latency: { warmupMs: 50, durationMs: 250, minSamples: 20, maxSamples: 20_000 }, throughputRounds: rounds ?? 3, throughput: { warmupMs: 300, durationMs: 1200 } };
 }
 
 interface Servers {
@@ -89,7 +95,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       date: new Date().toISOString(), node: process.version, onnxruntime: ort.env.versions.common, cpus: cpus().length,
       cpu_model: cpus()[0]?.model ?? 'unknown', providers: [...o.providers], quick: o.quick, sections: [...o.sections],
       loadavg_start: loadavg(), loadavg_end: [], duration_s: 0, served_by: {}, agent_config: o.agentConfig ? { ...o.agentConfig } : null,
-      queue_delay_us: o.queueDelayUs ?? null, notes: [],
+      queue_delay_us: o.queueDelayUs ?? null, client_poll_us: o.clientPollUs, notes: [],
     },
     workloads: Object.fromEntries(loads.map((w) => [w.name, {
       description: w.description, frame_bytes: w.frameBytes, batchable: w.batchable, stateful: w.state.length > 0,
@@ -157,27 +163,42 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
     const bareFps = new Map<string, { b1: number[]; b8: number[] }>();
 
     // ---- latency: 1 client closed-loop; rounds of bare, echo, agent (worker), agent (inline) ----
+    // Every client polls while its result is awaited (--client-poll-us), as a latency-critical caller would; for
+    // the native API, echo and the agent are also measured with a client that sleeps, side by side.
     if (has('latency') || has('echo') || has('execution')) {
+      let warmup = T.latencyWarmup.first;
       for (const w of loads) {
         const session = sessions.get(w.name) as ort.InferenceSession;
         const combos: [Api, Transport][] = [['native_stream', 'tcp'], ['native_stream', 'unix'], ['kserve_stream', 'tcp'], ['kserve_unary', 'tcp']];
         for (const [api, transport] of combos) {
           o.log(`latency ${w.name} ${api} ${transport}`);
-          const open = async (target: { tcp: string; unix?: string }, sequence: boolean): Promise<LatencyProbe> => {
+          const open = async (target: { tcp: string; unix?: string }, sequence: boolean, pollUs = o.clientPollUs): Promise<LatencyProbe> => {
             const address = transport === 'unix' ? target.unix as string : target.tcp;
-            if (api === 'native_stream') return openNativeProbe(address, w.name, w.inputs, CAPTURE);
-            return openKServeProbe({ address, model: w.name, inputs: w.inputs, sequence }, api === 'kserve_stream' ? 'stream' : 'unary', CAPTURE);
+            if (api === 'native_stream') return openNativeProbe(address, w.name, w.inputs, CAPTURE, pollUs);
+            return openKServeProbe({ address, model: w.name, inputs: w.inputs, sequence }, api === 'kserve_stream' ? 'stream' : 'unary', CAPTURE, pollUs);
           };
+          const sleepingClient = api === 'native_stream' && o.clientPollUs > 0;
           const probes: { key: string; probe: LatencyProbe }[] = [{ key: 'bare', probe: bareLatencyProbe(session, bareFeeds(w, 1)) }];
           if (servers.echo) probes.push({ key: 'echo', probe: await open(servers.echo, false) });
+          if (servers.echo && sleepingClient) probes.push({ key: 'echo-sleeping', probe: await open(servers.echo, false, 0) });
           const mainMode = modes[w.name] ?? 'worker';
           if (servers.on && has('latency')) probes.push({ key: 'main', probe: await open(servers.on, w.state.length > 0) });
+          if (servers.on && has('latency') && sleepingClient) probes.push({ key: 'main-sleeping', probe: await open(servers.on, w.state.length > 0, 0) });
           if (servers.inline && mainMode !== 'inline' && api === 'native_stream') probes.push({ key: 'inline', probe: await open(servers.inline, w.state.length > 0) });
           if (servers.worker && mainMode !== 'worker' && api === 'native_stream') probes.push({ key: 'worker', probe: await open(servers.worker, w.state.length > 0) });
           const rounds = new Map(probes.map((p) => [p.key, new Rounds()]));
-          const pids: Record<string, number | undefined> = { bare: process.pid, echo: servers.echo?.server.pid, main: servers.on?.server.pid, worker: servers.worker?.server.pid, inline: servers.inline?.server.pid };
+          const pids: Record<string, number | undefined> = {
+            bare: process.pid, echo: servers.echo?.server.pid, 'echo-sleeping': servers.echo?.server.pid, main: servers.on?.server.pid, 'main-sleeping': servers.on?.server.pid,
+            worker: servers.worker?.server.pid, inline: servers.inline?.server.pid,
+          };
           const cpu = new Map(probes.map((p) => [p.key, { total: 0, main: 0, frames: 0 }]));
-          await inRounds(T.latencyRounds, probes, async (probe, key) => {
+          await inRounds(T.latencyRounds, probes, async (probe, key, measured) => {
+            if (!measured) {
+              await probe.block(T.latency);
+              probe.agentTimings?.inferenceUs.splice(0);
+              probe.agentTimings?.totalUs.splice(0);
+              return;
+            }
             const pid = pids[key] as number;
             const c0 = processCpuNs(pid);
             const n0 = probe.count;
@@ -187,7 +208,8 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
             acc.total += c1.total - c0.total;
             acc.main += c1.main - c0.main;
             acc.frames += probe.count - n0;
-          });
+          }, warmup);
+          warmup = T.latencyWarmup.next;
           for (const p of probes) await p.probe.close();
           const cpuPerFrame = (key: string): { total: number; main: number } | undefined => {
             const c = cpu.get(key);
@@ -199,25 +221,33 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           b.p50s.push(...bare.p50s);
           for (const x of bare.all) b.all.push(x);
           bareB1.set(w.name, b);
-          const echo = rounds.get('echo');
-          if (echo) {
+          for (const key of ['echo', 'echo-sleeping'] as const) {
+            const echo = rounds.get(key);
+            if (!echo) continue;
             const e = echo.summary();
-            report.echo.push({ frame: w.name, frame_bytes: w.frameBytes, api, transport, p50_us: e.p50_median, p99_us: e.p99_us, n: e.n, rounds: echo.p50s.length, cpu_us_per_frame: cpuPerFrame('echo') });
+            report.echo.push({
+              frame: w.name, frame_bytes: w.frameBytes, api, transport, client_poll_us: key === 'echo' ? o.clientPollUs : 0,
+              p50_us: e.p50_median, p99_us: e.p99_us, n: e.n, rounds: echo.p50s.length, cpu_us_per_frame: cpuPerFrame(key),
+            });
           }
-          for (const key of ['main', 'worker', 'inline'] as const) {
+          for (const key of ['main', 'main-sleeping', 'worker', 'inline'] as const) {
             const agent = rounds.get(key);
             if (!agent) continue;
-            const execution = key === 'main' ? mainMode : key;
+            const sleeping = key === 'main-sleeping';
+            const echoKey = sleeping ? 'echo-sleeping' : 'echo';
+            const echo = rounds.get(echoKey);
+            const execution = key === 'main' || sleeping ? mainMode : key;
             const probe = probes.find((p) => p.key === key)?.probe as LatencyProbe;
             const s = agent.summary();
             const over = agent.p50s.map((x, i) => x - (bare.p50s[i] as number));
             const own = echo ? over.map((x, i) => x - (echo.p50s[i] as number)) : undefined;
             const diff = outputsDiff(probe.outputs, references.get(w.name) ?? []);
             const agentCpu = cpuPerFrame(key);
-            const echoCpu = cpuPerFrame('echo');
+            const echoCpu = cpuPerFrame(echoKey);
             const bareCpu = cpuPerFrame('bare');
             report.latency.push({
-              workload: w.name, frame_bytes: w.frameBytes, api, transport, execution, config: key === 'main' ? 'default' : 'forced', p50_us: s.p50_median, p99_us: s.p99_us, n: s.n, rounds: agent.p50s.length,
+              workload: w.name, frame_bytes: w.frameBytes, api, transport, execution, config: key === 'main' || sleeping ? 'default' : 'forced',
+              client_poll_us: sleeping ? 0 : o.clientPollUs, p50_us: s.p50_median, p99_us: s.p99_us, n: s.n, rounds: agent.p50s.length,
               bare_p50_us: round1(median(bare.p50s)), echo_p50_us: echo ? round1(median(echo.p50s)) : undefined,
               overhead_us: round1(median(over)), own_cost_us: own ? round1(median(own)) : undefined,
               own_cost_range_us: own ? [round1(Math.min(...own)), round1(Math.max(...own))] : undefined,
@@ -379,9 +409,10 @@ async function main(argv: readonly string[]): Promise<void> {
     .option('--reference-outputs', "include bare's outputs in the JSON (for comparing providers)", false)
     .option('--cpu-prof <dir>', 'run the agent children with --cpu-prof, profiles into <dir>')
     .option('--queue-delay-us <n>', 'dynamic_batching.max_queue_delay_us in the batching-on model configs (default: the agent\'s, 0)')
-    .option('--agent-config <file>', "YAML merged over the bench's agent config (e.g. runtime.provider_options.intra_op_threads)");
+    .option('--agent-config <file>', "YAML merged over the bench's agent config (e.g. runtime.provider_options.intra_op_threads)")
+    .option('--client-poll-us <n>', 'latency clients poll this long while a result is awaited (0: they sleep; the native API is also measured sleeping)', '1000');
   program.parse(argv, { from: 'user' });
-  const opts = program.opts<{ quick: boolean; json: boolean; out?: string; workloads?: string; providers: string; sections: string; streams: string; rssFrames?: string; coldReps?: string; rounds?: string; referenceOutputs: boolean; cpuProf?: string; agentConfig?: string; queueDelayUs?: string }>();
+  const opts = program.opts<{ quick: boolean; json: boolean; out?: string; workloads?: string; providers: string; sections: string; streams: string; rssFrames?: string; coldReps?: string; rounds?: string; referenceOutputs: boolean; cpuProf?: string; agentConfig?: string; queueDelayUs?: string; clientPollUs: string }>();
   const sections = list(opts.sections);
   for (const s of sections) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`unknown section '${s}' (known: ${SECTIONS.join(', ')})`);
   const providers = list(opts.providers);
@@ -390,6 +421,11 @@ async function main(argv: readonly string[]): Promise<void> {
     if (v === undefined) return fallback;
     const n = Number(v);
     if (!Number.isInteger(n) || n <= 0) throw new Error(`${what} must be a positive integer, got '${v}'`);
+    return n;
+  };
+  const nonNegative = (v: string, what: string): number => {
+    const n = Number(v);
+    if (!Number.isInteger(n) || n < 0) throw new Error(`${what} must be a whole number ≥ 0, got '${v}'`);
     return n;
   };
   const report = await runBench({
@@ -402,6 +438,7 @@ async function main(argv: readonly string[]): Promise<void> {
     coldReps: positive(opts.coldReps, opts.quick ? 1 : 5, '--cold-reps'),
     ...(opts.rounds ? { rounds: positive(opts.rounds, 1, '--rounds') } : {}),
     referenceOutputs: opts.referenceOutputs,
+    clientPollUs: nonNegative(opts.clientPollUs, '--client-poll-us'),
     ...(opts.cpuProf ? { cpuProfDir: resolve(opts.cpuProf) } : {}),
     ...(opts.queueDelayUs !== undefined ? { queueDelayUs: Number(opts.queueDelayUs) } : {}),
     ...(opts.agentConfig ? { agentConfig: parse(readFileSync(opts.agentConfig, 'utf8')) as Record<string, unknown> } : {}),

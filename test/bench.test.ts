@@ -34,6 +34,7 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
 
   t.same(Object.keys(r.workloads).sort(), [...WORKLOADS].sort(), 'the workloads asked for');
   t.equal(r.meta.quick, true);
+  t.equal(r.meta.client_poll_us, 1000, 'latency clients poll by default');
   t.ok(finite(r.meta.cpus) && r.meta.loadavg_start.length === 3, 'machine and load recorded');
 
   for (const w of WORKLOADS) {
@@ -43,14 +44,17 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
     t.ok(typeof r.meta.served_by[w] === 'string' && r.meta.served_by[w].length > 0, `provider that served ${w} reported`);
 
     for (const [api, transport] of [['native_stream', 'tcp'], ['native_stream', 'unix'], ['kserve_stream', 'tcp'], ['kserve_unary', 'tcp']]) {
-      const echo = r.echo.find((e: Json) => e.frame === w && e.api === api && e.transport === transport);
+      const echo = r.echo.find((e: Json) => e.frame === w && e.api === api && e.transport === transport && e.client_poll_us === r.meta.client_poll_us);
       t.ok(echo && finite(echo.p50_us) && finite(echo.p99_us) && echo.n > 0, `echo ${w} ${api} ${transport}`);
-      const l = r.latency.find((x: Json) => x.workload === w && x.api === api && x.transport === transport && x.config === 'default');
+      const l = r.latency.find((x: Json) => x.workload === w && x.api === api && x.transport === transport && x.config === 'default' && x.client_poll_us === r.meta.client_poll_us);
       t.ok(l && finite(l.p50_us) && finite(l.p99_us) && finite(l.overhead_us) && finite(l.own_cost_us), `latency ${w} ${api} ${transport}: p50, p99, overhead, own cost`);
       t.ok(l && finite(l.own_cpu_us) && finite(l.cpu_us_per_frame?.total) && finite(l.cpu_us_per_frame?.main), `latency ${w} ${api} ${transport}: CPU per frame`);
       t.equal(l?.outputs_equal, true, `${w} over ${api}/${transport}: the agent's outputs equal bare onnxruntime's (max relative diff ${l?.max_rel_diff})`);
     }
     for (const transport of ['tcp', 'unix']) {
+      const sleeping = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.config === 'default' && x.client_poll_us === 0);
+      const sleepingEcho = r.echo.find((e: Json) => e.frame === w && e.api === 'native_stream' && e.transport === transport && e.client_poll_us === 0);
+      t.ok(sleeping && finite(sleeping.own_cost_us) && sleepingEcho && finite(sleepingEcho.p50_us), `${w} native ${transport}: also measured with a client that sleeps, against an echo with the same client`);
       for (const execution of ['worker', 'inline']) {
         const l = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.execution === execution);
         t.ok(l && finite(l.p50_us) && finite(l.agent_inference_us) && l.outputs_equal === true, `${execution} execution ${w} ${transport}: measured, outputs equal bare`);
@@ -92,4 +96,7 @@ t.test('bench refuses bad options with a message naming them', async (t) => {
   const missing = await runBench(['--quick', '--workloads', 'nonesuch']);
   t.not(missing.code, 0);
   t.match(missing.stderr, /unknown workload 'nonesuch'/);
+  const poll = await runBench(['--quick', '--client-poll-us', '-5']);
+  t.not(poll.code, 0);
+  t.match(poll.stderr, /--client-poll-us must be a whole number ≥ 0, got '-5'/);
 });

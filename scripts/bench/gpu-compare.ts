@@ -43,7 +43,7 @@ export function compareRuns(cpu: BenchReport, gpu: BenchReport): { table: string
     if (served !== undefined && served !== gpuProvider) failures.push(`${w}: the agent served it on ${served}, not ${gpuProvider}`);
     for (const [name, r] of [['cpu', cpu], [gpuProvider, gpu]] as const) {
       const bare = r.bare[w];
-      const lat = r.latency.find((l) => l.workload === w && l.api === 'native_stream' && l.transport === 'unix' && l.config === 'default');
+      const lat = r.latency.find((l) => l.workload === w && l.api === 'native_stream' && l.transport === 'unix' && l.config === 'default' && l.client_poll_us === r.meta.client_poll_us);
       const tp = (batching: boolean | null): number | undefined => r.throughput.find((t) => t.workload === w && t.server === 'agent' && t.api === 'native_stream' && t.batching === batching && t.streams === 8)?.fps;
       const on = tp(true);
       const off = tp(false);

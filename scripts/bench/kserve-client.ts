@@ -3,6 +3,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { join } from 'node:path';
 import { PROTO_DIR } from '../../agent/server/index.js';
 import type { Tensor } from '../../agent/runtime/index.js';
+import { ResultPoller } from '../../agent/client/index.js';
 import type { Outputs } from './bare.js';
 
 /** The agent's KServe loader options (agent/server/kserve-service.ts), so client and echo decode alike. */
@@ -70,15 +71,23 @@ export function responseOutputs(res: InferResponse): Outputs {
 /** KServe v2 gRPC client for the bench: unary ModelInfer and the ModelStreamInfer stream. */
 export class KServeBenchClient {
   private readonly client: grpc.Client;
+  private readonly poller: ResultPoller;
 
-  constructor(address: string) {
+  /** @param busyPollUs as EdgeAgentClient's option: poll while a lone response is awaited (0: off). */
+  constructor(address: string, busyPollUs = 0) {
+    this.poller = new ResultPoller(busyPollUs);
     const C = clientCtor();
     this.client = new C(address, grpc.credentials.createInsecure(), { 'grpc.max_receive_message_length': 64 * 1024 * 1024 });
   }
 
   infer(request: object): Promise<InferResponse> {
     const fn = (this.client as unknown as { ModelInfer: Unary }).ModelInfer.bind(this.client);
-    return new Promise((resolve, reject) => fn(request, new grpc.Metadata(), {}, (err, res) => (err ? reject(err) : resolve(res))));
+    this.poller.sent();
+    return new Promise((resolve, reject) => fn(request, new grpc.Metadata(), {}, (err, res) => {
+      this.poller.received();
+      if (err) reject(err);
+      else resolve(res);
+    }));
   }
 
   /** A ModelStreamInfer call used closed-loop: `infer` writes one request and resolves with its response. */
@@ -88,14 +97,19 @@ export class KServeBenchClient {
     call.on('data', (m: { error_message: string; infer_response: InferResponse }) => {
       const w = waiting.shift();
       if (!w) return;
+      this.poller.received();
       if (m.error_message) w.reject(new Error(m.error_message));
       else w.resolve(m.infer_response);
     });
-    call.on('error', (err) => { for (const w of waiting.splice(0)) w.reject(err); });
+    call.on('error', (err) => {
+      this.poller.abandoned(waiting.length);
+      for (const w of waiting.splice(0)) w.reject(err);
+    });
     return {
       infer: (request) => new Promise((resolve, reject) => {
         waiting.push({ resolve, reject });
         call.write(request);
+        this.poller.sent();
       }),
       end: () => call.end(),
     };

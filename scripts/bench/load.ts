@@ -81,8 +81,9 @@ class ClosedLoopStream {
   }
 }
 
-export async function openNativeProbe(address: string, model: string, inputs: Readonly<Record<string, Tensor>>, capture: number): Promise<LatencyProbe> {
-  const client = new EdgeAgentClient({ address });
+/** @param busyPollUs the client's poll while a result is awaited (EdgeAgentClient busyPollUs; 0: it sleeps). */
+export async function openNativeProbe(address: string, model: string, inputs: Readonly<Record<string, Tensor>>, capture: number, busyPollUs = 0): Promise<LatencyProbe> {
+  const client = new EdgeAgentClient({ address, busyPollUs });
   const stream = await ClosedLoopStream.open(client, model);
   const outputs: Outputs[] = [];
   for (let i = 0; i < capture; i++) outputs.push(resultOutputs(await stream.roundTrip(inputs)));
@@ -162,8 +163,8 @@ function kserveLoop(client: KServeBenchClient, target: KServeTarget, mode: KServ
   };
 }
 
-export async function openKServeProbe(target: KServeTarget, mode: KServeMode, capture: number): Promise<LatencyProbe> {
-  const client = new KServeBenchClient(target.address);
+export async function openKServeProbe(target: KServeTarget, mode: KServeMode, capture: number, busyPollUs = 0): Promise<LatencyProbe> {
+  const client = new KServeBenchClient(target.address, busyPollUs);
   const loop = kserveLoop(client, target, mode);
   const outputs: Outputs[] = [];
   for (let i = 0; i < capture; i++) outputs.push(await loop.step(true) as Outputs);

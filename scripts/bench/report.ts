@@ -10,6 +10,8 @@ export interface EchoRow {
   readonly frame_bytes: number;
   readonly api: Api;
   readonly transport: Transport;
+  /** The client's busy poll while awaiting a result (µs; 0: it sleeps until the answer wakes it). */
+  readonly client_poll_us: number;
   readonly p50_us: number;
   /** Pooled over every round. */
   readonly p99_us: number;
@@ -28,6 +30,8 @@ export interface LatencyRow {
   readonly execution: 'worker' | 'inline';
   /** `default`: the agent's default configuration (what the targets read); `forced`: runtime.execution set. */
   readonly config: 'default' | 'forced';
+  /** As in EchoRow; own cost is taken against the echo row with the same client. */
+  readonly client_poll_us: number;
   readonly p50_us: number;
   readonly p99_us: number;
   readonly n: number;
@@ -152,6 +156,8 @@ export interface BenchReport {
     agent_config: Record<string, unknown> | null;
     /** --queue-delay-us: max_queue_delay_us of the batching-on configs (null: the agent's default). */
     queue_delay_us: number | null;
+    /** --client-poll-us: the latency clients' busy poll (0: they sleep); the target rows read these rows. */
+    client_poll_us: number;
     notes: string[];
   };
   /** batchable: the agent batches it (max_batch_size > 0 as it logged); before an agent ran, whether the model has a batch dimension. */
@@ -167,6 +173,7 @@ export interface BenchReport {
 }
 
 const fmt = (x: number | undefined): string => (x === undefined ? 'n/a' : formatNumber(x));
+const clientCell = (pollUs: number): string => (pollUs > 0 ? `polls ${pollUs} µs` : 'sleeps');
 const cpuCell = (c: { total: number; main: number } | undefined): string => (c ? `${formatNumber(c.total)} (${formatNumber(c.main)})` : 'n/a');
 
 /** The human-readable report: one table per section, then the targets. */
@@ -188,16 +195,17 @@ export function renderReport(r: BenchReport): string {
   }
   if (r.echo.length > 0) {
     out.push('', 'echo: no-inference service, same grpc-js stack and frame (the transport floor), 1 client closed-loop');
-    out.push(formatTable(['frame', 'bytes', 'api', 'transport', 'p50 µs', 'p99 µs', 'cpu µs/frame (main)', 'n', 'rounds'],
-      r.echo.map((e) => [e.frame, e.frame_bytes, e.api, e.transport, e.p50_us, e.p99_us, cpuCell(e.cpu_us_per_frame), e.n, e.rounds])));
+    out.push(formatTable(['frame', 'bytes', 'api', 'transport', 'client', 'p50 µs', 'p99 µs', 'cpu µs/frame (main)', 'n', 'rounds'],
+      r.echo.map((e) => [e.frame, e.frame_bytes, e.api, e.transport, clientCell(e.client_poll_us), e.p50_us, e.p99_us, cpuCell(e.cpu_us_per_frame), e.n, e.rounds])));
   }
   if (r.latency.length > 0) {
     out.push('', 'latency: agent as a child process, 1 stream/client closed-loop, in rounds alternating with bare and echo');
-    out.push('(own cost = p50 − bare p50 − echo p50 of the same round, median over rounds; range: min..max round)');
+    out.push('(own cost = p50 − bare p50 − echo p50 of the same round and client, median over rounds; range: min..max round)');
+    out.push('(client: polls while its result is awaited, as a latency-critical caller would (EdgeAgentClient busyPollUs), or sleeps)');
     out.push('(cpu: on-CPU µs per frame of the agent process, all threads (main thread); own cpu = agent − echo − bare cpu)');
     out.push('(agent run/total: p50 of the agent\'s own timings per frame — its inference run, and frame decoded → result ready)');
-    out.push(formatTable(['workload', 'api', 'transport', 'execution (config)', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'agent run/total', 'cpu µs/frame', 'own cpu µs', 'outputs = bare', 'n'],
-      r.latency.map((l) => [l.workload, l.api, l.transport, `${l.execution} (${l.config})`, l.p50_us, l.p99_us, l.bare_p50_us, fmt(l.echo_p50_us), l.overhead_us, fmt(l.own_cost_us),
+    out.push(formatTable(['workload', 'api', 'transport', 'execution (config)', 'client', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'agent run/total', 'cpu µs/frame', 'own cpu µs', 'outputs = bare', 'n'],
+      r.latency.map((l) => [l.workload, l.api, l.transport, `${l.execution} (${l.config})`, clientCell(l.client_poll_us), l.p50_us, l.p99_us, l.bare_p50_us, fmt(l.echo_p50_us), l.overhead_us, fmt(l.own_cost_us),
         l.own_cost_range_us ? `${fmt(l.own_cost_range_us[0])}..${fmt(l.own_cost_range_us[1])}` : 'n/a',
         l.agent_inference_us === undefined ? 'n/a' : `${fmt(l.agent_inference_us)}/${fmt(l.agent_total_us)}`, cpuCell(l.cpu_us_per_frame), fmt(l.own_cpu_us),
         l.outputs_equal ? 'yes' : `NO (${l.max_rel_diff.toExponential(1)})`, l.n])));

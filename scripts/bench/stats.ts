@@ -111,13 +111,31 @@ export class Rounds {
   }
 }
 
-/** Runs each probe's block in turn, `rounds` times, rotating the order so none always follows the same one. */
-export async function inRounds<P>(rounds: number, probes: readonly { key: string; probe: P }[], block: (p: P, key: string) => Promise<void>): Promise<void> {
-  for (let r = 0; r < rounds; r++) {
-    for (let i = 0; i < probes.length; i++) {
-      const { key, probe } = probes[(i + r) % probes.length] as { key: string; probe: P };
-      await block(probe, key);
-    }
-  }
+/** Untimed rounds before the measured ones: at least `rounds`, and more until `minMs` have passed. */
+export interface WarmupRounds {
+  readonly rounds: number;
+  readonly minMs: number;
 }
 
+/**
+ * Runs each probe's block in turn, `rounds` times, rotating the order so none always follows the same one,
+ * after untimed warm-up rounds (`measured` is false in them). On the development VM the first seconds of
+ * load after a pause run slower: tiny's inference took 50 µs a frame instead of 33 after a 5 s pause, and the
+ * first rows measured read 50–70 µs worse than the same rows measured later, until about 4 s of warm-up.
+ */
+export async function inRounds<P>(
+  rounds: number, probes: readonly { key: string; probe: P }[], block: (p: P, key: string, measured: boolean) => Promise<void>,
+  warmup: WarmupRounds = { rounds: 0, minMs: 0 },
+): Promise<void> {
+  const warmUntil = performance.now() + warmup.minMs;
+  let r = 0;
+  for (; r < warmup.rounds || (warmup.minMs > 0 && performance.now() < warmUntil); r++) await oneRound(r, probes, block, false);
+  for (let m = 0; m < rounds; m++, r++) await oneRound(r, probes, block, true);
+}
+
+async function oneRound<P>(r: number, probes: readonly { key: string; probe: P }[], block: (p: P, key: string, measured: boolean) => Promise<void>, measured: boolean): Promise<void> {
+  for (let i = 0; i < probes.length; i++) {
+    const { key, probe } = probes[(i + r) % probes.length] as { key: string; probe: P };
+    await block(probe, key, measured);
+  }
+}
