@@ -7,6 +7,7 @@ import { Agent, AGENT_VERSION } from './main.js';
 import { runOptimize, type CalibrationMethod } from './compress/index.js';
 import { agentStatusLine, SystemdNotifier } from './systemd/index.js';
 import { runStatusCommand } from './telemetry/index.js';
+import { applyHeapGrowingPercent } from './v8-heap.js';
 
 const collect = (value: string, previous: string[] = []): string[] => [...previous, value];
 
@@ -25,11 +26,12 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
   });
   const { config, source } = load();
   const log = createLogger({ level: config.log.level });
+  const heapGrowingPercent = applyHeapGrowingPercent(config.v8.heap_growing_percent);
   // sd_notify: READY=1 only once models are warm, WATCHDOG=1 from the event loop, STATUS= one-line summaries.
   const notifier = new SystemdNotifier({ onError: (err) => log.warn({ err: err.message }, 'systemd notification not delivered') });
   notifier.start();
   void notifier.status(`starting: loading models from ${config.model_repository}`);
-  log.info({ config: source, model_repository: config.model_repository, data_dir: config.data_dir, version: AGENT_VERSION }, 'edge-agent starting');
+  log.info({ config: source, model_repository: config.model_repository, data_dir: config.data_dir, version: AGENT_VERSION, heap_growing_percent: heapGrowingPercent }, 'edge-agent starting');
   const agent = new Agent({ config, configSource: source, log });
   const statusLine = (note?: string): string => agentStatusLine(agent.runtime.listModels(), { streams: agent.sensorStreams.activeStreams(), ...(note ? { note } : {}) });
   let signalled = false;

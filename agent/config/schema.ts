@@ -97,6 +97,12 @@ export const logSchema = z.strictObject({
   level: z.enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent']).default('info'),
 });
 
+export const v8Schema = z.strictObject({
+  /** How far the JS heap may grow past its live size before a full collection (V8's --heap-growing-percent);
+   * 0 leaves it to V8. See agent/v8-heap.ts for why the agent raises it. */
+  heap_growing_percent: z.number().int().min(0).max(1000).default(300),
+});
+
 export const agentConfigSchema = z.strictObject({
   model_repository: z.string().min(1).default('models'),
   data_dir: z.string().min(1).default('var'),
@@ -104,6 +110,7 @@ export const agentConfigSchema = z.strictObject({
   runtime: runtimeSchema.default(runtimeSchema.parse({})),
   log: logSchema.default(logSchema.parse({})),
   telemetry: telemetrySchema.default(telemetrySchema.parse({})),
+  v8: v8Schema.default(v8Schema.parse({})),
   /** Absent: the agent runs stand-alone (no broker, no deployments; telemetry stays local). */
   fleet: optionalFleetSchema,
 });

@@ -14,8 +14,8 @@ export interface RunningCli {
 }
 
 /** Starts the real compiled CLI (`npm test` builds it first) as a child process. */
-export function startCli(args: readonly string[], env: NodeJS.ProcessEnv = {}): RunningCli {
-  const child = spawn(process.execPath, [CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
+export function startCli(args: readonly string[], env: NodeJS.ProcessEnv = {}, nodeArgs: readonly string[] = []): RunningCli {
+  const child = spawn(process.execPath, [...nodeArgs, CLI, ...args], { env: { ...process.env, ...env }, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   let err = '';
   const waiters: { pattern: RegExp; resolve: (line: string) => void }[] = [];
