@@ -6,6 +6,8 @@ import { fileURLToPath } from 'node:url';
 import { Command } from 'commander';
 import * as ort from 'onnxruntime-node';
 import { parse } from 'yaml';
+import { agentConfigSchema } from '../agent/config/index.js';
+import { applyHeapGrowingPercent } from '../agent/v8-heap.js';
 import { bareFeeds, EQUAL_REL, openBareSession, outputsDiff, referenceSequence, runsAtBatch8, type BenchProvider, type Outputs } from './bench/bare.js';
 import { measureColdStart, measureRss } from './bench/lifecycle.js';
 import {
@@ -49,6 +51,8 @@ export interface BenchOptions {
   readonly queueDelayUs?: number;
   /** The latency clients' busy poll while a result is awaited (EdgeAgentClient busyPollUs); 0: off. */
   readonly clientPollUs: number;
+  /** What the load generator (this process) runs with: agent/v8-heap.ts. */
+  readonly loadGeneratorHeapGrowingPercent: number;
   readonly log: (line: string) => void;
 }
 
@@ -95,7 +99,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       date: new Date().toISOString(), node: process.version, onnxruntime: ort.env.versions.common, cpus: cpus().length,
       cpu_model: cpus()[0]?.model ?? 'unknown', providers: [...o.providers], quick: o.quick, sections: [...o.sections],
       loadavg_start: loadavg(), loadavg_end: [], duration_s: 0, served_by: {}, agent_config: o.agentConfig ? { ...o.agentConfig } : null,
-      queue_delay_us: o.queueDelayUs ?? null, client_poll_us: o.clientPollUs, notes: [],
+      queue_delay_us: o.queueDelayUs ?? null, client_poll_us: o.clientPollUs, load_generator_heap_growing_percent: o.loadGeneratorHeapGrowingPercent, notes: [],
     },
     workloads: Object.fromEntries(loads.map((w) => [w.name, {
       description: w.description, frame_bytes: w.frameBytes, batchable: w.batchable, stateful: w.state.length > 0,
@@ -394,6 +398,10 @@ function list(value: string): string[] {
 }
 
 async function main(argv: readonly string[]): Promise<void> {
+  // The load generator streams the same frames the agent receives and its V8 has the same trouble with them
+  // (see agent/v8-heap.ts): untuned, its full collections took 0.3–1 ms of CPU a frame from the cores the
+  // servers are measured on. It gets the agent's default, as a Node sensor process should.
+  const loadGeneratorHeapGrowingPercent = applyHeapGrowingPercent(agentConfigSchema.parse({}).v8.heap_growing_percent);
   const program = new Command('bench')
     .description('edge-agent benchmark: bare onnxruntime, gRPC echo floor, the agent (native + KServe), a naive server')
     .option('--quick', 'CI-sized run (a few seconds per section; figures are not meaningful)', false)
@@ -439,6 +447,7 @@ async function main(argv: readonly string[]): Promise<void> {
     ...(opts.rounds ? { rounds: positive(opts.rounds, 1, '--rounds') } : {}),
     referenceOutputs: opts.referenceOutputs,
     clientPollUs: nonNegative(opts.clientPollUs, '--client-poll-us'),
+    loadGeneratorHeapGrowingPercent,
     ...(opts.cpuProf ? { cpuProfDir: resolve(opts.cpuProf) } : {}),
     ...(opts.queueDelayUs !== undefined ? { queueDelayUs: Number(opts.queueDelayUs) } : {}),
     ...(opts.agentConfig ? { agentConfig: parse(readFileSync(opts.agentConfig, 'utf8')) as Record<string, unknown> } : {}),

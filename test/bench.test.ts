@@ -35,6 +35,7 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
   t.same(Object.keys(r.workloads).sort(), [...WORKLOADS].sort(), 'the workloads asked for');
   t.equal(r.meta.quick, true);
   t.equal(r.meta.client_poll_us, 1000, 'latency clients poll by default');
+  t.equal(r.meta.load_generator_heap_growing_percent, 300, "the load generator runs with the agent's default heap growth");
   t.ok(finite(r.meta.cpus) && r.meta.loadavg_start.length === 3, 'machine and load recorded');
 
   for (const w of WORKLOADS) {

@@ -158,6 +158,8 @@ export interface BenchReport {
     queue_delay_us: number | null;
     /** --client-poll-us: the latency clients' busy poll (0: they sleep); the target rows read these rows. */
     client_poll_us: number;
+    /** The load generator's V8 heap growth (agent/v8-heap.ts; the agents get theirs from their config). */
+    load_generator_heap_growing_percent: number;
     notes: string[];
   };
   /** batchable: the agent batches it (max_batch_size > 0 as it logged); before an agent ran, whether the model has a batch dimension. */
@@ -183,6 +185,7 @@ export function renderReport(r: BenchReport): string {
   out.push(`edge-agent benchmark — ${m.date}, node ${m.node}, onnxruntime ${m.onnxruntime}, ${m.cpus}× ${m.cpu_model}, providers ${m.providers.join(',')}${m.quick ? ' (--quick)' : ''}`);
   out.push(`load average at start ${m.loadavg_start.map((x) => x.toFixed(2)).join(' ')}, at end ${m.loadavg_end.map((x) => x.toFixed(2)).join(' ')}; ${m.duration_s.toFixed(0)} s`);
   if (m.agent_config) out.push(`agent config overrides: ${JSON.stringify(m.agent_config)}`);
+  out.push(`load generator (this process): V8 heap growing ${m.load_generator_heap_growing_percent} %, as the agent's default; latency clients ${m.client_poll_us > 0 ? `poll ${m.client_poll_us} µs` : 'sleep'} while awaiting a result`);
   if (m.queue_delay_us !== null) out.push(`batching-on configs: dynamic_batching.max_queue_delay_us ${m.queue_delay_us}`);
   for (const n of m.notes) out.push(`note: ${n}`);
   out.push('');
