@@ -11,6 +11,7 @@ import { copyDemoRepo, ROOT, tempDir } from './helpers/runtime.js';
 t.test("a --heap-growing-percent given to node wins over the config's", async (t) => {
   t.equal(applyHeapGrowingPercent(300, ['--heap-growing-percent=150']), 150);
   t.equal(applyHeapGrowingPercent(300, ['--heap_growing_percent=40']), 40);
+  t.equal(applyHeapGrowingPercent(300, ['--heap-growing-percent', '75']), 75, 'also as two arguments');
 });
 
 /**

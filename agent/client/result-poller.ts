@@ -3,7 +3,7 @@ import { performance } from 'node:perf_hooks';
 /**
  * Keeps a client's event loop polling while it awaits a result, so the answer is read without a thread
  * wake-up: the client-side counterpart of the agent's `server.busy_poll_us`, for a latency-critical caller
- * that sends a frame and waits for its result (a control loop). On the development VM it took 60–70 µs off a
+ * that sends a frame and waits for its result (a control loop). On the development VM it took 50–70 µs off a
  * 4 KiB round trip over loopback TCP, the same for the agent and for a bare gRPC echo.
  *
  * It polls only while exactly one frame is outstanding (with several in flight the loop is woken by results
