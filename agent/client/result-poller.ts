@@ -21,6 +21,11 @@ export class ResultPoller {
   /** @param windowUs how long to poll after a send; 0 turns polling off. */
   constructor(private readonly windowUs: number) {}
 
+  /** Whether the event loop is being kept polling now. */
+  get polling(): boolean {
+    return this.spinning;
+  }
+
   /** Results awaited: sent, and neither arrived nor abandoned. */
   get awaiting(): number {
     return this.outstanding;

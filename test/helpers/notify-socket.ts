@@ -81,10 +81,18 @@ export class NotifyListener {
 
   /** Resolves once `count` notifications (barriers not counted) satisfy `match`. */
   waitFor(match: (message: string) => boolean, count = 1, timeoutMs = 20_000): Promise<void> {
-    const test = () => this.messages().filter(match).length >= count;
+    return this.waitForDatagrams((d) => d.message !== 'BARRIER=1' && match(d.message), count, timeoutMs);
+  }
+
+  /**
+   * Resolves once `count` datagrams, barriers included, satisfy `match`. The listener releases a barrier by
+   * closing its fd before it prints the line, so systemd-notify can return before the line is read here.
+   */
+  waitForDatagrams(match: (d: NotifyDatagram) => boolean, count = 1, timeoutMs = 20_000): Promise<void> {
+    const test = () => this.received.filter(match).length >= count;
     if (test()) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`fewer than ${count} matching notifications within ${timeoutMs} ms; got ${JSON.stringify(this.messages())}`)), timeoutMs);
+      const timer = setTimeout(() => reject(new Error(`fewer than ${count} matching datagrams within ${timeoutMs} ms; got ${JSON.stringify(this.received)}`)), timeoutMs);
       this.waiters.push({ test, resolve: () => { clearTimeout(timer); resolve(); } });
     });
   }
