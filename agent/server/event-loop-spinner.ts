@@ -30,6 +30,11 @@ export class EventLoopSpinner {
    */
   constructor(private readonly windowUs: number, private readonly working: () => boolean = () => false) {}
 
+  /** Whether the event loop is being kept polling now. */
+  get polling(): boolean {
+    return this.spinning;
+  }
+
   /** A frame or request arrived from `source` (a stream, or a connection's peer address). */
   readonly arrived = (source: unknown): void => {
     const now = performance.now();
