@@ -1,17 +1,7 @@
 import t from 'tap';
-import { performance } from 'node:perf_hooks';
 import { EventLoopSpinner } from '../agent/server/index.js';
+import { sleep, turn, utilisation } from './helpers/event-loop.js';
 
-/** Share of the next `ms` the event loop spent not waiting in the OS for I/O (Node's event-loop utilisation). */
-async function utilisation(ms: number): Promise<number> {
-  const start = performance.eventLoopUtilization();
-  await new Promise((r) => setTimeout(r, ms));
-  return performance.eventLoopUtilization(start).utilization;
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-/** One event-loop turn: a spin that should stop has seen its reason by then (its immediate runs first). */
-const turn = () => new Promise((r) => setImmediate(r));
 const client = {};
 
 t.test('after an answer the loop keeps polling for its window, then sleeps again', async (t) => {

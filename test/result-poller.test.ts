@@ -1,21 +1,9 @@
 import t from 'tap';
-import { performance } from 'node:perf_hooks';
 import { ResultPoller } from '../agent/client/index.js';
 import type { FrameResult } from '../agent/client/index.js';
 import type { Tensor } from '../agent/runtime/index.js';
 import { startTestAgent } from './helpers/agent.js';
-
-/** Share of the next `ms` the event loop spent not waiting in the OS for I/O (Node's event-loop utilisation). */
-async function utilisation(ms: number): Promise<number> {
-  const start = performance.eventLoopUtilization();
-  await new Promise((r) => setTimeout(r, ms));
-  return performance.eventLoopUtilization(start).utilization;
-}
-
-const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-
-/** One event-loop turn: a poll that should stop has seen its reason by then. */
-const turn = () => new Promise((r) => setImmediate(r));
+import { sleep, turn, utilisation } from './helpers/event-loop.js';
 
 t.test('while a lone result is awaited the loop polls, for at most its window', async (t) => {
   const poller = new ResultPoller(60_000);

@@ -1,0 +1,13 @@
+import { performance } from 'node:perf_hooks';
+
+/** Share of the next `ms` the event loop spent not waiting in the OS for I/O (Node's event-loop utilisation). */
+export async function utilisation(ms: number): Promise<number> {
+  const start = performance.eventLoopUtilization();
+  await new Promise((r) => setTimeout(r, ms));
+  return performance.eventLoopUtilization(start).utilization;
+}
+
+export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** One event-loop turn: a spin that should stop has seen its reason by then (its immediate was queued first). */
+export const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
