@@ -1,4 +1,5 @@
 import { performance } from 'node:perf_hooks';
+import { LoopPoll } from '../server/index.js';
 
 /**
  * Keeps a client's event loop polling while it awaits a result, so the answer is read without a thread
@@ -15,15 +16,14 @@ export class ResultPoller {
   private outstanding = 0;
   private sentAt = 0;
   private lastRoundTripUs = 0;
-  private until = 0;
-  private spinning = false;
+  private readonly loop = new LoopPoll(() => this.outstanding === 1);
 
   /** @param windowUs how long to poll after a send; 0 turns polling off. */
   constructor(private readonly windowUs: number) {}
 
   /** Whether the event loop is being kept polling now. */
   get polling(): boolean {
-    return this.spinning;
+    return this.loop.polling;
   }
 
   /** Results awaited: sent, and neither arrived nor abandoned. */
@@ -38,10 +38,7 @@ export class ResultPoller {
     const now = performance.now();
     this.sentAt = now;
     if (this.outstanding !== 1 || this.lastRoundTripUs > this.windowUs) return;
-    this.until = now + this.windowUs / 1000;
-    if (this.spinning) return;
-    this.spinning = true;
-    setImmediate(this.spin);
+    this.loop.pollUntil(now + this.windowUs / 1000);
   }
 
   /** A result (of any status) arrived, or the call carrying it ended. */
@@ -55,10 +52,4 @@ export class ResultPoller {
   abandoned(count: number): void {
     this.outstanding = Math.max(0, this.outstanding - count);
   }
-
-  // Each setImmediate turn makes libuv poll its sockets without blocking, then come back here.
-  private readonly spin = (): void => {
-    if (this.outstanding === 1 && performance.now() < this.until) setImmediate(this.spin);
-    else this.spinning = false;
-  };
 }

@@ -1,4 +1,33 @@
 /**
+ * The polling itself, shared by the agent's spinner and the client's result poller: a chain of setImmediate
+ * turns, each of which makes libuv poll its sockets without blocking, until a deadline or until `keepGoing`
+ * says the reason for polling is gone.
+ */
+export class LoopPoll {
+  private until = 0;
+  private active = false;
+
+  constructor(private readonly keepGoing: () => boolean) {}
+
+  get polling(): boolean {
+    return this.active;
+  }
+
+  /** Polls until `until` (performance.now() ms); a poll already running is extended or shortened to it. */
+  pollUntil(until: number): void {
+    this.until = until;
+    if (this.active) return;
+    this.active = true;
+    setImmediate(this.step);
+  }
+
+  private readonly step = (): void => {
+    if (performance.now() < this.until && this.keepGoing()) setImmediate(this.step);
+    else this.active = false;
+  };
+}
+
+/**
  * Keeps the event loop polling for a short while after the agent answers, instead of letting the thread sleep
  * at once — but only while that pays. A client that sends its next frame about one round trip after each
  * result gets it read without a wake-up, and the CPU has not gone idle under the inference that follows (on
@@ -14,8 +43,7 @@
 const SHARED_WINDOW_MS = 20;
 
 export class EventLoopSpinner {
-  private until = 0;
-  private spinning = false;
+  private readonly loop = new LoopPoll(() => !this.working());
   private lastAnswerAt = -Infinity;
   /** Whether the last arrival came within the window after an answer (a spin would have caught it). */
   private worthIt = true;
@@ -32,7 +60,7 @@ export class EventLoopSpinner {
 
   /** Whether the event loop is being kept polling now. */
   get polling(): boolean {
-    return this.spinning;
+    return this.loop.polling;
   }
 
   /** A frame or request arrived from `source` (a stream, or a connection's peer address). */
@@ -50,15 +78,6 @@ export class EventLoopSpinner {
     const now = performance.now();
     this.lastAnswerAt = now;
     if (!this.worthIt || now < this.sharedUntil || this.working()) return;
-    this.until = now + this.windowUs / 1000;
-    if (this.spinning) return;
-    this.spinning = true;
-    setImmediate(this.spin);
-  };
-
-  // Each setImmediate turn makes libuv poll its sockets without blocking, then come back here.
-  private readonly spin = (): void => {
-    if (performance.now() < this.until && !this.working()) setImmediate(this.spin);
-    else this.spinning = false;
+    this.loop.pollUntil(now + this.windowUs / 1000);
   };
 }
