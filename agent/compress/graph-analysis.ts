@@ -34,6 +34,17 @@ export function indexGraph(graph: GraphProto): GraphIndex {
   };
 }
 
+/** The one node reading `tensor`, when it has exactly one reader and is no graph output; else undefined. */
+export function soleReader(index: GraphIndex, tensor: string): NodeProto | undefined {
+  const readers = index.consumers.get(tensor) ?? [];
+  return readers.length === 1 && !index.graphOutputs.has(tensor) ? readers[0] : undefined;
+}
+
+/** Whether a node belongs to the default ONNX operator set (empty domain or 'ai.onnx'). */
+export function isDefaultDomain(node: INodeProto): boolean {
+  return !node.domain || node.domain === 'ai.onnx';
+}
+
 export function requireGraph(model: IModelProto): GraphProto {
   if (!model.graph) throw new TypeError('model has no graph');
   return model.graph as GraphProto;
@@ -113,7 +124,7 @@ export function hoistConstants(graph: GraphProto): number {
   const kept: NodeProto[] = [];
   let moved = 0;
   for (const node of graph.node as NodeProto[]) {
-    const t = node.opType === 'Constant' && (!node.domain || node.domain === 'ai.onnx') ? constantTensor(node) : undefined;
+    const t = node.opType === 'Constant' && isDefaultDomain(node) ? constantTensor(node) : undefined;
     if (t && node.output?.[0]) {
       const copy = onnx.TensorProto.create({ ...t, name: node.output[0] });
       graph.initializer.push(copy);

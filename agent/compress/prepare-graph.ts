@@ -1,4 +1,4 @@
-import { hoistConstants, indexGraph, nameNodes, pruneInitializers, requireGraph, uniqueNamer } from './graph-analysis.js';
+import { hoistConstants, indexGraph, isDefaultDomain, nameNodes, pruneInitializers, requireGraph, soleReader, uniqueNamer } from './graph-analysis.js';
 import { upgradeOpset } from './opset-upgrade.js';
 import {
   DataType, decodeModel, defaultOpsetVersion, encodeModel, floatTensor, getFloatAttribute, makeNode, tensorDims, tensorToFloat32,
@@ -76,11 +76,11 @@ export function foldAffineIntoConvs(model: ModelProto): number {
     const index = indexGraph(graph);
     let changed: NodeProto | undefined;
     for (const op of graph.node as NodeProto[]) {
-      if ((op.opType !== 'Mul' && op.opType !== 'Add') || (op.domain && op.domain !== 'ai.onnx') || op.input.length !== 2) continue;
+      if ((op.opType !== 'Mul' && op.opType !== 'Add') || !isDefaultDomain(op) || op.input.length !== 2) continue;
       const side = index.initializers.has(op.input[0] ?? '') ? 0 : 1;
       const x = op.input[1 - side] ?? '';
       const conv = index.producers.get(x);
-      if (!conv || conv.opType !== 'Conv' || (index.consumers.get(x)?.length ?? 0) !== 1 || index.graphOutputs.has(x)) continue;
+      if (!conv || conv.opType !== 'Conv' || !soleReader(index, x)) continue;
       const w = index.initializers.get(conv.input[1] ?? '');
       if (!w || w.dataType !== DataType.FLOAT) continue;
       const dims = tensorDims(w);
@@ -129,7 +129,7 @@ export function foldBatchNorms(model: ModelProto): number {
     if (bn.opType !== 'BatchNormalization' || (bn.output ?? []).filter(Boolean).length !== 1) continue;
     const x = bn.input[0] ?? '';
     const conv = index.producers.get(x);
-    if (!conv || conv.opType !== 'Conv' || (index.consumers.get(x)?.length ?? 0) !== 1 || index.graphOutputs.has(x)) continue;
+    if (!conv || conv.opType !== 'Conv' || !soleReader(index, x)) continue;
     const w = index.initializers.get(conv.input[1] ?? '');
     const params = [1, 2, 3, 4].map((i) => index.initializers.get(bn.input[i] ?? ''));
     if (!w || params.some((p) => !p)) continue;
@@ -185,28 +185,21 @@ export function fuseHardSwish(model: ModelProto): number {
   const graph = requireGraph(model);
   const index = indexGraph(graph);
   const near = (v: number | undefined, want: number): boolean => v !== undefined && Math.abs(v - want) < 1e-6 * Math.max(1, want);
-  const only = (t: string, reader: NodeProto): boolean =>
-    !index.graphOutputs.has(t) && (index.consumers.get(t) ?? []).length === 1 && index.consumers.get(t)![0] === reader;
-  const single = (t: string): NodeProto | undefined => {
-    const readers = index.consumers.get(t) ?? [];
-    return readers.length === 1 && !index.graphOutputs.has(t) ? readers[0] : undefined;
-  };
-  const isDefault = (n: NodeProto): boolean => !n.domain || n.domain === 'ai.onnx';
   const removed = new Set<NodeProto>();
   const replacements = new Map<NodeProto, NodeProto>();
   for (const add of graph.node as NodeProto[]) {
-    if (add.opType !== 'Add' || !isDefault(add) || add.input.length !== 2 || removed.has(add)) continue;
+    if (add.opType !== 'Add' || !isDefaultDomain(add) || add.input.length !== 2 || removed.has(add)) continue;
     const side = index.initializers.has(add.input[0] ?? '') ? 0 : 1;
     const x = add.input[1 - side] ?? '';
     if (!near(scalarConstant(index, add.input[side] ?? ''), 3) || index.initializers.has(x)) continue;
-    const clip = single(add.output[0] ?? '');
-    if (!clip || clip.opType !== 'Clip' || !isDefault(clip) || clip.input[0] !== add.output[0]) continue;
+    const clip = soleReader(index, add.output[0] ?? '');
+    if (!clip || clip.opType !== 'Clip' || !isDefaultDomain(clip) || clip.input[0] !== add.output[0]) continue;
     if (!near(scalarConstant(index, clip.input[1] ?? ''), 0) || !near(scalarConstant(index, clip.input[2] ?? ''), 6)) continue;
-    const mul = single(clip.output[0] ?? '');
-    if (!mul || mul.opType !== 'Mul' || !isDefault(mul) || mul.input.length !== 2) continue;
+    const mul = soleReader(index, clip.output[0] ?? '');
+    if (!mul || mul.opType !== 'Mul' || !isDefaultDomain(mul) || mul.input.length !== 2) continue;
     if (!(mul.input.includes(x) && mul.input.includes(clip.output[0] ?? ''))) continue;
-    const scale = single(mul.output[0] ?? '');
-    if (!scale || !isDefault(scale) || scale.input[0] !== mul.output[0] || !only(mul.output[0] ?? '', scale)) continue;
+    const scale = soleReader(index, mul.output[0] ?? '');
+    if (!scale || !isDefaultDomain(scale) || scale.input[0] !== mul.output[0]) continue;
     const by = scalarConstant(index, scale.input[1] ?? '');
     if (!((scale.opType === 'Div' && near(by, 6)) || (scale.opType === 'Mul' && near(by, 1 / 6)))) continue;
     for (const n of [add, clip, mul]) removed.add(n);
@@ -232,26 +225,21 @@ export function foldScaleIntoNextConvs(model: ModelProto): number {
   const fresh = uniqueNamer(graph);
   const index = indexGraph(graph);
   const removed = new Set<NodeProto>();
-  const single = (t: string): NodeProto | undefined => {
-    const readers = index.consumers.get(t) ?? [];
-    return readers.length === 1 && !index.graphOutputs.has(t) ? readers[0] : undefined;
-  };
-  const isDefault = (n: NodeProto): boolean => !n.domain || n.domain === 'ai.onnx';
   for (const mul of graph.node as NodeProto[]) {
-    if (mul.opType !== 'Mul' || !isDefault(mul) || mul.input.length !== 2) continue;
+    if (mul.opType !== 'Mul' || !isDefaultDomain(mul) || mul.input.length !== 2) continue;
     const side = index.initializers.has(mul.input[0] ?? '') ? 0 : 1;
     const a = scalarConstant(index, mul.input[side] ?? '');
     const y = mul.input[1 - side] ?? '';
     if (a === undefined || a === 0 || !Number.isFinite(1 / a) || index.initializers.has(y)) continue;
-    let next = single(mul.output[0] ?? '');
+    let next = soleReader(index, mul.output[0] ?? '');
     let add: NodeProto | undefined;
-    if (next && next.opType === 'Add' && isDefault(next) && next.input.length === 2) {
+    if (next && next.opType === 'Add' && isDefaultDomain(next) && next.input.length === 2) {
       const bSide = next.input[0] === mul.output[0] ? 1 : 0;
       if (scalarConstant(index, next.input[bSide] ?? '') === undefined) continue;
       add = next;
-      next = single(add.output[0] ?? '');
+      next = soleReader(index, add.output[0] ?? '');
     }
-    if (!next || next.opType !== 'Conv' || !isDefault(next) || next.input[0] !== (add ?? mul).output[0]) continue;
+    if (!next || next.opType !== 'Conv' || !isDefaultDomain(next) || next.input[0] !== (add ?? mul).output[0]) continue;
     const w = index.initializers.get(next.input[1] ?? '');
     if (!w || w.dataType !== DataType.FLOAT || (index.consumers.get(next.input[1] ?? '') ?? []).length !== 1) continue;
     const weights = tensorToFloat32(w);
