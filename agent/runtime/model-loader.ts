@@ -301,7 +301,7 @@ export async function loadModelVersion(
       execution = 'inline';
       intraOpThreads = chosen.threads;
     }
-    if (placementFile && !placed && defaults.execution === 'auto' && config.warmup.runs > 0) {
+    if (placementFile && !placed && config.warmup.runs > 0) {
       storePlacement(placementFile, { provider, execution, intraOpThreads });
     }
     return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution, intraOpThreads, placementCached: placed !== undefined };
