@@ -4,12 +4,13 @@
 // (height 48 keeping the aspect ratio, (x/255 − 0.5)/0.5, zero-padded on the right to a fixed width). Writes one
 // .npy per source image ([crops, 3, 48, width]), so `edge-agent optimize` keeps each image's crops on one side of
 // its calibration / held-out split. A bench/setup step; the images come from `node scripts/fetch-models.mjs`.
+// Decoding and the crop's bilinear resize are `edge-agent optimize`'s own (dist/, built by `npm ci`).
 //
 //   node scripts/text-line-crops.mjs OUT_DIR [--width 320] [--per-image 12] [IMAGE_OR_DIR ...]
 //   (default images: var/calibration-images/text)
-import { existsSync, mkdirSync, readFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
-import pngjs from 'pngjs';
+import { decodeImage, imageToTensor } from '../dist/agent/compress/calibration-data.js';
 
 const args = process.argv.slice(2);
 function option(name, fallback) {
@@ -43,10 +44,10 @@ function npy(shape, data) {
 }
 let total = 0;
 for (const file of srcs) {
-  const png = pngjs.PNG.sync.read(readFileSync(file));
-  const { width: w, height: h, data } = png;
+  const img = await decodeImage(file);
+  const { width: w, height: h, rgb } = img;
   const grey = new Float32Array(w * h);
-  for (let p = 0; p < w * h; p++) grey[p] = 0.299 * data[p * 4] + 0.587 * data[p * 4 + 1] + 0.114 * data[p * 4 + 2];
+  for (let p = 0; p < w * h; p++) grey[p] = 0.299 * rgb[p * 3] + 0.587 * rgb[p * 3 + 1] + 0.114 * rgb[p * 3 + 2];
   const sorted = Float32Array.from(grey).sort(); const bg = sorted[sorted.length >> 1];
   const INK = Math.max(25, 0.4 * Math.abs(bg - sorted[bg > 128 ? Math.floor(sorted.length * 0.02) : Math.floor(sorted.length * 0.98)]));
   const ink = (x, y) => Math.abs(grey[y * w + x] - bg) > INK;
@@ -87,16 +88,11 @@ for (const file of srcs) {
   if (pick.length === 0) { console.log('no lines in', file); continue; }
   const out = new Float32Array(pick.length * 3 * H * W);
   pick.forEach((b, k) => {
+    // Height 48 keeping the aspect ratio, values in [-1, 1], then zero-padded on the right to W.
     const rw = Math.min(W, Math.max(1, Math.ceil(H * b.w / b.h)));
-    const sx = b.w / rw, sy = b.h / H;
-    for (let y = 0; y < H; y++) for (let xx = 0; xx < rw; xx++) {
-      const fy = Math.min(b.h - 1, Math.max(0, (y + 0.5) * sy - 0.5)), fx = Math.min(b.w - 1, Math.max(0, (xx + 0.5) * sx - 0.5));
-      const y0 = Math.floor(fy), x0 = Math.floor(fx), y1 = Math.min(b.h - 1, y0 + 1), x1 = Math.min(b.w - 1, x0 + 1), wy = fy - y0, wx = fx - x0;
-      for (let c = 0; c < 3; c++) {
-        const px = (yy, xq) => data[((b.y + yy) * w + b.x + xq) * 4 + c];
-        const v = (px(y0, x0) * (1 - wx) + px(y0, x1) * wx) * (1 - wy) + (px(y1, x0) * (1 - wx) + px(y1, x1) * wx) * wy;
-        out[((k * 3 + c) * H + y) * W + xx] = (v / 255 - 0.5) / 0.5;
-      }
+    const crop = imageToTensor(img, b, 'NCHW', 3, H, rw, 'symmetric');
+    for (let c = 0; c < 3; c++) for (let y = 0; y < H; y++) {
+      out.set(crop.subarray((c * H + y) * rw, (c * H + y + 1) * rw), ((k * 3 + c) * H + y) * W);
     }
   });
   writeFileSync(join(outDir, basename(file).replace(/\.png$/, '.npy')), npy([pick.length, 3, H, W], out));
