@@ -3,7 +3,7 @@ import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { DeadlineExceededError, FrameDroppedError, InvalidInputError, ModelNotFoundError, FailedPreconditionError } from '../agent/errors.js';
-import type { Tensor } from '../agent/runtime/index.js';
+import { pendingBytes, tensorBytes, tensorFromBytes, type Tensor } from '../agent/runtime/index.js';
 import { DEMO_REPO, startRuntime, copyDemoRepo } from './helpers/runtime.js';
 import { mulberry32 as seeded } from '../scripts/demo-models.js';
 
@@ -113,6 +113,53 @@ t.test('frames whose shapes cannot stack run alone', async (t) => {
   const want = await direct('tiny', { x: b });
   t.ok(maxAbsDiff(rb.outputs.y?.data as Float32Array, want.y as Float32Array) < 1e-5);
 });
+
+/** `x`'s bytes at an odd offset inside a larger buffer, as a protobuf field lies inside its message. */
+function misaligned(x: Tensor): Tensor {
+  const bytes = new Uint8Array(x.data.buffer, x.data.byteOffset, x.data.byteLength);
+  const message = new Uint8Array(bytes.byteLength + 37);
+  message.set(bytes, 37);
+  return tensorFromBytes('x', x.dtype, x.shape, message.subarray(37));
+}
+
+t.test('a misaligned wire tensor makes its aligned copy only when its data is read', async (t) => {
+  const x = randomTensor([2, 3], seeded(6));
+  const wire = misaligned(x);
+  const bytes = pendingBytes(wire) as Uint8Array;
+  t.equal(bytes.byteOffset % 4, 1, 'the wire bytes sit off float32 alignment');
+  t.equal(tensorBytes(wire).buffer, bytes.buffer, 'tensorBytes() reads the wire bytes, no copy');
+  const copy = { ...wire };
+  t.same(Array.from(copy.data as Float32Array), Array.from(x.data as Float32Array), 'a spread copy still carries the values');
+  t.same(Array.from(wire.data as Float32Array), Array.from(x.data as Float32Array));
+  t.equal(wire.data.byteOffset % 4, 0, 'data is aligned');
+  t.equal(pendingBytes(wire), undefined, 'once made, the aligned copy is what every reader gets');
+  t.equal(tensorBytes(wire).buffer, wire.data.buffer);
+  const aligned = tensorFromBytes('x', 'float32', [2, 3], new Uint8Array(x.data.buffer));
+  t.equal(pendingBytes(aligned), undefined, 'aligned bytes are viewed at once');
+  t.equal(aligned.data.buffer, x.data.buffer);
+});
+
+for (const execution of ['worker', 'inline'] as const) {
+  t.test(`${execution}: misaligned wire bytes are copied once into the batch buffer, never aligned first`, async (t) => {
+    const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']), { execution });
+    const rnd = seeded(5);
+    const plain = Array.from({ length: 6 }, () => randomTensor([1, 1024], rnd));
+    const wire = plain.map(misaligned);
+    t.ok(wire.every((w) => pendingBytes(w) !== undefined), 'the frames await an aligned copy');
+    const lone = await rt.submit('tiny', undefined, { inputs: { x: wire[0] as Tensor } });
+    t.equal(lone.batchSize, 1);
+    const streams = wire.slice(1).map(() => ({}));
+    const together = () => Promise.all(wire.slice(1).map((x, i) => rt.submit('tiny', undefined, { inputs: { x }, streamKey: streams[i] as object })));
+    await together(); // the model learns that five streams feed it
+    const batched = await together();
+    t.ok(batched.some((r) => r.batchSize > 1), `frames were stacked into a batch (sizes ${batched.map((r) => r.batchSize).join(',')})`);
+    for (const [i, r] of [lone, ...batched].entries()) {
+      const want = await direct('tiny', { x: plain[i] as Tensor });
+      t.ok(maxAbsDiff(r.outputs.y?.data as Float32Array, want.y as Float32Array) < 1e-5, `frame ${i} equals its direct run`);
+    }
+    t.ok(wire.every((w) => pendingBytes(w) !== undefined), 'no frame was aligned on its way to onnxruntime');
+  });
+}
 
 t.test('stateful model: batched streams equal sequential runs with state fed back', async (t) => {
   const rt = await startRuntime(t, copyDemoRepo(t, ['filter']));

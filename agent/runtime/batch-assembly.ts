@@ -7,6 +7,19 @@ function product(dims: readonly number[], from: number, to: number): number {
 }
 
 /**
+ * Stacks whole tensors' bytes one after another (along axis 0) into `out`. Byte for byte, so a part may be wire
+ * bytes on any alignment.
+ */
+export function stackBytes(parts: readonly Uint8Array[], out: TensorData): void {
+  const target = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
+  let at = 0;
+  for (const p of parts) {
+    target.set(p, at);
+    at += p.byteLength;
+  }
+}
+
+/**
  * Stacks parts along `axis` into `out` (which must hold the stacked size). `shape` is any part's shape: the
  * parts differ only in their size along `axis`, given by `rows`. Axis 0 is one contiguous copy per part.
  */

@@ -2,11 +2,11 @@ import { performance } from 'node:perf_hooks';
 import {
   DeadlineExceededError, EdgeAgentError, errorMessage, FrameDroppedError, InternalError, ResourceExhaustedError, UnavailableError,
 } from '../errors.js';
-import { gatherAlongAxis, scatterAlongAxis } from './batch-assembly.js';
+import { gatherAlongAxis, scatterAlongAxis, stackBytes } from './batch-assembly.js';
 import { validateRequest } from './request-validation.js';
 import type { FeedTensor, SessionInstance } from './session-instance.js';
 import { SequenceStore } from './sequence-store.js';
-import { allocate, elementCount, type Tensor, type TensorData, type TensorSpec } from './tensor.js';
+import { allocate, elementCount, pendingBytes, tensorBytes, type Tensor, type TensorData, type TensorSpec } from './tensor.js';
 import type {
   InferenceRequest, InferenceResult, ModelStatistics, RequestOutcome, RuntimeObserver, StateSpec,
 } from './types.js';
@@ -286,15 +286,16 @@ export class ModelScheduler {
       const session = instance.session;
       for (const spec of m.inputs) {
         const t = first.request.inputs[spec.name] as Tensor;
-        if ((batch.length === 1 && !session.needsOwnBuffers) || spec.shape.length === 0) {
-          // One request on an inline session: its bytes go to onnxruntime as they came off the wire. A scalar
-          // input is the same for the whole batch (it is part of the batch key) and goes once.
+        if ((batch.length === 1 && !session.needsOwnBuffers && pendingBytes(t) === undefined) || spec.shape.length === 0) {
+          // One aligned request on an inline session: its bytes go to onnxruntime as they came off the wire. A
+          // scalar input is the same for the whole batch (it is part of the batch key) and goes once.
           feeds[spec.name] = { dtype: t.dtype, data: t.data, dims: t.shape };
           continue;
         }
+        // Misaligned wire bytes are copied once, here, into the instance's reused buffer.
         const shape = [totalRows, ...t.shape.slice(1)];
         const out = session.inputBuffer(spec.name, t.dtype, elementCount(shape));
-        gatherAlongAxis(batch.map((p) => (p.request.inputs[spec.name] as Tensor).data), rows, t.shape, 0, out);
+        stackBytes(batch.map((p) => tensorBytes(p.request.inputs[spec.name] as Tensor)), out);
         feeds[spec.name] = { dtype: t.dtype, data: out, dims: shape };
       }
       if (this.stateful) {

@@ -1,5 +1,5 @@
 import { InvalidInputError, ResourceExhaustedError } from '../errors.js';
-import { formatShape, shapeMatches, type Tensor, type TensorSpec } from './tensor.js';
+import { bytesPerElement, formatShape, shapeMatches, tensorBytes, type Tensor, type TensorSpec } from './tensor.js';
 import type { InferenceRequest, StateSpec } from './types.js';
 
 interface ValidatedModel {
@@ -41,16 +41,19 @@ export function validateRequest(model: ValidatedModel, req: InferenceRequest, li
     const spec = model.inputs[i] as TensorSpec;
     const t = req.inputs[spec.name];
     if (!t) throw new InvalidInputError(`missing input '${spec.name}' for model '${model.name}'`);
-    if (t.data.byteLength > limits.maxTensorBytes) {
-      throw new ResourceExhaustedError('runtime.max_tensor_bytes', `input '${spec.name}': ${t.data.byteLength} bytes exceed runtime.max_tensor_bytes (${limits.maxTensorBytes})`);
+    // Read through tensorBytes(): `data` of misaligned wire bytes would make the aligned copy batching avoids.
+    const byteLength = tensorBytes(t).byteLength;
+    if (byteLength > limits.maxTensorBytes) {
+      throw new ResourceExhaustedError('runtime.max_tensor_bytes', `input '${spec.name}': ${byteLength} bytes exceed runtime.max_tensor_bytes (${limits.maxTensorBytes})`);
     }
     if (t.dtype !== spec.dtype) throw new InvalidInputError(`input '${spec.name}': dtype ${t.dtype} does not match the model's ${spec.dtype}`);
     if (!shapeMatches(spec.shape, t.shape)) {
       throw new InvalidInputError(`input '${spec.name}': shape ${formatShape(t.shape)} does not match the model's ${formatShape(spec.shape)} (-1 = any)`);
     }
     if (t.shape.some((d) => d === 0)) throw new InvalidInputError(`input '${spec.name}': empty tensor, shape ${formatShape(t.shape)}`);
-    if (t.data.length !== t.shape.reduce((a, b) => a * b, 1)) {
-      throw new InvalidInputError(`input '${spec.name}': ${t.data.length} elements do not fill shape ${formatShape(t.shape)}`);
+    const elements = byteLength / bytesPerElement(t.dtype);
+    if (elements !== t.shape.reduce((a, b) => a * b, 1)) {
+      throw new InvalidInputError(`input '${spec.name}': ${elements} elements do not fill shape ${formatShape(t.shape)}`);
     }
     if (refuseNonFinite && hasNonFinite(t)) throw new InvalidInputError(`input '${spec.name}': contains NaN or Inf (runtime.non_finite_inputs = refuse)`);
     if (batching) {
