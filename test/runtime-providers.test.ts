@@ -171,9 +171,9 @@ t.test('execution auto remembers where each model ran: the next start opens it t
   const repo = copyDemoRepo(t, ['tiny', 'classifier']);
   const dataDir = tempDir(t);
   const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto' });
-  const start = async (): Promise<Record<string, Record<string, unknown>>> => {
+  const start = async (runtimeConfig = config): Promise<Record<string, Record<string, unknown>>> => {
     const { log, lines } = capturingLogger();
-    const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir, log });
+    const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config: runtimeConfig, dataDir, log });
     await rt.start();
     const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.5) };
     t.same((await rt.submit('tiny', undefined, { inputs: { x } })).outputs.y?.shape, [1, 16]);
@@ -189,6 +189,9 @@ t.test('execution auto remembers where each model ran: the next start opens it t
     t.equal(second[m]?.execution, first[m]?.execution, `${m}: same place`);
     t.equal(second[m]?.intra_op_threads, first[m]?.intra_op_threads, `${m}: same threads`);
   }
+  // Provider options shape what was measured (spinning changes what a pool thread costs): measured again.
+  const spinning = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto', provider_options: { allow_spinning: true } });
+  t.equal((await start(spinning)).tiny?.placement_cached, false, 'changed provider options are measured again');
   // A damaged record is measured again, not trusted.
   const dir = join(dataDir, 'cache', 'placement');
   for (const f of readdirSync(dir)) writeFileSync(join(dir, f), '{"provider":"cpu","execution":"sideways"');

@@ -19,9 +19,9 @@ export const providerOptionsSchema = z.strictObject({
   trt_int8: z.boolean().default(false),
   intra_op_threads: z.number().int().min(0).default(0),
   inter_op_threads: z.number().int().min(0).default(0),
-  /** onnxruntime's pool threads busy-wait for work (after a run and between parallel sections). That pays off
-   * for runs back to back; between frames that arrive over the network it burns cores gRPC and the sensor
-   * processes need (the bench: 20-30% more CPU per frame with it on). */
+  /** onnxruntime's pool threads busy-wait for the next parallel section of a run instead of sleeping on a
+   * futex (they stop when the run returns: session.force_spinning_stop). Off: in the bench's A/B (classifier,
+   * 1 stream, three pairs) it did not lower the agent's latency and cost 3-17% more CPU per frame. */
   allow_spinning: z.boolean().default(false),
 });
 

@@ -102,7 +102,8 @@ function placementKey(version: ModelVersionEntry, providers: readonly ExecutionP
   h.update(JSON.stringify({
     providers, ort: ORT_VERSION, level: config.graph_optimization ?? defaults.graphOptimization, threads,
     instances: config.instance_count, inlineMaxRunUs: defaults.inlineMaxRunUs, maxBatch: config.max_batch_size,
-    batching: config.dynamic_batching?.enabled, warmup: config.warmup, cpu: cpus()[0]?.model, cores: availableParallelism(),
+    batching: config.dynamic_batching?.enabled, warmup: config.warmup,
+    providerOptions: { ...defaults.providerOptions, intra_op_threads: undefined }, cpu: cpus()[0]?.model, cores: availableParallelism(),
   }));
   return h.digest('hex').slice(0, 32);
 }
