@@ -128,9 +128,7 @@ t.test('a misaligned wire tensor makes its aligned copy only when its data is re
   const bytes = pendingBytes(wire) as Uint8Array;
   t.equal(bytes.byteOffset % 4, 1, 'the wire bytes sit off float32 alignment');
   t.equal(tensorBytes(wire).buffer, bytes.buffer, 'tensorBytes() reads the wire bytes, no copy');
-  const copy = { ...wire };
-  t.same(Array.from(copy.data as Float32Array), Array.from(x.data as Float32Array), 'a spread copy still carries the values');
-  t.same(Array.from(wire.data as Float32Array), Array.from(x.data as Float32Array));
+  t.same(Array.from(wire.data as Float32Array), Array.from(x.data as Float32Array), 'data holds the values');
   t.equal(wire.data.byteOffset % 4, 0, 'data is aligned');
   t.equal(pendingBytes(wire), undefined, 'once made, the aligned copy is what every reader gets');
   t.equal(tensorBytes(wire).buffer, wire.data.buffer);
