@@ -99,8 +99,8 @@ class WireBytesTensor implements Tensor {
 
 function tensorOverBytes(dtype: DType, shape: readonly number[], bytes: Uint8Array): Tensor {
   const ctor = CTORS[dtype];
-  if (bytes.byteOffset % ctor.BYTES_PER_ELEMENT === 0) return { dtype, shape, data: new ctor(bytes.buffer, bytes.byteOffset, bytes.byteLength / ctor.BYTES_PER_ELEMENT) };
-  return new WireBytesTensor(dtype, shape, bytes, ctor);
+  if (bytes.byteOffset % ctor.BYTES_PER_ELEMENT !== 0) return new WireBytesTensor(dtype, shape, bytes, ctor);
+  return { dtype, shape, data: viewBytes(dtype, bytes) };
 }
 
 /** The wire bytes of a tensor whose aligned copy has not been made (and need not be, to copy it somewhere). */
