@@ -134,20 +134,49 @@ t.test('activate switches versions atomically: frames before finish on the old, 
 
 t.test('execution auto: fast models stay on the event loop, slow ones get worker threads', async (t) => {
   const repo = copyDemoRepo(t, ['tiny', 'classifier']);
-  // The decision is timed, so the test leaves a wide gap around the threshold: tiny's runs take tens of µs
-  // (a full test run on 2 loaded cores once pushed its median past 1 ms), the classifier's batch of 64 well
-  // over 10 ms on any CPU of this class.
-  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'max_batch_size: 64\n');
+  // The decision is timed, so the test leaves a wide gap around the default 1 ms bound: tiny's lone frame and
+  // pair take tens of µs, the classifier's lone frame about 3 ms on this class of CPU.
   const { log, lines } = capturingLogger();
-  const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto', inline_max_run_us: 10_000 });
+  const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto' });
   const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir: tempDir(t), log });
   await rt.start();
   t.teardown(() => rt.close());
-  const ready = Object.fromEntries(lines().filter((l) => l.msg === 'model ready').map((l) => [l.model as string, l.execution]));
-  t.equal(ready.tiny, 'inline', 'tiny (tens of µs a run) runs inline');
-  t.equal(ready.classifier, 'worker', 'the classifier (milliseconds a run) gets a worker thread');
+  const ready = Object.fromEntries(lines().filter((l) => l.msg === 'model ready').map((l) => [l.model as string, l]));
+  t.equal(ready.tiny?.execution, 'inline', 'tiny (tens of µs a run) runs inline');
+  t.equal(ready.classifier?.execution, 'worker', 'the classifier (milliseconds a run) gets a worker thread');
+  t.equal(ready.classifier?.max_stacked_rows, undefined, 'a worker stacks up to max_batch_size');
   const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.5) };
   t.same((await rt.submit('tiny', undefined, { inputs: { x } })).outputs.y?.shape, [1, 16]);
+});
+
+t.test('execution auto: a model whose lone frame fits the bound but whose full batch does not runs inline with smaller stacked runs', async (t) => {
+  const repo = copyDemoRepo(t, ['classifier']);
+  // A 40 ms bound: the classifier's lone frame (~3 ms) and pair fit with a wide margin, its batch of 64 (~180 ms)
+  // cannot, so the stacked-row limit lands strictly between.
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'max_batch_size: 64\n');
+  const { log, lines } = capturingLogger();
+  const sizes: number[] = [];
+  const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto', inline_max_run_us: 40_000 });
+  const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir: tempDir(t), log, observer: { onExecution: (e) => sizes.push(e.batchSize) } });
+  await rt.start();
+  t.teardown(() => rt.close());
+  const ready = lines().find((l) => l.msg === 'model ready' && l.model === 'classifier');
+  t.equal(ready?.execution, 'inline', 'the classifier runs inline');
+  const limit = ready?.max_stacked_rows as number;
+  t.ok(Number.isInteger(limit) && limit >= 2 && limit < 64, `it stacks at most ${limit} rows, fewer than max_batch_size 64`);
+  t.equal(rt.modelInfo('classifier').maxBatchSize, 64, 'max_batch_size still bounds a request');
+  const frame: Tensor = { dtype: 'float32', shape: [1, 3, 112, 112], data: new Float32Array(3 * 112 * 112).fill(0.25) };
+  const streams = Array.from({ length: 3 * limit }, () => ({}));
+  const burst = () => Promise.all(streams.map((streamKey) => rt.submit('classifier', undefined, { inputs: { image: frame }, streamKey })));
+  await burst(); // the model learns how many streams feed it
+  sizes.length = 0;
+  const results = await burst();
+  t.ok(sizes.some((n) => n > 1), `frames of several streams were stacked (runs of ${sizes.join(',')})`);
+  t.ok(sizes.every((n) => n <= limit), `no stacked run held more than ${limit} rows`);
+  t.same(results[0]?.outputs.logits?.data, results.at(-1)?.outputs.logits?.data, 'every stream got the same logits for the same frame');
+  const big: Tensor = { dtype: 'float32', shape: [64, 3, 112, 112], data: new Float32Array(64 * 3 * 112 * 112).fill(0.25) };
+  const r = await rt.submit('classifier', undefined, { inputs: { image: big } });
+  t.same(r.outputs.logits?.shape, [64, 10], 'a single request of max_batch_size rows is accepted and runs alone');
 });
 
 t.test('intra-op threads: a model config sets them; several instances split the cores when it does not', async (t) => {

@@ -226,7 +226,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       const m = outcome.model;
       this.options.log.info({
         model, version: m.version, provider: m.provider, variant: m.variant, instances: m.instances.length,
-        max_batch_size: m.maxBatchSize, graph_cache: outcome.graphCache, execution: outcome.execution,
+        max_batch_size: m.maxBatchSize, ...(m.maxStackedRows !== undefined ? { max_stacked_rows: m.maxStackedRows } : {}), graph_cache: outcome.graphCache, execution: outcome.execution,
         intra_op_threads: outcome.intraOpThreads || 'onnxruntime default', placement_cached: outcome.placementCached, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
       }, 'model ready');
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });

@@ -24,6 +24,10 @@ export interface LoadedModel {
   readonly state: readonly StateSpec[];
   /** 0: every request runs alone. */
   readonly maxBatchSize: number;
+  /** The most rows the scheduler stacks from several requests into one run (at most maxBatchSize; absent: all
+   * of it). An inline model's runs block the event loop, so `auto` keeps them under its time bound; a single
+   * request of up to maxBatchSize rows is still accepted and runs alone. */
+  readonly maxStackedRows?: number;
   readonly preferredBatchSizes: readonly number[];
   readonly maxQueueDelayUs: number;
   readonly instances: readonly SessionInstance[];
@@ -209,7 +213,7 @@ export class ModelScheduler {
 
   private takeBatch(): Pending[] | undefined {
     const now = performance.now();
-    const max = Math.max(1, this.model.maxBatchSize);
+    const max = Math.max(1, Math.min(this.model.maxBatchSize, this.model.maxStackedRows ?? Infinity));
     const batch: Pending[] = [];
     const seqs = new Set<string>();
     let rows = 0;
