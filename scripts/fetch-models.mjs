@@ -38,7 +38,7 @@ const MODELS = [
   {
     name: 'silero-vad', pkg: '@ricky0123/vad-web@0.0.31', file: 'package/dist/silero_vad_v5.onnx',
     config: '# Silero VAD v5 (@ricky0123/vad-web): input float32 [1,512] at 16 kHz, sr int64 scalar -> output [1,1] speech probability; state [2,N,128] is kept per stream.\n'
-      + 'state:\n  - input: state\n    output: stateN\n    batch_axis: 1\nwarmup:\n  runs: 0\n  fill:\n    sr: 16000\n',
+      + 'state:\n  - input: state\n    output: stateN\n    batch_axis: 1\nwarmup:\n  fill:\n    sr: 16000\n  shapes:\n    input: [1, 512]\n',
   },
 ];
 

@@ -91,11 +91,10 @@ function packaged(dirName: string): string {
 }
 
 /**
- * Silero VAD v5's config: its state tensor [2, N, 128] stacks streams on axis 1; the scalar `sr` input cannot
- * grow with a batch, so the model runs one stream per `session.run`. Warm-up needs a real sample rate and a
- * real 512-sample window (the STFT's reflect padding refuses shorter input), but the agent warms dynamic
- * non-batch dimensions up at size 1, which Silero refuses: warm-up is off until config.yaml can name a warm-up
- * shape (the bench warms every row up itself, so only the cold-start row, which uses another model, would see it).
+ * Silero VAD v5's config: its state tensor [2, N, 128] stacks streams on axis 1, and the scalar `sr` goes to a
+ * batch once (frames with the same rate share a run). Warm-up needs a real sample rate and a real 512-sample
+ * window (the STFT's reflect padding refuses shorter input), which `warmup.shapes` names. With warm-up on,
+ * `execution: auto` can time the model: it runs inline, a few streams per run (see README, "Threads per instance").
  */
 export const SILERO_CONFIG = `# Silero VAD v5 (@ricky0123/vad-web): input float32 [1,512] at 16 kHz, sr int64 scalar -> output [1,1] speech probability; state [2,N,128] is kept per stream.
 state:
@@ -103,9 +102,10 @@ state:
     output: stateN
     batch_axis: 1
 warmup:
-  runs: 0
   fill:
     sr: 16000
+  shapes:
+    input: [1, 512]
 `;
 
 const BLAZEFACE_INSTANCES = Math.min(4, availableParallelism());
