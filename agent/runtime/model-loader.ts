@@ -289,7 +289,7 @@ export async function loadModelVersion(
     // a model that loads while others load and warm would otherwise be judged on their noise.
     // A model whose lone frame fits the bound but whose full batch does not (Silero: ~100 µs alone, over 1 ms
     // at 8 or 16 rows with the hop) runs inline with smaller stacked runs. In the bench Silero's p50 at 1 stream
-    // fell from 527-800 to 308-356 µs and 32 streams gained 40 %. It needs room for two rows, or it would give
+    // fell from 527-800 to 308-356 µs and 32 streams gained 38-57 %. It needs room for two rows, or it would give
     // up batching for the saved hop.
     if (placed) {
       execution = placed.execution;
