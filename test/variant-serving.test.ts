@@ -20,8 +20,13 @@ t.test('variant auto: the agent serves int8 on CPU when its report passes the bo
   mkdirSync(images);
   for (let i = 0; i < 8; i++) writeFileSync(join(images, `f${i}.ppm`), ppm(128, 128, i));
   const result = await runOptimize({ model: join(versionDir, 'model.onnx'), calibration: images, formats: ['int8'], latencyRuns: 3, log: () => undefined });
-  const report = JSON.parse(readFileSync(result.reportFile, 'utf8')) as { variants: { int8: { accuracy: { cosine: number } } } };
+  const report = JSON.parse(readFileSync(result.reportFile, 'utf8')) as { variants: { int8: { accuracy: { cosine: number }; latencyMs: { speedup: number } } } };
   t.ok(report.variants.int8.accuracy.cosine >= 0.99, `int8 passes the default bound (cosine ${report.variants.int8.accuracy.cosine})`);
+  // `auto` also refuses a variant measured slower than fp32. Three timed runs on a loaded machine once read
+  // int8 as slower; that rule has its own test (compress-optimize), so this one pins the timing and follows the
+  // accuracy bound end to end.
+  report.variants.int8.latencyMs.speedup = 2;
+  writeFileSync(result.reportFile, JSON.stringify(report));
 
   const a = await startTestAgent(t, { repo });
   const info = a.agent.runtime.modelInfo('classifier');
