@@ -246,26 +246,18 @@ export async function loadModelVersion(
         }
       }
     };
-    /**
-     * A warm instance's typical run: the median of a few, at each warm-up size (smallest first), the slowest
-     * size counting. Stops at the first size already over `stopAboveUs`: the answer is known.
-     */
-    const typicalRunUs = async (instance: SessionInstance, at: readonly number[] = sizes, stopAboveUs = Infinity): Promise<number> => {
-      let worst = 0;
-      for (const rows of at) {
-        if (worst > stopAboveUs) break;
-        const feeds = feedsFor(rows);
-        const times: number[] = [];
-        for (let i = 0; i < TIMED_RUNS; i++) {
-          await yieldIfInline(instance);
-          const t = performance.now();
-          await instance.run(feeds);
-          times.push((performance.now() - t) * 1000);
-        }
-        times.sort((a, b) => a - b);
-        worst = Math.max(worst, times[times.length >> 1] as number);
+    /** A warm instance's typical run at `rows`: the median of a few. */
+    const typicalRunUs = async (instance: SessionInstance, rows: number): Promise<number> => {
+      const feeds = feedsFor(rows);
+      const times: number[] = [];
+      for (let i = 0; i < TIMED_RUNS; i++) {
+        await yieldIfInline(instance);
+        const t = performance.now();
+        await instance.run(feeds);
+        times.push((performance.now() - t) * 1000);
       }
-      return worst;
+      times.sort((a, b) => a - b);
+      return times[times.length >> 1] as number;
     };
     /**
      * The most rows an inline run may hold: the largest size (1, 2, 4, … up to max_batch_size) whose typical
@@ -274,7 +266,7 @@ export async function loadModelVersion(
     const inlineRows = async (instance: SessionInstance): Promise<number> => {
       let fits = 0;
       for (let rows = 1; fits < Math.max(1, batching ? configured : 1); rows = Math.min(rows * 2, configured)) {
-        if (await typicalRunUs(instance, [rows]) > defaults.inlineMaxRunUs) break;
+        if (await typicalRunUs(instance, rows) > defaults.inlineMaxRunUs) break;
         fits = rows;
       }
       return fits;
@@ -309,7 +301,7 @@ export async function loadModelVersion(
       for (const threads of candidates) {
         const instance = await createInstance(request(path, [provider], threads), 'inline');
         await warm([instance]);
-        const us = candidates.length > 1 ? await typicalRunUs(instance, [1]) : 0;
+        const us = candidates.length > 1 ? await typicalRunUs(instance, 1) : 0;
         if (!best || us < best.us) {
           await best?.instance.release();
           best = { instance, threads, us };
