@@ -1,5 +1,5 @@
 import { InvalidInputError, ResourceExhaustedError } from '../errors.js';
-import { bytesPerElement, formatShape, shapeMatches, tensorBytes, type Tensor, type TensorSpec } from './tensor.js';
+import { bytesPerElement, formatShape, pendingBytes, shapeMatches, type Tensor, type TensorSpec } from './tensor.js';
 import type { InferenceRequest, StateSpec } from './types.js';
 
 interface ValidatedModel {
@@ -41,8 +41,8 @@ export function validateRequest(model: ValidatedModel, req: InferenceRequest, li
     const spec = model.inputs[i] as TensorSpec;
     const t = req.inputs[spec.name];
     if (!t) throw new InvalidInputError(`missing input '${spec.name}' for model '${model.name}'`);
-    // Read through tensorBytes(): `data` of misaligned wire bytes would make the aligned copy batching avoids.
-    const byteLength = tensorBytes(t).byteLength;
+    // Not `t.data`: on misaligned wire bytes that would make the aligned copy batching avoids.
+    const byteLength = (pendingBytes(t) ?? t.data).byteLength;
     if (byteLength > limits.maxTensorBytes) {
       throw new ResourceExhaustedError('runtime.max_tensor_bytes', `input '${spec.name}': ${byteLength} bytes exceed runtime.max_tensor_bytes (${limits.maxTensorBytes})`);
     }
