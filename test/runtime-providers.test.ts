@@ -1,4 +1,5 @@
 import t from 'tap';
+import { createHash } from 'node:crypto';
 import { readFileSync, writeFileSync, readdirSync } from 'node:fs';
 import { availableParallelism } from 'node:os';
 import { join } from 'node:path';
@@ -6,7 +7,7 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { runtimeSchema } from '../agent/config/schema.js';
 import { ModelRepository } from '../agent/models/index.js';
-import { InferenceRuntime, createSession, type Tensor } from '../agent/runtime/index.js';
+import { InferenceRuntime, createSession, digestModelFile, type Tensor } from '../agent/runtime/index.js';
 import { directBinding, openOrtSession } from '../agent/runtime/ort-session.js';
 import { buildTiny } from '../scripts/demo-models.js';
 import { DEMO_REPO, copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
@@ -93,6 +94,43 @@ t.test('the optimised graph is cached, reused, and rebuilt when the model change
   t.equal(third.graphCache, 'stored', 'a changed model misses the cache and is optimised again');
   await third.session.release();
   t.equal(readdirSync(join(dir, 'cache', 'graphs')).filter((f) => f.endsWith('.onnx')).length, 2, 'one cache entry per model content');
+});
+
+t.test("a model file is hashed in chunks, and the loader's digest is reused only while the file is unchanged", async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'tiny.onnx');
+  const bytes = Buffer.from(buildTiny());
+  writeFileSync(path, bytes);
+  const digest = await digestModelFile(path);
+  t.equal(digest.sha256, createHash('sha256').update(bytes).digest('hex'), 'the digest is the SHA-256 of the whole file');
+  t.equal(digest.size, bytes.length, 'with the size it was taken at');
+
+  const req = { model: 'tiny', path, providers: ['cpu'] as const, providerOptions: runtimeSchema.parse({}).provider_options, graphOptimization: 'all' as const, cacheDir: join(dir, 'cache') };
+  const graphs = (): string[] => readdirSync(join(dir, 'cache', 'graphs')).filter((f) => f.endsWith('.onnx')).sort();
+  const first = await createSession({ ...req, providers: ['cpu'], digest });
+  t.equal(first.graphCache, 'stored');
+  await first.session.release();
+  const plain = await createSession({ ...req, providers: ['cpu'] });
+  t.equal(plain.graphCache, 'hit', 'the given digest keys the cache exactly as hashing the file does');
+  await plain.session.release();
+
+  // A digest that matches the file on disk is trusted as it is: a made-up hash keys a new entry.
+  const trusted = await createSession({ ...req, providers: ['cpu'], digest: { ...digest, sha256: 'f'.repeat(64) } });
+  t.equal(trusted.graphCache, 'stored', 'a current digest is used, not recomputed');
+  await trusted.session.release();
+  t.equal(graphs().length, 2);
+
+  // The file changes after the digest was taken (another size): the digest is stale and the file is hashed again,
+  // so the old model's optimised graph can never serve the new model.
+  const changed = Buffer.concat([bytes, Buffer.from([0xa0, 0x06, 0x01])]); // + field 100 = 1, which ONNX ignores
+  writeFileSync(path, changed);
+  const stale = await createSession({ ...req, providers: ['cpu'], digest });
+  t.equal(stale.graphCache, 'stored', 'a stale digest is not trusted: the changed file misses the cache');
+  await stale.session.release();
+  t.equal(graphs().length, 3, 'the changed file has its own entry');
+  const again = await createSession({ ...req, providers: ['cpu'], digest: await digestModelFile(path) });
+  t.equal(again.graphCache, 'hit', "the changed file's fresh digest finds that entry");
+  await again.session.release();
 });
 
 t.test('instance_count sessions serve one model; inline and worker execution give the same outputs', async (t) => {

@@ -7,6 +7,7 @@ import { errorMessage, ModelLoadError } from '../errors.js';
 import type { Logger } from '../logger.js';
 import type { ModelConfig, ModelEntry, ModelVersionEntry } from '../models/index.js';
 import type { LoadedModel } from './model-scheduler.js';
+import { digestModelFile, type ModelDigest } from './model-digest.js';
 import { ORT_VERSION, type GraphOptimizationLevel } from './session-factory.js';
 import { createInstance, type ExecutionMode, type FeedTensor, type SessionInstance, type ValueInfo } from './session-instance.js';
 import { allocate, elementCount, isDType, type TensorSpec } from './tensor.js';
@@ -98,9 +99,9 @@ interface Placement {
 }
 
 /** Everything the measured placement depends on: the files, the settings that shape it, and this machine. */
-function placementKey(version: ModelVersionEntry, providers: readonly ExecutionProviderName[], config: ModelConfig, defaults: LoaderDefaults, threads: number): string {
+function placementKey(digests: ReadonlyMap<string, ModelDigest>, providers: readonly ExecutionProviderName[], config: ModelConfig, defaults: LoaderDefaults, threads: number): string {
   const h = createHash('sha256');
-  for (const file of Object.values(version.variants).sort()) h.update(readFileSync(file as string));
+  for (const file of [...digests.keys()].sort()) h.update((digests.get(file) as ModelDigest).sha256);
   h.update(JSON.stringify({
     providers, ort: ORT_VERSION, level: config.graph_optimization ?? defaults.graphOptimization, threads,
     instances: config.instance_count, inlineMaxRunUs: defaults.inlineMaxRunUs, maxBatch: config.max_batch_size,
@@ -163,12 +164,20 @@ export async function loadModelVersion(
   // fight over it; unless told otherwise, each gets its share of the cores.
   const instanceThreads = configuredThreads > 0 || config.instance_count === 1 ? configuredThreads
     : Math.max(1, Math.floor(availableParallelism() / config.instance_count));
-  const request = (path: string, providerList: LoaderDefaults['providers'], intraOpThreads = instanceThreads) => ({
-    model: entry.name, path, providers: providerList, providerOptions: { ...defaults.providerOptions, intra_op_threads: intraOpThreads },
-    graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
-    ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir } : {}),
-  });
+  const digests = new Map<string, ModelDigest>();
+  const request = (path: string, providerList: LoaderDefaults['providers'], intraOpThreads = instanceThreads) => {
+    const digest = digests.get(path);
+    return {
+      model: entry.name, path, providers: providerList, providerOptions: { ...defaults.providerOptions, intra_op_threads: intraOpThreads },
+      graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
+      ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir } : {}),
+      ...(digest ? { digest } : {}),
+    };
+  };
   try {
+    // With a cache dir, every variant is hashed once per load, in chunks, for the placement key and the graph
+    // cache: the sessions below reuse these digests instead of each reading the whole file again.
+    if (defaults.cacheDir) for (const file of Object.values(versionEntry.variants)) if (file) digests.set(file, await digestModelFile(file));
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
     // `auto` loads and warms in worker threads first: a slow model (or a new version loading while the old one
     // serves) must never block the event loop, even once. It moves inline only if warm-up shows it is fast.
@@ -176,7 +185,7 @@ export async function loadModelVersion(
     // the model runs, its threads) opens the model there at once, skipping the probing and timing. Only unchanged
     // files hit (a restart, a reload): a new version is new bytes, so it is always probed in a worker first.
     const placementFile = defaults.execution === 'auto' && defaults.cacheDir
-      ? join(defaults.cacheDir, 'placement', `${entry.name}-${placementKey(versionEntry, providers, config, defaults, instanceThreads)}.json`)
+      ? join(defaults.cacheDir, 'placement', `${entry.name}-${placementKey(digests, providers, config, defaults, instanceThreads)}.json`)
       : undefined;
     let placed = placementFile ? readPlacement(placementFile) : undefined;
     let firstMode: ExecutionMode = placed?.execution ?? (defaults.execution === 'auto' ? 'worker' : defaults.execution);

@@ -1,9 +1,10 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import type { ExecutionProviderName, ProviderOptions } from '../config/index.js';
 import { errorMessage, ModelLoadError } from '../errors.js';
+import { digestIsCurrent, digestModelFile, type ModelDigest } from './model-digest.js';
 import { openOrtSession, type OrtSession } from './ort-session.js';
 
 export type GraphOptimizationLevel = 'disabled' | 'basic' | 'extended' | 'all';
@@ -16,6 +17,8 @@ export interface SessionRequest {
   readonly graphOptimization: GraphOptimizationLevel;
   /** Folder for optimised graphs (and TensorRT engines); undefined disables the cache. */
   readonly cacheDir?: string;
+  /** The model file's digest, if the caller has taken it: used while the file is unchanged, saving a re-read. */
+  readonly digest?: ModelDigest;
 }
 
 export interface CreatedSession {
@@ -58,13 +61,12 @@ function providerConfig(name: ExecutionProviderName, o: ProviderOptions, cacheDi
 }
 
 /**
- * The graph cache key: the model's bytes, the provider, onnxruntime's version and the optimisation level —
- * an optimised graph at level 'all' holds provider- and hardware-specific fused kernels, so any change there
- * must miss the cache.
+ * The graph cache key: the model's content (its SHA-256), the provider, onnxruntime's version and the
+ * optimisation level — an optimised graph at level 'all' holds provider- and hardware-specific fused kernels,
+ * so any change there must miss the cache.
  */
-export function graphCacheKey(modelBytes: Uint8Array, provider: string, level: GraphOptimizationLevel): string {
-  const h = createHash('sha256').update(modelBytes).update(`\0${provider}\0${ORT_VERSION}\0${level}`);
-  return h.digest('hex').slice(0, 32);
+function graphCacheKey(modelSha256: string, provider: string, level: GraphOptimizationLevel): string {
+  return createHash('sha256').update(`${modelSha256}\0${provider}\0${ORT_VERSION}\0${level}`).digest('hex').slice(0, 32);
 }
 
 /**
@@ -74,7 +76,7 @@ export function graphCacheKey(modelBytes: Uint8Array, provider: string, level: G
  */
 export async function createSession(req: SessionRequest): Promise<CreatedSession> {
   const skipped: { provider: ExecutionProviderName; reason: string }[] = [];
-  let bytes: Uint8Array | undefined;
+  let digest: ModelDigest | undefined;
   for (const provider of req.providers) {
     const known = unavailableProviders.get(provider);
     if (known !== undefined) {
@@ -96,9 +98,9 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
     try {
       // TensorRT compiles whole subgraphs; such a graph cannot be serialised, and TensorRT has its own engine cache.
       if (req.cacheDir && provider !== 'tensorrt' && req.graphOptimization !== 'disabled') {
-        bytes ??= readFileSync(req.path);
+        digest ??= req.digest && digestIsCurrent(req.digest, req.path) ? req.digest : await digestModelFile(req.path);
         const dir = join(req.cacheDir, 'graphs');
-        const cached = join(dir, `${req.model}-${graphCacheKey(bytes, provider, req.graphOptimization)}.onnx`);
+        const cached = join(dir, `${req.model}-${graphCacheKey(digest.sha256, provider, req.graphOptimization)}.onnx`);
         if (existsSync(cached)) {
           try {
             // Already optimised: loading it with optimisation off is what saves the start-up time.
