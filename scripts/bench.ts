@@ -10,6 +10,7 @@ import { agentConfigSchema } from '../agent/config/index.js';
 import { applyHeapGrowingPercent } from '../agent/v8-heap.js';
 import { bareFeeds, EQUAL_REL, openBareSession, outputsDiff, referenceSequence, runsAtBatch8, type BenchProvider, type Outputs } from './bench/bare.js';
 import { measureColdStart, measureRss } from './bench/lifecycle.js';
+import { measureReload } from './bench/reload.js';
 import {
   bareLatencyProbe, bareLoad, openKServeLoad, openKServeProbe, openNativeLoad, openNativeProbe,
   type KServeTarget, type LatencyProbe, type LoadProbe, type LoadWindow,
@@ -28,7 +29,7 @@ import { batchingOptions, ROOT, workload, WORKLOAD_NAMES } from './bench/workloa
  * every row. Figures only: nothing here passes or fails (test/bench.test.ts runs `--quick` for structure).
  */
 
-const SECTIONS = ['bare', 'echo', 'latency', 'execution', 'throughput', 'naive', 'rss', 'coldstart'] as const;
+const SECTIONS = ['bare', 'echo', 'latency', 'execution', 'throughput', 'naive', 'rss', 'coldstart', 'reload'] as const;
 type Section = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -39,6 +40,8 @@ export interface BenchOptions {
   readonly streams: readonly number[];
   readonly rssFrames: number;
   readonly coldReps: number;
+  /** Size of the model the reload row loads again, in MB. */
+  readonly reloadMb: number;
   /** Rounds of alternating blocks (latency and throughput); undefined: the mode's default. */
   readonly rounds?: number;
   /** Put bare's outputs for the frame (batch 1, three steps) in the JSON, for cross-provider comparison. */
@@ -380,6 +383,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
         note: (n) => report.meta.notes.push(n),
       });
     }
+    if (has('reload')) report.reload = await measureReload(agentBase, o.reloadMb, o.quick ? 100 : 2000, o.log);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -413,6 +417,7 @@ async function main(argv: readonly string[]): Promise<void> {
     .option('--streams <list>', 'concurrent streams for the throughput rows', '1,8,32')
     .option('--rss-frames <n>', 'frames between the two RSS readings (default 200000; --quick 2000)')
     .option('--cold-reps <n>', 'cold-start repetitions of each kind (default 5; --quick 1)')
+    .option('--reload-mb <n>', 'size of the model the reload row loads again beside a serving one (default 256; --quick 4)')
     .option('--rounds <n>', 'rounds of alternating blocks for latency and throughput (default 6 and 3; --quick 1)')
     .option('--reference-outputs', "include bare's outputs in the JSON (for comparing providers)", false)
     .option('--cpu-prof <dir>', 'run the agent children with --cpu-prof, profiles into <dir>')
@@ -420,7 +425,7 @@ async function main(argv: readonly string[]): Promise<void> {
     .option('--agent-config <file>', "YAML merged over the bench's agent config (e.g. runtime.provider_options.intra_op_threads)")
     .option('--client-poll-us <n>', 'latency clients poll this long while a result is awaited (0: they sleep; the native API is also measured sleeping)', '1000');
   program.parse(argv, { from: 'user' });
-  const opts = program.opts<{ quick: boolean; json: boolean; out?: string; workloads?: string; providers: string; sections: string; streams: string; rssFrames?: string; coldReps?: string; rounds?: string; referenceOutputs: boolean; cpuProf?: string; agentConfig?: string; queueDelayUs?: string; clientPollUs: string }>();
+  const opts = program.opts<{ quick: boolean; json: boolean; out?: string; workloads?: string; providers: string; sections: string; streams: string; rssFrames?: string; coldReps?: string; reloadMb?: string; rounds?: string; referenceOutputs: boolean; cpuProf?: string; agentConfig?: string; queueDelayUs?: string; clientPollUs: string }>();
   const sections = list(opts.sections);
   for (const s of sections) if (!(SECTIONS as readonly string[]).includes(s)) throw new Error(`unknown section '${s}' (known: ${SECTIONS.join(', ')})`);
   const providers = list(opts.providers);
@@ -444,6 +449,7 @@ async function main(argv: readonly string[]): Promise<void> {
     streams: list(opts.streams).map((s) => positive(s, 1, '--streams')),
     rssFrames: positive(opts.rssFrames, opts.quick ? 2000 : 200_000, '--rss-frames'),
     coldReps: positive(opts.coldReps, opts.quick ? 1 : 5, '--cold-reps'),
+    reloadMb: positive(opts.reloadMb, opts.quick ? 4 : 256, '--reload-mb'),
     ...(opts.rounds ? { rounds: positive(opts.rounds, 1, '--rounds') } : {}),
     referenceOutputs: opts.referenceOutputs,
     clientPollUs: nonNegative(opts.clientPollUs, '--client-poll-us'),

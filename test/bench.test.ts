@@ -84,6 +84,11 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
   t.same(c.empty.graph_cache.map((x: string) => x.split(':')[1]).filter((x: string) => x !== 'stored'), [], 'an empty data dir stores every optimised graph');
   t.same(c.cached.graph_cache.map((x: string) => x.split(':')[1]).filter((x: string) => x !== 'hit'), [], 'a warm data dir loads every graph from the cache');
   for (const w of WORKLOADS) t.ok(finite(c.session_create_ms[w]?.empty_ms) && finite(c.session_create_ms[w]?.cached_ms), `session creation with and without the cache: ${w}`);
+  const rl = r.reload;
+  t.ok(rl && finite(rl.model_mb) && rl.model_mb >= 3.5 && finite(rl.reload_ms) && rl.reload_ms > 0, 'reload: a multi-MB model loaded again, timed');
+  for (const phase of ['steady', 'during'] as const) {
+    t.ok(rl?.[phase].n > 0 && [rl[phase].p50_us, rl[phase].p99_us, rl[phase].max_us].every(finite), `reload: tiny's frames ${phase}`);
+  }
 
   t.ok(r.targets.length >= 8, 'every target evaluated');
   for (const row of r.targets) t.ok(typeof row.value === 'string' && (row.met === null || typeof row.met === 'boolean'), `target '${row.name}' has a figure`);

@@ -90,6 +90,12 @@ export class KServeBenchClient {
     }));
   }
 
+  /** Triton's RepositoryModelLoad: (re)loads a model from the agent's repository; resolves once it serves. */
+  repositoryModelLoad(model: string): Promise<void> {
+    const fn = (this.client as unknown as { RepositoryModelLoad: Unary }).RepositoryModelLoad.bind(this.client);
+    return new Promise((resolve, reject) => fn({ model_name: model }, new grpc.Metadata(), {}, (err) => (err ? reject(err) : resolve())));
+  }
+
   /** A ModelStreamInfer call used closed-loop: `infer` writes one request and resolves with its response. */
   openStream(): { infer(request: object): Promise<InferResponse>; end(): void } {
     const call = (this.client as unknown as { ModelStreamInfer(): grpc.ClientDuplexStream<object, { error_message: string; infer_response: InferResponse }> }).ModelStreamInfer();

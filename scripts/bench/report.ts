@@ -1,4 +1,5 @@
 import type { BareResult, Outputs } from './bare.js';
+import type { ReloadResult } from './reload.js';
 import { formatNumber, formatTable } from './stats.js';
 
 export type Api = 'native_stream' | 'kserve_stream' | 'kserve_unary';
@@ -171,6 +172,7 @@ export interface BenchReport {
   naive: NaiveRow[];
   rss?: RssResult;
   cold_start?: ColdStartResult;
+  reload?: ReloadResult;
   targets: TargetRow[];
 }
 
@@ -241,6 +243,14 @@ export function renderReport(r: BenchReport): string {
     ]));
     out.push(`cache saves ${fmt(c.saved_ms)} ms to first result; in-process onnxruntime open + first run of ${c.model}: ${fmt(c.bare_first_result_ms)} ms`);
     out.push(`session creation by the agent's session factory (median ms, empty cache → from cache): ${Object.entries(c.session_create_ms).map(([k, v]) => `${k} ${fmt(v.empty_ms)} → ${fmt(v.cached_ms)}`).join(', ')}`);
+  }
+  if (r.reload) {
+    const l = r.reload;
+    out.push('', `reload: a ${fmt(l.model_mb)} MB model loaded again (RepositoryModelLoad, ${fmt(l.reload_ms)} ms) while tiny serves 1 native stream over the unix socket`);
+    out.push(formatTable(['tiny frames', 'n', 'p50 µs', 'p99 µs', 'max µs'], [
+      ['steady', l.steady.n, l.steady.p50_us, l.steady.p99_us, l.steady.max_us],
+      ['during the reload', l.during.n, l.during.p50_us, l.during.p99_us, l.during.max_us],
+    ]));
   }
   if (r.targets.length > 0) {
     out.push('', 'targets (issue 4, on this machine)');

@@ -40,10 +40,13 @@ export interface Window {
   readonly maxSamples: number;
 }
 
-/** Runs `step` back to back through `window` and returns each timed step's duration in µs. */
+/** Runs `step` back to back through `window` and returns each timed step's duration in µs (with a warm-up
+ * window, at least one untimed step first; with none, every step is timed). */
 export async function timeLoop(window: Window, step: () => Promise<void>): Promise<number[]> {
-  const warmEnd = performance.now() + window.warmupMs;
-  do await step(); while (performance.now() < warmEnd);
+  if (window.warmupMs > 0) {
+    const warmEnd = performance.now() + window.warmupMs;
+    do await step(); while (performance.now() < warmEnd);
+  }
   const samples: number[] = [];
   const end = performance.now() + window.durationMs;
   for (;;) {
