@@ -39,6 +39,22 @@ t.test('a frame returns what a direct session.run returns', async (t) => {
   t.equal(rt.modelInfo('classifier').provider, 'cpu');
 });
 
+t.test('a version still draining after a reload is released once when the runtime stops or the model unloads', async (t) => {
+  const image = randomTensor([1, 3, 112, 112], seeded(7));
+  for (const execution of ['inline', 'worker'] as const) {
+    for (const end of ['close', 'unload'] as const) {
+      const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution });
+      // Frames queued on the old version keep it draining, about 3 ms each, while the same version loads again.
+      const queued = Array.from({ length: 96 }, () => rt.submit('classifier', undefined, { inputs: { image } }));
+      await rt.loadModel('classifier');
+      const stopping = end === 'close' ? rt.close() : rt.unloadModel('classifier');
+      await t.resolves(stopping, `${execution}: ${end === 'close' ? 'stopping' : 'unloading'} while the old version drains succeeds`);
+      const answered = await Promise.allSettled(queued);
+      t.equal(answered.filter((r) => r.status === 'fulfilled').length, queued.length, `${execution}: every frame the old version accepted is answered`);
+    }
+  }
+});
+
 t.test('concurrent frames batch into one run and each gets its own rows', async (t) => {
   const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']));
   const rnd = seeded(2);

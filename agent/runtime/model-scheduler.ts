@@ -88,6 +88,7 @@ export class ModelScheduler {
   private accepting = true;
   private drainWaiters: (() => void)[] = [];
   private delayTimer: NodeJS.Timeout | undefined;
+  private closing: Promise<void> | undefined;
   private dispatchImmediate: NodeJS.Immediate | undefined;
   /** Sources (streams, unary requests) by when they last submitted, pruned to recent ones. */
   private readonly sourcesSeen = new Map<object, number>();
@@ -414,11 +415,18 @@ export class ModelScheduler {
     return new Promise((resolve) => this.drainWaiters.push(resolve));
   }
 
-  /** Drains, then frees the onnxruntime sessions (native memory). */
-  async close(): Promise<void> {
-    await this.drain();
-    this.sequences.clear();
-    await Promise.all(this.instances.map((i) => i.session.release().catch(() => undefined)));
+  /**
+   * Drains, then frees the onnxruntime sessions (native memory). Every call gets the same promise: a version
+   * still draining after a switch is closed again when the agent stops or the model is unloaded, and its
+   * sessions must be released once (a second release of an inline session threw, failing the shutdown).
+   */
+  close(): Promise<void> {
+    this.closing ??= (async () => {
+      await this.drain();
+      this.sequences.clear();
+      await Promise.all(this.instances.map((i) => i.session.release().catch(() => undefined)));
+    })();
+    return this.closing;
   }
 
   statistics(): ModelStatistics {

@@ -73,6 +73,7 @@ class BindingSession implements OrtSession {
   readonly inputMetadata: readonly ValueInfo[];
   readonly outputMetadata: readonly ValueInfo[];
   private readonly fetches: Record<string, null>;
+  private released = false;
 
   constructor(private readonly session: NativeSession) {
     this.inputMetadata = valueInfo(session.inputMetadata);
@@ -85,7 +86,10 @@ class BindingSession implements OrtSession {
   }
 
   release(): Promise<void> {
-    this.session.dispose();
+    if (!this.released) {
+      this.released = true;
+      this.session.dispose(); // a second dispose throws
+    }
     return Promise.resolve();
   }
 }
