@@ -217,6 +217,29 @@ t.test('execution auto: a model whose lone frame fits the bound but whose full b
   t.same(r.outputs.logits?.shape, [64, 10], 'a single request of max_batch_size rows is accepted and runs alone');
 });
 
+t.test('execution auto: a model whose session opens too slowly for the event loop stays in a worker, however fast it runs', async (t) => {
+  const x: Tensor = { dtype: 'float32', shape: [1, 1024], data: new Float32Array(1024).fill(0.5) };
+  const outputs: number[][] = [];
+  for (const inlineMaxOpenMs of [60_000, 0]) {
+    const { log, lines } = capturingLogger();
+    const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto', inline_max_open_ms: inlineMaxOpenMs });
+    const rt = new InferenceRuntime({ repository: new ModelRepository(copyDemoRepo(t, ['tiny'])), config, dataDir: tempDir(t), log });
+    await rt.start();
+    t.teardown(() => rt.close());
+    const ready = lines().find((l) => l.msg === 'model ready' && l.model === 'tiny');
+    const kept = lines().find((l) => l.msg === 'execution auto: stays in a worker, its session opens too slowly for the event loop');
+    if (inlineMaxOpenMs > 0) {
+      t.equal(ready?.execution, 'inline', 'with room to open, the fast model runs inline');
+      t.equal(kept, undefined);
+    } else {
+      t.equal(ready?.execution, 'worker', 'with no time to open on the event loop, it stays in a worker');
+      t.ok(kept && typeof kept.open_ms === 'number' && kept.inline_max_open_ms === 0, 'the reason is logged with the open time');
+    }
+    outputs.push(Array.from((await rt.submit('tiny', undefined, { inputs: { x } })).outputs.y?.data as Float32Array));
+  }
+  t.same(outputs[1], outputs[0], 'both placements compute the same');
+});
+
 t.test('intra-op threads: a model config sets them; several instances split the cores when it does not', async (t) => {
   const repo = copyDemoRepo(t, ['tiny', 'classifier']);
   writeFileSync(join(repo, 'tiny', 'config.yaml'), 'max_batch_size: 32\nintra_op_threads: 1\n');

@@ -32,9 +32,13 @@ export const runtimeSchema = z.strictObject({
    * (onnxruntime-node's run is synchronous). `inline`: on the event loop — saves a thread hop per batch.
    * `auto`: inline for models fast enough (inline_max_run_us), worker for the rest. */
   execution: z.enum(['worker', 'inline', 'auto']).default('auto'),
-  /** `auto`: a model whose slowest warm-up run (batch 1 and max_batch_size) is at most this long runs inline —
-   * the thread hop costs more than it saves — and any slower model gets worker threads. */
+  /** `auto`: a model whose typical warm run (the median of a few, timed at 1, 2, 4, … rows up to
+   * max_batch_size) is at most this long runs inline, stacking at most the rows that fit — the thread hop
+   * costs more than it saves — and a model whose lone frame does not fit gets worker threads. */
   inline_max_run_us: z.number().int().min(0).default(1000),
+  /** `auto`: a model runs inline only if opening its session took at most this long. An inline session is
+   * opened on the event loop, on every reload too: a large model would hold every stream that long. */
+  inline_max_open_ms: z.number().int().min(0).default(100),
   graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).default('all'),
   /** Cache the optimised graph under the data dir (keyed by model hash, provider, onnxruntime version). */
   graph_cache: z.boolean().default(true),

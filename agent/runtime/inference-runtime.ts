@@ -203,7 +203,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       const cfg = this.options.config;
       options.onPhase?.('loading');
       const outcome = await loadModelVersion(slot.entry, ve, {
-        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution, inlineMaxRunUs: cfg.inline_max_run_us,
+        providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution, inlineMaxRunUs: cfg.inline_max_run_us, inlineMaxOpenMs: cfg.inline_max_open_ms,
         ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {

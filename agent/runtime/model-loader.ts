@@ -22,6 +22,8 @@ export interface LoaderDefaults {
   readonly execution: ExecutionMode | 'auto';
   /** `auto`: the slowest warm-up run that still keeps a model on the event loop. */
   readonly inlineMaxRunUs: number;
+  /** `auto`: the longest session open that still keeps a model on the event loop. */
+  readonly inlineMaxOpenMs: number;
 }
 
 /** Picks the file variant to serve. `auto` prefers what the variant selector allows (see compress/). */
@@ -104,7 +106,7 @@ function placementKey(digests: ReadonlyMap<string, ModelDigest>, providers: read
   for (const file of [...digests.keys()].sort()) h.update((digests.get(file) as ModelDigest).sha256);
   h.update(JSON.stringify({
     providers, ort: ORT_VERSION, level: config.graph_optimization ?? defaults.graphOptimization, threads,
-    instances: config.instance_count, inlineMaxRunUs: defaults.inlineMaxRunUs, maxBatch: config.max_batch_size,
+    instances: config.instance_count, inlineMaxRunUs: defaults.inlineMaxRunUs, inlineMaxOpenMs: defaults.inlineMaxOpenMs, maxBatch: config.max_batch_size,
     batching: config.dynamic_batching?.enabled, warmup: config.warmup,
     providerOptions: { ...defaults.providerOptions, intra_op_threads: undefined }, cpu: cpus()[0]?.model, cores: availableParallelism(),
   }));
@@ -280,6 +282,17 @@ export async function loadModelVersion(
       }
       return fits;
     };
+    /**
+     * An inline session is opened on the event loop, at this load and at every reload, so a model that took
+     * long to open stays in a worker however fast it runs: a 256 MB embedding table ran in microseconds but
+     * held the event loop 545-588 ms each time it loaded inline. The worker's open may include optimising the
+     * graph on a first load, so the check errs towards the worker.
+     */
+    const opensFast = (instance: SessionInstance): boolean => {
+      if (instance.info.openMs <= defaults.inlineMaxOpenMs) return true;
+      log.info({ model: entry.name, open_ms: Math.round(instance.info.openMs), inline_max_open_ms: defaults.inlineMaxOpenMs }, 'execution auto: stays in a worker, its session opens too slowly for the event loop');
+      return false;
+    };
     await warm(instances);
     let execution = firstMode;
     let intraOpThreads = instanceThreads;
@@ -296,7 +309,7 @@ export async function loadModelVersion(
       execution = placed.execution;
       intraOpThreads = placed.intraOpThreads;
       maxStackedRows = placed.maxStackedRows;
-    } else if (defaults.execution === 'auto' && config.warmup.runs > 0
+    } else if (defaults.execution === 'auto' && config.warmup.runs > 0 && opensFast(instances[0] as SessionInstance)
       && (rowsInline = await inlineRows(instances[0] as SessionInstance)) >= (batching ? Math.min(2, configured) : 1)) {
       const workers = instances.splice(0);
       await Promise.all(workers.map((s) => s.release()));

@@ -17,6 +17,8 @@ export interface InstanceInfo {
   readonly provider: SessionRequest['providers'][number];
   readonly skipped: readonly { provider: string; reason: string }[];
   readonly graphCache: 'hit' | 'stored' | 'off';
+  /** How long creating the session held the thread that created it. */
+  readonly openMs: number;
   readonly inputMetadata: readonly ValueInfo[];
   readonly outputMetadata: readonly ValueInfo[];
 }
@@ -188,10 +190,11 @@ class WorkerInstance implements SessionInstance {
 /** Creates one instance of a model: in a worker thread or on the event loop. */
 export async function createInstance(request: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> {
   if (mode === 'worker') return WorkerInstance.create(request);
+  const t0 = performance.now();
   const created = await createSession(request);
   const s = created.session;
   return new InlineInstance(s, {
-    provider: created.provider, skipped: created.skipped, graphCache: created.graphCache,
+    provider: created.provider, skipped: created.skipped, graphCache: created.graphCache, openMs: performance.now() - t0,
     inputMetadata: s.inputMetadata, outputMetadata: s.outputMetadata,
   });
 }
