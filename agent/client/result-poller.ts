@@ -1,5 +1,5 @@
 import { performance } from 'node:perf_hooks';
-import { LoopPoll } from '../server/index.js';
+import { LoopPoll } from '../event-loop/index.js';
 
 /**
  * Keeps a client's event loop polling while it awaits a result, so the answer is read without a thread

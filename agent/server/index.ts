@@ -9,4 +9,4 @@ export { toGrpcStatus, toServiceError } from './status-map.js';
 export { PROTO_DIR } from './proto-path.js';
 export { serverCredentials } from './tls.js';
 export { wireDType, dtypeFromWire } from './native-codec.js';
-export { EventLoopSpinner, LoopPoll } from './event-loop-spinner.js';
+export { EventLoopSpinner } from './event-loop-spinner.js';

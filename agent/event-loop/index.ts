@@ -1,0 +1,1 @@
+export { LoopPoll } from './loop-poll.js';
