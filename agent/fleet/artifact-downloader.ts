@@ -2,7 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { ChunkMap } from '../store/index.js';
-import { sha256File } from '../models/index.js';
+import { sha256File } from './file-io.js';
 import type { FleetLogger } from './fleet-logger.js';
 import type { HttpFetchStats, HttpRangeFetcher } from './http-range-fetcher.js';
 import { ManifestRejection, type DeploymentManifest } from './manifest.js';

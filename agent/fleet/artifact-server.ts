@@ -4,8 +4,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from 'node:net';
 import type { MqttClient } from 'mqtt';
 import { errorMessage } from '../errors.js';
-import { sha256File } from '../models/index.js';
-import { sleep } from './file-io.js';
+import { sha256File, sleep } from './file-io.js';
 
 /** The fleet manager's side of artifact transfer: answering chunk requests over MQTT, and HTTP with Range. */
 export interface ServedArtifact {

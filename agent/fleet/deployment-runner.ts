@@ -3,7 +3,7 @@ import { errorMessage } from '../errors.js';
 import type { DeploymentRecord, DeploymentPatch, FleetStore } from '../store/index.js';
 import type { ArtifactDownloader } from './artifact-downloader.js';
 import type { ActivationPhase, DeploymentTarget, ValidationSpec } from './deployment-target.js';
-import { sha256File } from '../models/index.js';
+import { sha256File } from './file-io.js';
 import type { FleetLogger } from './fleet-logger.js';
 import { watchHealth } from './health-watch.js';
 import { ManifestRejection, type DeploymentManifest } from './manifest.js';

@@ -1,4 +1,17 @@
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
+
+/** SHA-256 of a file, streamed (a model is never held in memory whole). */
+export function sha256File(path: string): Promise<string> {
+  return new Promise((resolve, reject) => {
+    const hash = createHash('sha256');
+    createReadStream(path, { highWaterMark: 1024 * 1024 })
+      .on('data', (d) => hash.update(d))
+      .on('error', reject)
+      .on('end', () => resolve(hash.digest('hex')));
+  });
+}
 
 /** Opens a file for positional writes, creating it when absent, never truncating it. */
 export async function openForWrite(path: string): Promise<FileHandle> {

@@ -7,7 +7,7 @@ import { ArtifactDownloader } from './artifact-downloader.js';
 import { CommandHandler } from './command-handler.js';
 import type { DeploymentTarget } from './deployment-target.js';
 import { DeploymentRunner, StoppingError, SupersededError, type RunPhase } from './deployment-runner.js';
-import { sha256File } from '../models/index.js';
+import { sha256File } from './file-io.js';
 import type { FleetLogger } from './fleet-logger.js';
 import { HttpRangeFetcher } from './http-range-fetcher.js';
 import { identify, ManifestRejection, verifyManifest, type DeploymentManifest, type ManifestLimits } from './manifest.js';

@@ -12,6 +12,7 @@ export { FleetTopics, topicMatches } from './topics.js';
 export type { ReportedState, ReportedModel, ReportedDeployment } from './reported-state.js';
 export type { HealthFigures } from './health-watch.js';
 export { MAX_ACTIVATION_ATTEMPTS } from './deployment-runner.js';
+export { sha256File } from './file-io.js';
 
 // Contract shared by both sides.
 export { canonicalJson, signedBytes } from './canonical-json.js';

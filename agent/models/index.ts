@@ -3,4 +3,3 @@ export type { ModelEntry, ModelVersionEntry } from './model-repository.js';
 export { modelConfigSchema, readModelConfig, MODEL_CONFIG_FILE } from './model-config.js';
 export type { ModelConfig, StateConfig } from './model-config.js';
 export { ActiveVersions } from './active-versions.js';
-export { sha256File } from './file-sha256.js';

@@ -1,5 +1,5 @@
-import { statSync, type Stats } from 'node:fs';
-import { sha256File } from '../models/index.js';
+import { createHash } from 'node:crypto';
+import { createReadStream, statSync, type Stats } from 'node:fs';
 
 /** A model file's SHA-256 and the file's identity when it was read: the hash holds for as long as that does. */
 export interface ModelDigest {
@@ -9,6 +9,13 @@ export interface ModelDigest {
   readonly ino: number;
 }
 
+/**
+ * Read in 1 MiB chunks: hashing one takes about half a millisecond, so a model of hundreds of MB never holds
+ * the event loop (read whole and hashed at once, a 256 MB model held it for 300 ms on the development VM, a
+ * stall on every stream each time a version loaded).
+ */
+const CHUNK_BYTES = 1 << 20;
+
 function identity(s: Stats): Omit<ModelDigest, 'sha256'> {
   return { size: s.size, mtimeMs: s.mtimeMs, ino: s.ino };
 }
@@ -17,17 +24,14 @@ function sameFile(a: Omit<ModelDigest, 'sha256'>, b: Omit<ModelDigest, 'sha256'>
   return a.size === b.size && a.mtimeMs === b.mtimeMs && a.ino === b.ino;
 }
 
-/**
- * Hashes a model file, streamed (read whole and hashed at once, a 256 MB model held the event loop for 300 ms
- * on the development VM, a stall for every stream each time a version loaded). A file that changes while it is
- * read is read again.
- */
+/** Hashes a model file without blocking; a file that changes while it is read is read again. */
 export async function digestModelFile(path: string): Promise<ModelDigest> {
   for (let attempt = 0; ; attempt++) {
     const before = identity(statSync(path));
-    const sha256 = await sha256File(path);
+    const h = createHash('sha256');
+    for await (const chunk of createReadStream(path, { highWaterMark: CHUNK_BYTES })) h.update(chunk as Buffer);
     const after = identity(statSync(path));
-    if (sameFile(before, after)) return { sha256, ...after };
+    if (sameFile(before, after)) return { sha256: h.digest('hex'), ...after };
     if (attempt === 2) throw new Error(`${path} kept changing while it was read`);
   }
 }
