@@ -1,16 +1,9 @@
-import { createHash } from 'node:crypto';
-import { createReadStream } from 'node:fs';
 import { open, type FileHandle } from 'node:fs/promises';
+import { digestModelFile } from '../runtime/index.js';
 
-/** SHA-256 of a file, streamed (a model is never held in memory whole). */
-export function sha256File(path: string): Promise<string> {
-  return new Promise((resolve, reject) => {
-    const hash = createHash('sha256');
-    createReadStream(path, { highWaterMark: 1024 * 1024 })
-      .on('data', (d) => hash.update(d))
-      .on('error', reject)
-      .on('end', () => resolve(hash.digest('hex')));
-  });
+/** SHA-256 of a file, streamed (a model is never held in memory whole), as the runtime digests model files. */
+export async function sha256File(path: string): Promise<string> {
+  return (await digestModelFile(path)).sha256;
 }
 
 /** Opens a file for positional writes, creating it when absent, never truncating it. */

@@ -1,6 +1,10 @@
 import { createHash } from 'node:crypto';
 import { createReadStream, statSync, type Stats } from 'node:fs';
 
+// The instance worker imports this file through the session factory: it keeps to node's built-ins. Taking the
+// fleet's hashing helper from models/ instead pulled zod and yaml into every worker thread, and each model
+// load (a worker per instance) took 70-80 ms longer.
+
 /** A model file's SHA-256 and the file's identity when it was read: the hash holds for as long as that does. */
 export interface ModelDigest {
   readonly sha256: string;
