@@ -7,7 +7,7 @@ import { Writable } from 'node:stream';
 import { pino } from 'pino';
 import { runtimeSchema } from '../agent/config/schema.js';
 import { ModelRepository } from '../agent/models/index.js';
-import { InferenceRuntime, createSession, digestModelFile, type Tensor } from '../agent/runtime/index.js';
+import { InferenceRuntime, createSession, digestModelFile, GRAPHS_KEPT_PER_MODEL, type Tensor } from '../agent/runtime/index.js';
 import { directBinding, openOrtSession } from '../agent/runtime/ort-session.js';
 import { buildTiny } from '../scripts/demo-models.js';
 import { DEMO_REPO, copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
@@ -131,6 +131,35 @@ t.test("a model file is hashed in chunks, and the loader's digest is reused only
   const again = await createSession({ ...req, providers: ['cpu'], digest: await digestModelFile(path) });
   t.equal(again.graphCache, 'hit', "the changed file's fresh digest finds that entry");
   await again.session.release();
+});
+
+t.test('the graph cache keeps the most recently used graphs of each model, so model updates cannot fill the disk', async (t) => {
+  const dir = tempDir(t);
+  const cacheDir = join(dir, 'cache');
+  const base = { providers: ['cpu'] as const, providerOptions: runtimeSchema.parse({}).provider_options, graphOptimization: 'all' as const, cacheDir };
+  const graphs = (model: string): string[] => readdirSync(join(cacheDir, 'graphs')).filter((f) => f.startsWith(`${model}-`) && f.endsWith('.onnx'));
+  // Versions of one model: the same graph with a different unknown field, so different bytes and cache keys.
+  const version = (i: number): string => {
+    const path = join(dir, `tiny-v${i}.onnx`);
+    writeFileSync(path, Buffer.concat([Buffer.from(buildTiny()), Buffer.from([0xa0, 0x06, i])]));
+    return path;
+  };
+  const open = async (model: string, path: string): Promise<string> => {
+    const created = await createSession({ ...base, model, path });
+    await created.session.release();
+    return created.graphCache;
+  };
+  const paths = Array.from({ length: GRAPHS_KEPT_PER_MODEL + 2 }, (_, i) => version(i + 1));
+  await open('other', paths[0] as string); // another model's graph is never pruned for this one's
+  for (const p of paths) t.equal(await open('tiny', p), 'stored');
+  t.equal(graphs('tiny').length, GRAPHS_KEPT_PER_MODEL, `${paths.length} versions stored, ${GRAPHS_KEPT_PER_MODEL} kept`);
+  t.equal(await open('tiny', paths[0] as string), 'stored', 'the least recently used was dropped, and is optimised again');
+  const oldestKept = paths[paths.length - GRAPHS_KEPT_PER_MODEL + 1] as string; // the first one left after that
+  t.equal(await open('tiny', oldestKept), 'hit', 'a kept graph is reused');
+  t.equal(await open('tiny', version(99)), 'stored');
+  t.equal(await open('tiny', oldestKept), 'hit', 'using a graph makes it recent again: the next store dropped another');
+  t.equal(graphs('tiny').length, GRAPHS_KEPT_PER_MODEL);
+  t.equal(graphs('other').length, 1, "another model's graph stays");
 });
 
 t.test('instance_count sessions serve one model; inline and worker execution give the same outputs', async (t) => {

@@ -2,7 +2,7 @@ export { InferenceRuntime } from './inference-runtime.js';
 export type { InferenceRuntimeOptions, ActivateOptions } from './inference-runtime.js';
 export { ModelScheduler } from './model-scheduler.js';
 export type { LoadedModel, SchedulerOptions } from './model-scheduler.js';
-export { createSession, ORT_VERSION } from './session-factory.js';
+export { createSession, GRAPHS_KEPT_PER_MODEL, ORT_VERSION } from './session-factory.js';
 export { digestModelFile, type ModelDigest } from './model-digest.js';
 export type { CreatedSession, SessionRequest, GraphOptimizationLevel } from './session-factory.js';
 export type { VariantChooser } from './model-loader.js';

@@ -1,5 +1,5 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, renameSync, rmSync, statSync, utimesSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import type { ExecutionProviderName, ProviderOptions } from '../config/index.js';
@@ -70,6 +70,29 @@ function graphCacheKey(modelSha256: string, provider: string, level: GraphOptimi
 }
 
 /**
+ * Optimised graphs kept per model, most recently used first: the served variant of the active version, one
+ * still draining or pinned beside it, and their fallbacks. Each is about the size of its model and every fleet
+ * update adds one, so without a bound the cache would fill an edge device's disk. A version whose graph was
+ * dropped is optimised again when it next loads.
+ */
+export const GRAPHS_KEPT_PER_MODEL = 4;
+
+function pruneGraphCache(dir: string, model: string): void {
+  const own = new RegExp(`^${model.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}-[0-9a-f]{32}\\.onnx$`);
+  const entries: { path: string; usedAt: number }[] = [];
+  for (const name of readdirSync(dir)) {
+    if (!own.test(name)) continue;
+    try {
+      entries.push({ path: join(dir, name), usedAt: statSync(join(dir, name)).mtimeMs });
+    } catch {
+      // removed meanwhile by another instance's pruning
+    }
+  }
+  entries.sort((a, b) => b.usedAt - a.usedAt);
+  for (const e of entries.slice(GRAPHS_KEPT_PER_MODEL)) rmSync(e.path, { force: true });
+}
+
+/**
  * Creates an onnxruntime session on the first provider of the preference list that works. onnxruntime throws
  * at creation when a provider's libraries or device are missing and never falls back by itself, so each is
  * tried in turn and the reasons are kept for the log.
@@ -105,6 +128,8 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
           try {
             // Already optimised: loading it with optimisation off is what saves the start-up time.
             const session = await openOrtSession(cached, { ...base, graphOptimizationLevel: 'disabled' });
+            const now = new Date();
+            try { utimesSync(cached, now, now); } catch { /* pruned meanwhile: this session has it loaded */ }
             return { session, provider, skipped, graphCache: 'hit' };
           } catch {
             rmSync(cached, { force: true }); // a stale or truncated cache file is rebuilt below
@@ -114,7 +139,10 @@ export async function createSession(req: SessionRequest): Promise<CreatedSession
         const tmp = `${cached}.tmp-${process.pid}`;
         try {
           const session = await openOrtSession(req.path, { ...base, optimizedModelFilePath: tmp });
-          if (existsSync(tmp)) renameSync(tmp, cached);
+          if (existsSync(tmp)) {
+            renameSync(tmp, cached);
+            pruneGraphCache(dir, req.model);
+          }
           return { session, provider, skipped, graphCache: existsSync(cached) ? 'stored' : 'off' };
         } catch (err) {
           rmSync(tmp, { force: true });
