@@ -55,6 +55,19 @@ t.test('a version still draining after a reload is released once when the runtim
   }
 });
 
+t.test('closing the runtime while a load runs: the load releases what it opened, later loads are refused', async (t) => {
+  for (const execution of ['worker', 'inline'] as const) {
+    const rt = await startRuntime(t, copyDemoRepo(t, ['tiny', 'classifier']), { execution });
+    const loading = rt.loadModel('classifier'); // opens and warms a new scheduler while the old one serves
+    const queued = rt.loadModel('tiny');
+    await t.resolves(rt.close(), `${execution}: close waits for the load and resolves`);
+    await t.rejects(loading, { code: 'UNAVAILABLE', message: /shutting down/ }, `${execution}: the load that finished after close is refused`);
+    await t.rejects(queued, { code: 'UNAVAILABLE', message: /shutting down/ }, `${execution}: a load queued behind it never starts`);
+    t.same(rt.listModels().filter((m) => m.state === 'READY').map((m) => m.name), [], `${execution}: nothing serves after close`);
+    await t.rejects(rt.loadModel('tiny'), { code: 'UNAVAILABLE' }, `${execution}: a load after close is refused`);
+  }
+});
+
 t.test('concurrent frames batch into one run and each gets its own rows', async (t) => {
   const rt = await startRuntime(t, copyDemoRepo(t, ['tiny']));
   const rnd = seeded(2);

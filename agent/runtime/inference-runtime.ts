@@ -48,6 +48,8 @@ interface ModelSlot {
 export class InferenceRuntime implements InferenceRuntimeApi {
   private readonly slots = new Map<string, ModelSlot>();
   private ready = false;
+  /** Set by close(): loads queued or finishing after it must not leave sessions (and worker threads) behind. */
+  private closing = false;
   private sweeper: NodeJS.Timeout | undefined;
 
   constructor(private readonly options: InferenceRuntimeOptions) {}
@@ -143,7 +145,8 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   }
 
   private serialize<T>(slot: ModelSlot, fn: () => Promise<T>): Promise<T> {
-    const next = slot.op.then(fn, fn);
+    const run = (): Promise<T> => (this.closing ? Promise.reject(shuttingDown(slot.entry.name)) : fn());
+    const next = slot.op.then(run, run);
     slot.op = next.catch(() => undefined);
     return next;
   }
@@ -210,6 +213,10 @@ export class InferenceRuntime implements InferenceRuntimeApi {
         maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
         refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer,
       });
+      if (this.closing) {
+        await scheduler.close();
+        throw shuttingDown(model);
+      }
       options.onPhase?.('validating');
       if (options.validate) {
         try {
@@ -218,6 +225,10 @@ export class InferenceRuntime implements InferenceRuntimeApi {
           await scheduler.close();
           throw err;
         }
+      }
+      if (this.closing) {
+        await scheduler.close();
+        throw shuttingDown(model);
       }
       const previous = slot.active;
       slot.active = scheduler;
@@ -333,7 +344,13 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     await Promise.all(all.map((s) => s.drain()));
   }
 
+  /**
+   * Stops every model: accepted frames are answered, then sessions are released. A load, reload or deployment
+   * still running finishes first and releases what it opened, so no worker thread outlives the runtime (one
+   * left running kept the process alive, and exiting under it aborted in onnxruntime's native code).
+   */
   async close(): Promise<void> {
+    this.closing = true;
     if (this.sweeper) clearInterval(this.sweeper);
     this.ready = false;
     const all: Promise<void>[] = [];
@@ -345,5 +362,10 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       slot.state = 'UNAVAILABLE';
     }
     await Promise.all(all);
+    await Promise.all([...this.slots.values()].map((slot) => slot.op));
   }
+}
+
+function shuttingDown(model: string): UnavailableError {
+  return new UnavailableError(`model '${model}': the inference runtime is shutting down`);
 }
