@@ -77,19 +77,24 @@ function graphCacheKey(modelSha256: string, provider: string, level: GraphOptimi
  */
 export const GRAPHS_KEPT_PER_MODEL = 4;
 
+/** Best effort: a cache that cannot be pruned (a read-only or vanished folder) never fails a model load. */
 function pruneGraphCache(dir: string, model: string): void {
   const own = new RegExp(`^${model.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}-[0-9a-f]{32}\\.onnx$`);
-  const entries: { path: string; usedAt: number }[] = [];
-  for (const name of readdirSync(dir)) {
-    if (!own.test(name)) continue;
-    try {
-      entries.push({ path: join(dir, name), usedAt: statSync(join(dir, name)).mtimeMs });
-    } catch {
-      // removed meanwhile by another instance's pruning
+  try {
+    const entries: { path: string; usedAt: number }[] = [];
+    for (const name of readdirSync(dir)) {
+      if (!own.test(name)) continue;
+      try {
+        entries.push({ path: join(dir, name), usedAt: statSync(join(dir, name)).mtimeMs });
+      } catch {
+        // removed meanwhile by another instance's pruning
+      }
     }
+    entries.sort((a, b) => b.usedAt - a.usedAt);
+    for (const e of entries.slice(GRAPHS_KEPT_PER_MODEL)) rmSync(e.path, { force: true });
+  } catch {
+    // the next store tries again
   }
-  entries.sort((a, b) => b.usedAt - a.usedAt);
-  for (const e of entries.slice(GRAPHS_KEPT_PER_MODEL)) rmSync(e.path, { force: true });
 }
 
 /**
