@@ -19,13 +19,12 @@ async function main(): Promise<void> {
   const request = (workerData as { request: SessionRequest }).request;
   let session: OrtSession;
   try {
-    const t0 = performance.now();
     const created = await createSession(request);
     session = created.session;
     port?.postMessage({
       type: 'created',
       info: {
-        provider: created.provider, skipped: created.skipped, graphCache: created.graphCache, openMs: performance.now() - t0,
+        provider: created.provider, skipped: created.skipped, graphCache: created.graphCache, openMs: created.openMs,
         inputMetadata: session.inputMetadata.map((m) => ({ ...m })), outputMetadata: session.outputMetadata.map((m) => ({ ...m })),
       },
     });

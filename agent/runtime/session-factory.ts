@@ -28,6 +28,8 @@ export interface CreatedSession {
   readonly skipped: readonly { provider: ExecutionProviderName; reason: string }[];
   /** 'hit': loaded the cached optimised graph; 'stored': optimised now and cached; 'off': no cache. */
   readonly graphCache: 'hit' | 'stored' | 'off';
+  /** How long creating the session held the thread that created it, provider fallback included. */
+  readonly openMs: number;
 }
 
 export const ORT_VERSION: string = ort.env.versions.node ?? ort.env.versions.common;
@@ -103,6 +105,12 @@ function pruneGraphCache(dir: string, model: string): void {
  * tried in turn and the reasons are kept for the log.
  */
 export async function createSession(req: SessionRequest): Promise<CreatedSession> {
+  const t0 = performance.now();
+  const created = await openOnFirstProvider(req);
+  return { ...created, openMs: performance.now() - t0 };
+}
+
+async function openOnFirstProvider(req: SessionRequest): Promise<Omit<CreatedSession, 'openMs'>> {
   const skipped: { provider: ExecutionProviderName; reason: string }[] = [];
   let digest: ModelDigest | undefined;
   for (const provider of req.providers) {

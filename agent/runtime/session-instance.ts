@@ -190,11 +190,10 @@ class WorkerInstance implements SessionInstance {
 /** Creates one instance of a model: in a worker thread or on the event loop. */
 export async function createInstance(request: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> {
   if (mode === 'worker') return WorkerInstance.create(request);
-  const t0 = performance.now();
   const created = await createSession(request);
   const s = created.session;
   return new InlineInstance(s, {
-    provider: created.provider, skipped: created.skipped, graphCache: created.graphCache, openMs: performance.now() - t0,
+    provider: created.provider, skipped: created.skipped, graphCache: created.graphCache, openMs: created.openMs,
     inputMetadata: s.inputMetadata, outputMetadata: s.outputMetadata,
   });
 }
