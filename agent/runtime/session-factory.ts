@@ -81,11 +81,12 @@ export const GRAPHS_KEPT_PER_MODEL = 4;
 
 /** Best effort: a cache that cannot be pruned (a read-only or vanished folder) never fails a model load. */
 function pruneGraphCache(dir: string, model: string): void {
-  const own = new RegExp(`^${model.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}-[0-9a-f]{32}\\.onnx$`);
+  const prefix = `${model}-`;
   try {
     const entries: { path: string; usedAt: number }[] = [];
     for (const name of readdirSync(dir)) {
-      if (!own.test(name)) continue;
+      // `<model>-<key>.onnx` exactly: not another model whose name starts with this one's, nor a `.tmp-` file.
+      if (!name.startsWith(prefix) || !/^[0-9a-f]{32}\.onnx$/.test(name.slice(prefix.length))) continue;
       try {
         entries.push({ path: join(dir, name), usedAt: statSync(join(dir, name)).mtimeMs });
       } catch {
