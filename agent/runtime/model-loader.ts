@@ -101,9 +101,9 @@ interface Placement {
 }
 
 /** Everything the measured placement depends on: the files, the settings that shape it, and this machine. */
-function placementKey(digests: ReadonlyMap<string, ModelDigest>, providers: readonly ExecutionProviderName[], config: ModelConfig, defaults: LoaderDefaults, threads: number): string {
+function placementKey(digests: readonly ModelDigest[], providers: readonly ExecutionProviderName[], config: ModelConfig, defaults: LoaderDefaults, threads: number): string {
   const h = createHash('sha256');
-  for (const file of [...digests.keys()].sort()) h.update((digests.get(file) as ModelDigest).sha256);
+  for (const d of digests) h.update(d.sha256);
   h.update(JSON.stringify({
     providers, ort: ORT_VERSION, level: config.graph_optimization ?? defaults.graphOptimization, threads,
     instances: config.instance_count, inlineMaxRunUs: defaults.inlineMaxRunUs, inlineMaxOpenMs: defaults.inlineMaxOpenMs, maxBatch: config.max_batch_size,
@@ -166,40 +166,41 @@ export async function loadModelVersion(
   // fight over it; unless told otherwise, each gets its share of the cores.
   const instanceThreads = configuredThreads > 0 || config.instance_count === 1 ? configuredThreads
     : Math.max(1, Math.floor(availableParallelism() / config.instance_count));
-  const digests = new Map<string, ModelDigest>();
-  const request = (path: string, providerList: LoaderDefaults['providers'], intraOpThreads = instanceThreads) => {
-    const digest = digests.get(path);
-    return {
-      model: entry.name, path, providers: providerList, providerOptions: { ...defaults.providerOptions, intra_op_threads: intraOpThreads },
-      graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
-      ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir } : {}),
-      ...(digest ? { digest } : {}),
-    };
+  // Each file is hashed at most once per load, in chunks, when the graph cache or the placement key needs it:
+  // every session of the load reuses the digest instead of reading the whole file again.
+  const digests = new Map<string, Promise<ModelDigest>>();
+  const digestOf = (file: string): Promise<ModelDigest> => {
+    let d = digests.get(file);
+    if (!d) digests.set(file, d = digestModelFile(file));
+    return d;
   };
+  const request = async (path: string, providerList: LoaderDefaults['providers'], intraOpThreads = instanceThreads) => ({
+    model: entry.name, path, providers: providerList, providerOptions: { ...defaults.providerOptions, intra_op_threads: intraOpThreads },
+    graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
+    ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir, digest: await digestOf(path) } : {}),
+  });
   try {
-    // With a cache dir, every variant is hashed once per load, in chunks, for the placement key and the graph
-    // cache: the sessions below reuse these digests instead of each reading the whole file again.
-    if (defaults.cacheDir) for (const file of Object.values(versionEntry.variants)) if (file) digests.set(file, await digestModelFile(file));
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
     // `auto` loads and warms in worker threads first: a slow model (or a new version loading while the old one
     // serves) must never block the event loop, even once. It moves inline only if warm-up shows it is fast.
     // A start that finds what an earlier load of these same files on this machine measured (provider, where
     // the model runs, its threads) opens the model there at once, skipping the probing and timing. Only unchanged
     // files hit (a restart, a reload): a new version is new bytes, so it is always probed in a worker first.
+    const variantFiles = Object.values(versionEntry.variants).filter((f): f is string => f !== undefined).sort();
     const placementFile = defaults.execution === 'auto' && defaults.cacheDir
-      ? join(defaults.cacheDir, 'placement', `${entry.name}-${placementKey(digests, providers, config, defaults, instanceThreads)}.json`)
+      ? join(defaults.cacheDir, 'placement', `${entry.name}-${placementKey(await Promise.all(variantFiles.map(digestOf)), providers, config, defaults, instanceThreads)}.json`)
       : undefined;
     let placed = placementFile ? readPlacement(placementFile) : undefined;
     let firstMode: ExecutionMode = placed?.execution ?? (defaults.execution === 'auto' ? 'worker' : defaults.execution);
     let probe: SessionInstance;
     try {
-      probe = await createInstance(request(fp32Path, placed ? [placed.provider] : providers, placed?.intraOpThreads), firstMode);
+      probe = await createInstance(await request(fp32Path, placed ? [placed.provider] : providers, placed?.intraOpThreads), firstMode);
     } catch (err) {
       if (!placed) throw err;
       // The recorded provider no longer opens (a GPU gone): place the model from scratch.
       placed = undefined;
       firstMode = 'worker';
-      probe = await createInstance(request(fp32Path, providers), firstMode);
+      probe = await createInstance(await request(fp32Path, providers), firstMode);
     }
     const provider = probe.info.provider;
     if (probe.info.skipped.length > 0) log.info({ model: entry.name, provider, skipped: probe.info.skipped }, 'execution providers skipped before the one that serves');
@@ -216,7 +217,7 @@ export async function loadModelVersion(
       instances.push(probe);
     }
     while (instances.length < config.instance_count) {
-      const s = await createInstance(request(path, [provider], placed?.intraOpThreads), firstMode);
+      const s = await createInstance(await request(path, [provider], placed?.intraOpThreads), firstMode);
       if (instances.length === 0) graphCache = s.info.graphCache;
       instances.push(s);
     }
@@ -321,7 +322,7 @@ export async function loadModelVersion(
       const candidates = instanceThreads > 0 ? [instanceThreads] : [0, 1];
       let best: { instance: SessionInstance; threads: number; us: number } | undefined;
       for (const threads of candidates) {
-        const instance = await createInstance(request(path, [provider], threads), 'inline');
+        const instance = await createInstance(await request(path, [provider], threads), 'inline');
         await warm([instance]);
         const us = candidates.length > 1 ? await typicalRunUs(instance, 1) : 0;
         if (!best || us < best.us) {
@@ -333,7 +334,7 @@ export async function loadModelVersion(
       }
       const chosen = best as { instance: SessionInstance; threads: number };
       instances.push(chosen.instance);
-      while (instances.length < config.instance_count) instances.push(await createInstance(request(path, [provider], chosen.threads), 'inline'));
+      while (instances.length < config.instance_count) instances.push(await createInstance(await request(path, [provider], chosen.threads), 'inline'));
       await warm(instances.slice(1));
       execution = 'inline';
       intraOpThreads = chosen.threads;
