@@ -213,10 +213,13 @@ export class InferenceRuntime implements InferenceRuntimeApi {
         maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
         refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer,
       });
-      if (this.closing) {
+      // close() may have begun while this version loaded (or validated): release it rather than install it.
+      const refuseIfClosing = async (): Promise<void> => {
+        if (!this.closing) return;
         await scheduler.close();
         throw shuttingDown(model);
-      }
+      };
+      await refuseIfClosing();
       options.onPhase?.('validating');
       if (options.validate) {
         try {
@@ -226,10 +229,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
           throw err;
         }
       }
-      if (this.closing) {
-        await scheduler.close();
-        throw shuttingDown(model);
-      }
+      await refuseIfClosing();
       const previous = slot.active;
       slot.active = scheduler;
       slot.state = 'READY';
