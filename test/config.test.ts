@@ -45,6 +45,11 @@ t.test('config errors name the file, the key and the problem', async (t) => {
     t.throws(() => loadConfig({ file }), pattern, JSON.stringify(text));
     t.throws(() => loadConfig({ file }), ConfigError);
   }
+  writeFileSync(join(dir, 'agent.yaml'), 'server:\n  busy_poll_us: -5\nruntime:\n  execution_providers: [gpu]\n  typo_key: 1\n');
+  t.throws(() => loadConfig({ file: join(dir, 'agent.yaml') }), {
+    key: 'server.busy_poll_us',
+    message: /server\.busy_poll_us: .*>=0; runtime\.execution_providers\[0\]: .*"cpu"; runtime\.typo_key: unknown key 'typo_key'$/,
+  }, 'every problem in the file is named at once, the first as the key');
   t.throws(() => loadConfig({ file: join(dir, 'missing.yaml') }), /missing\.yaml: cannot read config file: ENOENT/);
   t.throws(() => loadConfig({ overrides: { logLevel: 'loud' } }), /log\.level/);
 });

@@ -33,19 +33,26 @@ function formatPath(path: readonly PropertyKey[]): string {
   return out;
 }
 
-/** Turns the first schema issue into a ConfigError that names the file and the key. */
-export function configErrorFrom(source: string, error: z.ZodError, prefix = ''): ConfigError {
-  const issue = error.issues[0];
-  if (!issue) return new ConfigError(source, prefix, 'invalid');
+function describeIssue(issue: z.core.$ZodIssue, prefix: string): { key: string; problem: string } {
   let key = formatPath(issue.path);
   let problem = issue.message;
   if (issue.code === 'unrecognized_keys') {
-    const keys = (issue as { keys?: string[] }).keys ?? [];
+    const keys = issue.keys;
     problem = `unknown key${keys.length > 1 ? 's' : ''} ${keys.map((k) => `'${k}'`).join(', ')}`;
     key = formatPath([...issue.path, ...(keys.length === 1 ? [keys[0] as string] : [])]);
   }
-  const full = prefix && key ? `${prefix}.${key}` : prefix || key;
-  return new ConfigError(source, full, problem);
+  return { key: prefix && key ? `${prefix}.${key}` : prefix || key, problem };
+}
+
+/**
+ * Turns schema issues into one ConfigError that names the file and the first key; the other problems follow in
+ * its message, so fixing a device's config takes one round instead of one per mistake.
+ */
+export function configErrorFrom(source: string, error: z.ZodError, prefix = ''): ConfigError {
+  const [first, ...rest] = error.issues.map((issue) => describeIssue(issue, prefix));
+  if (!first) return new ConfigError(source, prefix, 'invalid');
+  const more = rest.map((r) => `; ${r.key === '' ? '' : `${r.key}: `}${r.problem}`).join('');
+  return new ConfigError(source, first.key, first.problem + more);
 }
 
 /** Parses YAML text, reporting syntax errors with line and column. */
