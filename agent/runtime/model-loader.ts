@@ -230,30 +230,48 @@ export async function loadModelVersion(
     // Scalar inputs (a sample rate) have no batch dimension: frames batch when their values agree (request
     // validation puts the value in the batch key) and the run gets the value once.
     const stacked = inputs.filter((i) => i.shape.length > 0);
-    const dynamicBatch = stacked.length > 0 && stacked.every((i) => i.shape[0] === -1) && state.every((s) => allInputs.find((i) => i.name === s.input)?.shape[s.batchAxis] === -1);
-    const configured = config.max_batch_size ?? (dynamicBatch ? DEFAULT_MAX_BATCH : 0);
-    if (configured > 0 && !dynamicBatch) {
+    const inputsBatch = stacked.length > 0 && stacked.every((i) => i.shape[0] === -1) && state.every((s) => allInputs.find((i) => i.name === s.input)?.shape[s.batchAxis] === -1);
+    // A batched run's outputs are split along their first dimension, so every output needs one there: a
+    // constant (a detector's anchors), a reduction over the batch or a transposed output would otherwise hand
+    // each frame a slice of the others'.
+    const unbatchedOutput = outputs.find((o) => o.shape[0] !== -1);
+    const configured = config.max_batch_size ?? (inputsBatch && !unbatchedOutput ? DEFAULT_MAX_BATCH : 0);
+    if (configured > 0 && !inputsBatch) {
       throw new ModelLoadError(entry.name, path, `max_batch_size ${configured} needs a dynamic first dimension on every input, but the model's inputs are ${inputs.map((i) => `${i.name}[${i.shape.join(',')}]`).join(', ')}`);
     }
-    const batching = configured > 0 && (config.dynamic_batching?.enabled ?? true);
-    const model: LoadedModel = {
-      name: entry.name, version: versionEntry.version, path, provider, variant,
-      inputs, outputs, state,
-      maxBatchSize: batching ? configured : 0,
-      preferredBatchSizes: config.dynamic_batching?.preferred_batch_sizes ?? [],
-      maxQueueDelayUs: config.dynamic_batching?.max_queue_delay_us ?? 0,
-      instances,
+    if (configured > 0 && unbatchedOutput) {
+      throw new ModelLoadError(entry.name, path, `max_batch_size ${configured} needs a dynamic first dimension on every output (a batch's results are split along it), but output '${unbatchedOutput.name}' has shape [${unbatchedOutput.shape.join(',')}]`);
+    }
+    if (inputsBatch && unbatchedOutput && config.max_batch_size === undefined) {
+      log.info({ model: entry.name, output: unbatchedOutput.name, shape: unbatchedOutput.shape }, 'dynamic batching off: an output has no dynamic first dimension to split a batch along');
+    }
+    let batching = configured > 0 && (config.dynamic_batching?.enabled ?? true);
+    /**
+     * A dynamic first dimension need not be the batch (NonMaxSuppression's [K,3] boxes, a Reshape to [-1,…]
+     * that merges rows), which only a run shows: each warm-up run at `rows` must return `rows` rows in every
+     * output. Batching that was only a default is turned off; one the config asked for fails the load.
+     */
+    const checkBatchRows = (result: Readonly<Record<string, FeedTensor>>, rows: number): void => {
+      if (!batching) return;
+      const wrong = outputs.find((o) => result[o.name]?.dims[0] !== rows);
+      if (!wrong) return;
+      const dims = result[wrong.name]?.dims ?? [];
+      const returned = dims.length > 0 ? `${dims[0]} (shape [${dims.join(',')}])` : `a scalar`;
+      if (config.max_batch_size !== undefined) {
+        throw new ModelLoadError(entry.name, path, `max_batch_size ${configured} needs output '${wrong.name}' to have one row per input row (a batch's results are split along its first dimension), but a warm-up run fed ${rows} rows and it returned ${returned}`);
+      }
+      batching = false;
+      log.warn({ model: entry.name, output: wrong.name, rows_fed: rows, rows_returned: dims[0] ?? null }, 'dynamic batching off: a warm-up run returned another row count than it was fed, so this output\'s first dimension is not the batch (max_batch_size: 0 in config.yaml says so and skips the check)');
     };
     const t0 = performance.now();
-    const sizes = batching ? [1, configured] : [1];
     const feedsFor = (rows: number): Record<string, FeedTensor> =>
       warmupFeeds(inputs, state, rows, config.warmup.inputs === 'random', config.warmup.fill, config.warmup.shapes);
     const warm = async (list: readonly SessionInstance[]): Promise<void> => {
       for (const instance of list) {
         for (let r = 0; r < config.warmup.runs; r++) {
-          for (const rows of sizes) {
+          for (const rows of batching ? [1, configured] : [1]) {
             await yieldIfInline(instance);
-            await instance.run(feedsFor(rows));
+            checkBatchRows(await instance.run(feedsFor(rows)), rows);
           }
         }
       }
@@ -295,6 +313,11 @@ export async function loadModelVersion(
       return false;
     };
     await warm(instances);
+    // Without warm-up runs the row check still needs one run, and a cached placement never skips it.
+    if (batching && config.warmup.runs === 0) {
+      const rows = Math.min(2, configured);
+      checkBatchRows(await (instances[0] as SessionInstance).run(feedsFor(rows)), rows);
+    }
     let execution = firstMode;
     let intraOpThreads = instanceThreads;
     let maxStackedRows: number | undefined;
@@ -309,7 +332,7 @@ export async function loadModelVersion(
     if (placed) {
       execution = placed.execution;
       intraOpThreads = placed.intraOpThreads;
-      maxStackedRows = placed.maxStackedRows;
+      if (batching) maxStackedRows = placed.maxStackedRows;
     } else if (defaults.execution === 'auto' && config.warmup.runs > 0 && opensFast(instances[0] as SessionInstance)
       && (rowsInline = await inlineRows(instances[0] as SessionInstance)) >= (batching ? Math.min(2, configured) : 1)) {
       const workers = instances.splice(0);
@@ -343,7 +366,16 @@ export async function loadModelVersion(
     if (placementFile && !placed && config.warmup.runs > 0) {
       storePlacement(placementFile, { provider, execution, intraOpThreads, ...(maxStackedRows !== undefined ? { maxStackedRows } : {}) });
     }
-    return { model: maxStackedRows !== undefined ? { ...model, maxStackedRows } : model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution, intraOpThreads, placementCached: placed !== undefined };
+    const model: LoadedModel = {
+      name: entry.name, version: versionEntry.version, path, provider, variant,
+      inputs, outputs, state,
+      maxBatchSize: batching ? configured : 0,
+      preferredBatchSizes: config.dynamic_batching?.preferred_batch_sizes ?? [],
+      maxQueueDelayUs: config.dynamic_batching?.max_queue_delay_us ?? 0,
+      instances,
+      ...(maxStackedRows !== undefined ? { maxStackedRows } : {}),
+    };
+    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution, intraOpThreads, placementCached: placed !== undefined };
   } catch (err) {
     await Promise.all(instances.map((s) => s.release().catch(() => undefined)));
     if (err instanceof ModelLoadError) throw err;
