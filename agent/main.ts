@@ -10,7 +10,7 @@ import { ActiveVersions, ModelRepository } from './models/index.js';
 import { InferenceRuntime, type RuntimeObserver, type VariantChooser } from './runtime/index.js';
 import {
   createKServeService, createSensorStreamService, EventLoopSpinner, GrpcListeners, HealthService, serverCredentials, StreamAdmission,
-  type BoundAddress, type SensorStreamService, type StreamDefaults,
+  type BoundAddress, type KServeService, type SensorStreamService, type StreamDefaults,
 } from './server/index.js';
 import { Database, SqliteOutbox } from './store/index.js';
 import { AgentMetrics, OutboxStatusSink, outboxOptions, TelemetryService } from './telemetry/index.js';
@@ -57,6 +57,7 @@ export class Agent {
   readonly listeners: GrpcListeners;
   readonly health: HealthService;
   readonly sensorStreams: SensorStreamService;
+  private readonly kserve: KServeService;
   readonly metrics: AgentMetrics;
   private telemetry: TelemetryService | undefined;
   private fleet: FleetAgent | undefined;
@@ -118,7 +119,7 @@ export class Agent {
       onStreamOpened: () => this.metrics.streamOpened(),
       onStreamClosed: () => this.metrics.streamClosed(),
     });
-    const kserve = createKServeService(this.runtime, { name: AGENT_NAME, version: AGENT_VERSION }, {
+    const kserve = this.kserve = createKServeService(this.runtime, { name: AGENT_NAME, version: AGENT_VERSION }, {
       onInternalError: (rpc, err) => log.error({ rpc, err: errorMessage(err) }, 'KServe request failed'),
       onArrival: spinner.arrived,
       onAnswered: spinner.poke,
@@ -273,7 +274,7 @@ export class Agent {
       this.health.setShuttingDown();
       const timeout = config.server.drain_timeout_ms;
       const drained = await Promise.race([
-        Promise.all([this.sensorStreams.drain(), this.runtime.drain()]).then(() => true),
+        Promise.all([this.sensorStreams.drain(), this.kserve.drain(), this.runtime.drain()]).then(() => true),
         new Promise<boolean>((r) => setTimeout(() => r(false), timeout).unref()),
       ]);
       if (!drained) log.warn({ in_flight: this.runtime.inFlight(), timeout_ms: timeout }, 'drain timeout: closing with frames still in flight');

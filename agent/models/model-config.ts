@@ -21,8 +21,8 @@ const stateSchema = z.strictObject({
 export const modelConfigSchema = z.strictObject({
   /** Serve this version instead of the highest one on disk. */
   version: z.number().int().positive().optional(),
-  /** Largest batch one `session.run` may gather; 0 disables batching. Defaults to 32 when the model has a
-   * dynamic batch dimension, else 0. */
+  /** Largest batch one `session.run` may gather; 0 disables batching. Defaults to 32 when every input and
+   * output has a dynamic first dimension that warm-up confirms is the batch, else 0. */
   max_batch_size: z.number().int().min(0).optional(),
   dynamic_batching: z
     .strictObject({
@@ -55,6 +55,14 @@ export const modelConfigSchema = z.strictObject({
   variant: z.enum(['auto', 'fp32', 'int8', 'fp16']).default('auto'),
   /** Least output cosine similarity (vs fp32, from the variant's report) for `auto` to serve a variant. */
   min_cosine: z.number().min(0).max(1).default(0.99),
+}).superRefine((c, ctx) => {
+  // Triton refuses this too: a batch can never reach the preferred size, so every batch would wait out the delay.
+  const max = c.max_batch_size;
+  const preferred = c.dynamic_batching?.preferred_batch_sizes ?? [];
+  const i = preferred.findIndex((n) => max !== undefined && n > max);
+  if (i >= 0) {
+    ctx.addIssue({ code: 'custom', path: ['dynamic_batching', 'preferred_batch_sizes', i], message: `${preferred[i]} is larger than max_batch_size ${max}` });
+  }
 });
 
 export type ModelConfig = z.infer<typeof modelConfigSchema>;

@@ -35,8 +35,11 @@ interface ModelSlot {
   reason?: string;
   /** The version that serves requests without an explicit version. */
   active?: ModelScheduler;
-  /** Other loaded versions (kept while they drain after a switch, or pinned by a deployment). */
-  readonly others: Map<number, ModelScheduler>;
+  /**
+   * Versions still draining after a switch, until each has closed. A set, not a map by version: reloading the
+   * same version twice in a row leaves two of them draining, and close/drain/unload must wait for both.
+   */
+  readonly others: Set<ModelScheduler>;
   /** Serialises load/unload/activate of this model. */
   op: Promise<unknown>;
 }
@@ -58,7 +61,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   async start(): Promise<void> {
     const entries = this.options.repository.scan();
     for (const entry of entries) {
-      this.slots.set(entry.name, { entry, state: 'LOADING', others: new Map(), op: Promise.resolve() });
+      this.slots.set(entry.name, { entry, state: 'LOADING', others: new Set(), op: Promise.resolve() });
     }
     for (const entry of entries) await this.loadModel(entry.name).catch(() => undefined);
     const idle = this.options.config.sequence_idle_timeout_s * 1000;
@@ -87,7 +90,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       throw new UnavailableError(`model '${model}' is ${slot.state.toLowerCase()}`);
     }
     if (version === undefined || version === active.model.version) return active;
-    const other = slot.others.get(version);
+    const other = [...slot.others].reverse().find((o) => o.model.version === version);
     if (other) return other;
     if (slot.entry.versions.some((v) => v.version === version)) {
       throw new UnavailableError(`model '${model}' version ${version} is on disk but not loaded (serving version ${active.model.version})`);
@@ -139,7 +142,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   listModels(): readonly ModelInfo[] {
     // The repository may have gained models since start (RepositoryIndex shows them as unloaded).
     for (const entry of this.options.repository.scan()) {
-      if (!this.slots.has(entry.name)) this.slots.set(entry.name, { entry, state: 'UNAVAILABLE', reason: 'not loaded', others: new Map(), op: Promise.resolve() });
+      if (!this.slots.has(entry.name)) this.slots.set(entry.name, { entry, state: 'UNAVAILABLE', reason: 'not loaded', others: new Set(), op: Promise.resolve() });
     }
     return [...this.slots.values()].sort((a, b) => a.entry.name.localeCompare(b.entry.name)).map((s) => this.info(s, s.active));
   }
@@ -157,7 +160,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     if (!entry) return Promise.reject(new ModelNotFoundError(model));
     let slot = this.slots.get(model);
     if (!slot) {
-      slot = { entry, state: 'LOADING', others: new Map(), op: Promise.resolve() };
+      slot = { entry, state: 'LOADING', others: new Set(), op: Promise.resolve() };
       this.slots.set(model, slot);
     }
     const s = slot;
@@ -186,7 +189,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     if (!slot) {
       const entry = this.options.repository.read(model);
       if (!entry) return Promise.reject(new ModelNotFoundError(model));
-      slot = { entry, state: 'LOADING', others: new Map(), op: Promise.resolve() };
+      slot = { entry, state: 'LOADING', others: new Set(), op: Promise.resolve() };
       this.slots.set(model, slot);
     }
     const s = slot;
@@ -211,7 +214,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {
         maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
-        refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer,
+        refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer, log: this.options.log,
       });
       // close() may have begun while this version loaded (or validated): release it rather than install it.
       const refuseIfClosing = async (): Promise<void> => {
@@ -242,10 +245,8 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       }, 'model ready');
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
       if (previous && previous !== scheduler) {
-        slot.others.set(previous.model.version, previous);
-        void previous.close().finally(() => {
-          if (slot.others.get(previous.model.version) === previous) slot.others.delete(previous.model.version);
-        });
+        slot.others.add(previous);
+        void previous.close().finally(() => slot.others.delete(previous));
       }
     } catch (err) {
       if (!slot.active) { slot.state = 'UNAVAILABLE'; slot.reason = errorMessage(err); }
@@ -299,7 +300,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     return this.serialize(slot, async () => {
       const active = slot.active;
       slot.state = 'UNLOADING';
-      const closing = [active, ...slot.others.values()].filter((s): s is ModelScheduler => s !== undefined);
+      const closing = [active, ...slot.others].filter((s): s is ModelScheduler => s !== undefined);
       await Promise.all(closing.map((s) => s.close()));
       slot.active = undefined;
       slot.others.clear();
@@ -313,7 +314,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   endSequence(id: string): void {
     for (const slot of this.slots.values()) {
       slot.active?.sequences.end(id);
-      for (const o of slot.others.values()) o.sequences.end(id);
+      for (const o of slot.others) o.sequences.end(id);
     }
   }
 
@@ -329,7 +330,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     let n = 0;
     for (const slot of this.slots.values()) {
       n += slot.active?.inFlight ?? 0;
-      for (const o of slot.others.values()) n += o.inFlight;
+      for (const o of slot.others) n += o.inFlight;
     }
     return n;
   }
@@ -339,9 +340,9 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     const all: ModelScheduler[] = [];
     for (const slot of this.slots.values()) {
       if (slot.active) all.push(slot.active);
-      all.push(...slot.others.values());
+      all.push(...slot.others);
     }
-    await Promise.all(all.map((s) => s.drain()));
+    await Promise.all(all.map((s) => s.drain(shuttingDown(s.model.name).message)));
   }
 
   /**
@@ -356,7 +357,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     const all: Promise<void>[] = [];
     for (const slot of this.slots.values()) {
       if (slot.active) all.push(slot.active.close());
-      for (const o of slot.others.values()) all.push(o.close());
+      for (const o of slot.others) all.push(o.close());
       slot.active = undefined;
       slot.others.clear();
       slot.state = 'UNAVAILABLE';

@@ -2,6 +2,7 @@ import { performance } from 'node:perf_hooks';
 import {
   DeadlineExceededError, EdgeAgentError, errorMessage, FrameDroppedError, InternalError, ResourceExhaustedError, UnavailableError,
 } from '../errors.js';
+import type { Logger } from '../logger.js';
 import { gatherAlongAxis, scatterAlongAxis, stackBytes } from './batch-assembly.js';
 import { validateRequest } from './request-validation.js';
 import type { FeedTensor, SessionInstance } from './session-instance.js';
@@ -40,6 +41,7 @@ export interface SchedulerOptions {
   readonly refuseNonFinite: boolean;
   readonly maxTensorBytes: number;
   readonly observer?: RuntimeObserver;
+  readonly log?: Logger;
 }
 
 interface Pending {
@@ -53,6 +55,8 @@ interface Pending {
   cancelled: boolean;
   /** Taken from the queue into a batch: from then on it is never dropped. */
   started: boolean;
+  /** Runs alone: its batch failed, and one member's input may be what onnxruntime rejected. */
+  solo: boolean;
 }
 
 interface Instance {
@@ -86,12 +90,16 @@ export class ModelScheduler {
   private readonly latestByStream = new WeakMap<object, Pending>();
   readonly sequences: SequenceStore;
   private accepting = true;
+  /** Why requests are refused once it stopped accepting. */
+  private refusal = '';
   private drainWaiters: (() => void)[] = [];
   private delayTimer: NodeJS.Timeout | undefined;
+  private deadlineTimer: NodeJS.Timeout | undefined;
+  private deadlineAt = Infinity;
   private closing: Promise<void> | undefined;
   private dispatchImmediate: NodeJS.Immediate | undefined;
   /** Sources (streams, unary requests) by when they last submitted, pruned to recent ones. */
-  private readonly sourcesSeen = new Map<object, number>();
+  private readonly sourcesSeen = new Map<object | string, number>();
   private lastExecutionMs = 0;
   private readonly stats = {
     lastInference: 0, inferenceCount: 0, executionCount: 0,
@@ -100,6 +108,8 @@ export class ModelScheduler {
   };
   /** Batching knobs that a config reload may change while frames flow. */
   private batching: { maxQueueDelayUs: number; preferredBatchSizes: readonly number[] };
+  /** Set when a batched run's output could not be split by rows: the model then never stacks frames. */
+  private stackingBroken = false;
   private readonly outputNames: string[];
   private readonly outputSpecByName: Map<string, TensorSpec>;
 
@@ -131,7 +141,7 @@ export class ModelScheduler {
   }
 
   submit(request: InferenceRequest): Promise<InferenceResult> {
-    if (!this.accepting) return Promise.reject(new UnavailableError(`model '${this.model.name}' version ${this.model.version} is being unloaded`));
+    if (!this.accepting) return Promise.reject(new UnavailableError(this.refusal));
     let rows: number;
     let groupKey: string;
     try {
@@ -139,18 +149,14 @@ export class ModelScheduler {
       if (this.live >= this.options.maxQueue) {
         throw new ResourceExhaustedError('runtime.max_queue', `model '${this.model.name}' has ${this.live} requests queued (limit runtime.max_queue = ${this.options.maxQueue})`);
       }
-      const seq = request.sequence;
-      if (seq && this.stateful) {
-        if (seq.start) this.sequences.start(seq.id);
-        else this.sequences.require(seq.id);
-      }
+      if (request.sequence && this.stateful) this.sequences.admit(request.sequence);
     } catch (err) {
       this.report({ status: 'ERROR' });
       this.stats.fail.count++;
       return Promise.reject(err);
     }
     return new Promise<InferenceResult>((resolve, reject) => {
-      const pending: Pending = { request, rows, groupKey, enqueuedAt: performance.now(), resolve, reject, cancelled: false, started: false };
+      const pending: Pending = { request, rows, groupKey, enqueuedAt: performance.now(), resolve, reject, cancelled: false, started: false, solo: false };
       const key = request.streamKey;
       if (key && request.qos === 'LATEST_ONLY') {
         const previous = this.latestByStream.get(key);
@@ -159,8 +165,10 @@ export class ModelScheduler {
       }
       this.queue.push(pending);
       this.live++;
-      // A request without a stream is a source of its own; a fresh key, so the map holds no request (or its tensors).
-      const source = key ?? {};
+      if (request.deadline !== undefined) this.armDeadline(request.deadline);
+      // A request without a source or stream is a source of its own; a fresh key, so the map holds no request
+      // (or its tensors).
+      const source = request.source ?? key ?? {};
       this.sourcesSeen.delete(source); // re-inserted last: the map stays ordered oldest first
       this.sourcesSeen.set(source, pending.enqueuedAt);
       this.pump();
@@ -175,6 +183,8 @@ export class ModelScheduler {
   private cancel(p: Pending, err: EdgeAgentError, status: RequestOutcome['status']): void {
     p.cancelled = true;
     this.live--;
+    const seq = p.request.sequence;
+    if (seq && this.stateful) this.sequences.abandon(seq.id);
     this.report({ status });
     if (status !== 'DROPPED') this.stats.fail.count++;
     p.reject(err);
@@ -221,14 +231,11 @@ export class ModelScheduler {
     let groupKey: string | undefined;
     const remaining: Pending[] = [];
     for (const p of this.queue) {
-      if (p.cancelled) continue;
-      if (p.request.deadline !== undefined && now > p.request.deadline) {
-        this.cancel(p, new DeadlineExceededError(`deadline passed ${Math.round((now - p.request.deadline) * 1000)} us before the frame could start`), 'DEADLINE_EXCEEDED');
-        continue;
-      }
+      if (p.cancelled || this.expired(p, now)) continue;
       const seqId = this.stateful ? p.request.sequence?.id : undefined;
       const blocked = seqId !== undefined && (seqs.has(seqId) || this.sequences.isBusy(seqId));
-      const fits = groupKey === undefined || (p.groupKey === groupKey && rows + p.rows <= max && this.model.maxBatchSize > 0);
+      const fits = groupKey === undefined
+        || (p.groupKey === groupKey && rows + p.rows <= max && this.model.maxBatchSize > 0 && !p.solo && !(batch[0] as Pending).solo && !this.stackingBroken);
       if (!blocked && fits && rows < max) {
         batch.push(p);
         rows += p.rows;
@@ -243,9 +250,11 @@ export class ModelScheduler {
       return undefined;
     }
     const delayUs = this.batching.maxQueueDelayUs;
-    if (delayUs > 0 && this.accepting) {
+    if (delayUs > 0 && this.accepting && !(batch[0] as Pending).solo) {
       const preferred = this.batching.preferredBatchSizes;
-      const target = preferred.length > 0 ? Math.max(...preferred) : max;
+      // A preferred size above the most rows a run may stack could never be reached: full batches would wait
+      // out the whole delay.
+      const target = Math.min(max, preferred.length > 0 ? Math.max(...preferred) : max);
       const waitedUs = (now - (batch[0] as Pending).enqueuedAt) * 1000;
       if (rows < target && waitedUs < delayUs && this.activeSources(now) > batch.length) {
         // Not full yet and the oldest frame may still wait: leave everything queued and come back.
@@ -259,6 +268,36 @@ export class ModelScheduler {
     this.queue = remaining;
     for (const p of batch) p.started = true;
     return batch;
+  }
+
+  /** Answers a queued frame whose deadline has passed with DEADLINE_EXCEEDED; true if it did. */
+  private expired(p: Pending, now: number): boolean {
+    const deadline = p.request.deadline;
+    if (deadline === undefined || p.started || now <= deadline) return false;
+    this.cancel(p, new DeadlineExceededError(`deadline passed ${Math.round((now - deadline) * 1000)} us before the frame could start`), 'DEADLINE_EXCEEDED');
+    return true;
+  }
+
+  /**
+   * A frame queued behind busy instances is answered when its deadline passes, not when an instance frees
+   * (a 5 ms deadline behind a 200 ms run was answered after 198 ms): one timer, for the earliest deadline.
+   */
+  private armDeadline(deadline: number): void {
+    if (this.deadlineTimer && this.deadlineAt <= deadline) return;
+    if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
+    this.deadlineAt = deadline;
+    this.deadlineTimer = setTimeout(() => {
+      this.deadlineTimer = undefined;
+      const now = performance.now();
+      let next = Infinity;
+      for (const p of this.queue) {
+        if (p.cancelled || p.started || this.expired(p, now)) continue;
+        if (p.request.deadline !== undefined) next = Math.min(next, p.request.deadline);
+      }
+      this.queue = this.queue.filter((p) => !p.cancelled);
+      if (next !== Infinity) this.armDeadline(next);
+    }, Math.max(0, deadline - performance.now()) + 0.5);
+    this.deadlineTimer.unref();
   }
 
   /**
@@ -285,6 +324,7 @@ export class ModelScheduler {
     let runStart = startedAt;
     let runEnd = startedAt;
     let nextStates: Record<string, TensorData>[] | undefined;
+    let retrySolo = false;
     try {
       const feeds: Record<string, FeedTensor> = {};
       const first = batch[0] as Pending;
@@ -304,10 +344,7 @@ export class ModelScheduler {
         feeds[spec.name] = { dtype: t.dtype, data: out, dims: shape };
       }
       if (this.stateful) {
-        const states = batch.map((p, i) => {
-          const s = this.sequences.acquire(seqIds[i] as string);
-          return p.request.sequence?.start ? undefined : s;
-        });
+        const states = batch.map((p, i) => this.sequences.acquire(seqIds[i] as string, p.request.sequence?.start === true));
         for (const st of m.state) {
           const one = elementCount(st.shape);
           const shape = st.shape.map((d, i) => (i === st.batchAxis ? batch.length : d));
@@ -326,6 +363,7 @@ export class ModelScheduler {
         const r = results[name];
         if (!r) throw new InternalError(`model '${m.name}' produced no output '${name}'`);
         const dims = r.dims;
+        if (batch.length > 1 && dims[0] !== totalRows) throw new BatchSplitError(name, dims, totalRows);
         const parts = batch.length === 1 ? [r.data as TensorData] : scatterAlongAxis(r.data as TensorData, dims, 0, rows);
         const dtype = (this.outputSpecByName.get(name) as TensorSpec).dtype;
         for (let i = 0; i < batch.length; i++) {
@@ -338,7 +376,12 @@ export class ModelScheduler {
           const r = results[st.output];
           if (!r) throw new InternalError(`model '${m.name}' produced no state output '${st.output}'`);
           const parts = scatterAlongAxis(r.data, r.dims, st.batchAxis, batch.map(() => 1));
-          for (let i = 0; i < batch.length; i++) (nextStates[i] as Record<string, TensorData>)[st.input] = parts[i] as TensorData;
+          // A copy when batched: a view would keep the whole batch's output alive for as long as any one
+          // sequence stays idle (up to max_batch_size times its own state).
+          for (let i = 0; i < batch.length; i++) {
+            const part = parts[i] as TensorData;
+            (nextStates[i] as Record<string, TensorData>)[st.input] = batch.length > 1 ? part.slice() : part;
+          }
         }
       }
       const done = performance.now();
@@ -372,18 +415,35 @@ export class ModelScheduler {
         p.resolve({ model: m.name, version: m.version, outputs, timings, batchSize: batch.length });
       }
     } catch (err) {
-      const failure = err instanceof EdgeAgentError ? err : new InternalError(`onnxruntime failed on model '${m.name}': ${errorMessage(err)}`, { cause: err });
-      for (const p of batch) {
-        this.stats.fail.count++;
-        this.report({ status: 'ERROR' });
-        p.reject(failure);
+      if (batch.length > 1 && !(err instanceof UnavailableError)) {
+        // One member's input may be what onnxruntime rejected (an index past a table): each runs again alone,
+        // first in the queue, so only that one fails. An output that cannot be split by rows means the model
+        // does not batch at all; from then on every frame runs alone.
+        if (err instanceof BatchSplitError && !this.stackingBroken) {
+          this.stackingBroken = true;
+          this.options.log?.warn({ model: m.name, version: m.version, err: err.message }, 'batched outputs cannot be split by rows: frames of this model run alone');
+        }
+        retrySolo = true;
+      } else {
+        const failure = err instanceof EdgeAgentError ? err : new InternalError(`onnxruntime failed on model '${m.name}': ${errorMessage(err)}`, { cause: err });
+        for (const p of batch) {
+          this.stats.fail.count++;
+          this.report({ status: 'ERROR' });
+          p.reject(failure);
+        }
       }
     } finally {
       for (let i = 0; i < seqIds.length; i++) {
         const p = batch[i] as Pending;
-        this.sequences.release(seqIds[i] as string, nextStates?.[i], p.request.sequence?.end === true);
+        if (retrySolo) this.sequences.putBack(seqIds[i] as string);
+        else this.sequences.release(seqIds[i] as string, nextStates?.[i], p.request.sequence?.end === true);
       }
-      this.live -= batch.length;
+      if (retrySolo) {
+        for (const p of batch) p.solo = true;
+        this.queue.unshift(...batch);
+      } else {
+        this.live -= batch.length;
+      }
       instance.busy = false;
       this.notifyDrained();
       this.pump();
@@ -398,8 +458,12 @@ export class ModelScheduler {
     }
   }
 
-  /** Stops accepting; resolves when every accepted request has been answered. */
-  drain(): Promise<void> {
+  /**
+   * Stops accepting (later requests get UNAVAILABLE with `reason`); resolves when every accepted request has
+   * been answered.
+   */
+  drain(reason = `model '${this.model.name}' version ${this.model.version} is being unloaded`): Promise<void> {
+    if (this.accepting) this.refusal = reason;
     this.accepting = false;
     if (this.dispatchImmediate) {
       clearImmediate(this.dispatchImmediate);
@@ -423,6 +487,7 @@ export class ModelScheduler {
   close(): Promise<void> {
     this.closing ??= (async () => {
       await this.drain();
+      if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
       this.sequences.clear();
       await Promise.all(this.instances.map((i) => i.session.release().catch(() => undefined)));
     })();
@@ -437,5 +502,12 @@ export class ModelScheduler {
       success: { ...s.success }, fail: { ...s.fail }, queue: { ...s.queue },
       computeInput: { ...s.computeInput }, computeInfer: { ...s.computeInfer }, computeOutput: { ...s.computeOutput },
     };
+  }
+}
+
+/** A batched run's output whose first dimension is not the batch's rows: it cannot be split back per request. */
+class BatchSplitError extends InternalError {
+  constructor(output: string, dims: readonly number[], rows: number) {
+    super(`output '${output}' came back with shape [${dims.join(',')}] for a batch of ${rows} rows: its first dimension is not the batch, so frames run alone (set max_batch_size: 0 in config.yaml)`);
   }
 }

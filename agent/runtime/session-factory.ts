@@ -123,7 +123,9 @@ async function openOnFirstProvider(req: SessionRequest): Promise<Omit<CreatedSes
     const base: ort.InferenceSession.SessionOptions = {
       executionProviders: [providerConfig(provider, req.providerOptions, req.cacheDir)],
       graphOptimizationLevel: req.graphOptimization,
-      logSeverityLevel: 3,
+      // Fatal only: a run onnxruntime refuses (a bad index in a client's frame) is answered with its error and
+      // logged by the agent; at ERROR every such request also printed a raw line, a way to flood journald.
+      logSeverityLevel: 4,
     };
     if (req.providerOptions.intra_op_threads > 0) base.intraOpNumThreads = req.providerOptions.intra_op_threads;
     if (req.providerOptions.inter_op_threads > 0) base.interOpNumThreads = req.providerOptions.inter_op_threads;

@@ -7,6 +7,11 @@ export interface SequenceControl {
   readonly id: string;
   readonly start?: boolean;
   readonly end?: boolean;
+  /**
+   * The agent's own sequence for a native stream: it never idles out (the stream's close ends it), and a model
+   * version that has not seen it yet starts it with fresh state (after a version switch under an open stream).
+   */
+  readonly owned?: boolean;
 }
 
 export interface InferenceRequest {
@@ -17,6 +22,11 @@ export interface InferenceRequest {
   readonly qos?: QosPolicy;
   /** Scope within which a LATEST_ONLY frame supersedes its queued predecessor (one per client stream). */
   readonly streamKey?: object;
+  /**
+   * Who sent it, for the batcher's count of sources still feeding the model (a stream, a client connection).
+   * Absent: `streamKey`, or else the request is a source of its own.
+   */
+  readonly source?: object | string;
   /** Absolute deadline on the `performance.now()` clock (ms); a frame that cannot start by then is not run. */
   readonly deadline?: number;
   readonly sequence?: SequenceControl;

@@ -4,7 +4,7 @@ export { HealthService } from './health-service.js';
 export { createSensorStreamService, SENSOR_STREAM_PROTO, NATIVE_LOADER_OPTIONS } from './sensor-stream-service.js';
 export type { SensorStreamService, SensorStreamOptions, StreamDefaults } from './sensor-stream-service.js';
 export { StreamAdmission } from './stream-admission.js';
-export { createKServeService } from './kserve-service.js';
+export { createKServeService, type KServeService } from './kserve-service.js';
 export { toGrpcStatus, toServiceError } from './status-map.js';
 export { PROTO_DIR } from './proto-path.js';
 export { serverCredentials } from './tls.js';

@@ -14,6 +14,7 @@ import {
   type ModelInferResponseMessage,
 } from './kserve-codec.js';
 import { PROTO_DIR } from './proto-path.js';
+import { RequestSources } from './request-sources.js';
 import { toGrpcStatus, toServiceError } from './status-map.js';
 
 /** Directory of the KServe .proto files; `grpc_service.proto` imports `model_config.proto` from here. */
@@ -70,11 +71,23 @@ interface StreamResponse {
  * The KServe v2 / Triton `inference.GRPCInferenceService` over the runtime. Add it to a grpc.Server beside the
  * native service: `server.addService(svc.definition, svc.implementation)`.
  */
+export interface KServeService {
+  readonly definition: grpc.ServiceDefinition;
+  readonly implementation: grpc.UntypedServiceImplementation;
+  /**
+   * Shutdown: new inference requests are refused with UNAVAILABLE, and each open ModelStreamInfer stream ends
+   * with UNAVAILABLE once every request it sent before has been answered. Resolves when the last has ended.
+   */
+  drain(): Promise<void>;
+}
+
+const SHUTTING_DOWN = 'edge-agent is shutting down';
+
 export function createKServeService(
   runtime: InferenceRuntimeApi,
   server: { name: string; version: string },
   options: KServeServiceOptions = {},
-): { definition: grpc.ServiceDefinition; implementation: grpc.UntypedServiceImplementation } {
+): KServeService {
   const pkg = grpc.loadPackageDefinition(loadKServePackageDefinition()) as unknown as {
     inference: { GRPCInferenceService: grpc.ServiceClientConstructor };
   };
@@ -110,16 +123,22 @@ export function createKServeService(
     return info;
   }
 
-  async function infer(msg: ModelInferRequestMessage, deadline: number | undefined): Promise<ModelInferResponseMessage> {
+  const sources = new RequestSources();
+  let draining = false;
+  /** Open ModelStreamInfer calls, each with what ends it once its answered requests are written. */
+  const streams = new Map<grpc.ServerDuplexStream<ModelInferRequestMessage, StreamResponse>, () => void>();
+  let lastStreamEnded: (() => void) | undefined;
+
+  async function infer(msg: ModelInferRequestMessage, deadline: number | undefined, source: object | string): Promise<ModelInferResponseMessage> {
     const decoded = decodeInferRequest(msg, deadline);
-    const result = await runtime.submit(decoded.model, decoded.version, decoded.request);
+    const result = await runtime.submit(decoded.model, decoded.version, { ...decoded.request, source });
     return encodeInferResponse(result, decoded.id, decoded.requestedOutputs, decoded.typedResponse);
   }
 
   /** Never rejects: a failed request becomes a response with error_message, as Triton's streaming API does. */
-  function inferOnStream(msg: ModelInferRequestMessage): Promise<StreamResponse> {
+  function inferOnStream(msg: ModelInferRequestMessage, source: object | string): Promise<StreamResponse> {
     return Promise.resolve()
-      .then(() => infer(msg, undefined))
+      .then(() => infer(msg, undefined, source))
       .then(
         (res): StreamResponse => ({ error_message: '', infer_response: res }),
         (err: unknown): StreamResponse => {
@@ -135,25 +154,43 @@ export function createKServeService(
   const modelStreamInfer: grpc.handleBidiStreamingCall<ModelInferRequestMessage, StreamResponse> = (call) => {
     // Requests are submitted as they arrive (so a sequence reaches the runtime in order and independent
     // requests can batch); responses are written through one promise chain, so they leave in request order.
+    if (draining) {
+      call.emit('error', { code: grpc.status.UNAVAILABLE, details: `${SHUTTING_DOWN}; not accepting new streams` });
+      return;
+    }
     let tail: Promise<void> = Promise.resolve();
     let inFlight = 0;
     let paused = false;
     let closed = false;
     const close = (): void => {
       closed = true;
+      streams.delete(call);
+      if (draining && streams.size === 0) lastStreamEnded?.();
     };
     call.on('cancelled', close);
     call.on('error', close);
     call.on('close', close);
+    // Every request accepted before the drain has its response on the wire before this status.
+    streams.set(call, () => {
+      tail = tail.then(() => {
+        if (closed) return;
+        call.emit('error', { code: grpc.status.UNAVAILABLE, details: `${SHUTTING_DOWN}; every request sent before was answered` });
+        close();
+      });
+    });
 
     call.on('data', (msg: ModelInferRequestMessage) => {
+      // Once the drain began, this stream's end is queued behind what it accepted: a later request is not
+      // run, and the UNAVAILABLE status that ends the stream tells the client so.
+      if (draining) return;
       options.onArrival?.(call);
       inFlight++;
       if (inFlight >= STREAM_MAX_IN_FLIGHT && !paused) {
         paused = true;
         call.pause();
       }
-      const response = inferOnStream(msg);
+      const response = inferOnStream(msg, sources.begin(call));
+      void response.then(() => sources.end(call));
       tail = tail
         .then(async () => {
           const res = await response;
@@ -209,9 +246,13 @@ export function createKServeService(
     }),
 
     ModelInfer: unary('ModelInfer', (req: ModelInferRequestMessage, call) => {
+      if (draining) throw new UnavailableError(`${SHUTTING_DOWN}: request not run`);
       // Unary calls of one client share its connection: the peer address is that client.
-      options.onArrival?.(call.getPeer());
-      return infer(req, perfDeadline(call.getDeadline()));
+      const peer = call.getPeer();
+      options.onArrival?.(peer);
+      const answered = infer(req, perfDeadline(call.getDeadline()), sources.begin(peer));
+      void answered.then(() => sources.end(peer), () => sources.end(peer));
+      return answered;
     }),
 
     ModelStreamInfer: modelStreamInfer,
@@ -255,7 +296,17 @@ export function createKServeService(
     }),
   };
 
-  return { definition, implementation };
+  return {
+    definition,
+    implementation,
+    drain: () => {
+      draining = true;
+      if (streams.size === 0) return Promise.resolve();
+      const done = new Promise<void>((resolve) => { lastStreamEnded = resolve; });
+      for (const end of [...streams.values()]) end();
+      return done;
+    },
+  };
 }
 
 /** Triton's ModelConfig for a served model: the batch dimension is implied by max_batch_size, not listed in dims. */

@@ -172,7 +172,7 @@ class SensorStream {
         qos: b.qos,
         streamKey: this.streamKey,
         deadline: deadlineUs > 0 ? arrived + deadlineUs / 1000 : undefined,
-        sequence: b.stateful ? { id: this.seqId, start: !this.seqStarted } : undefined,
+        sequence: b.stateful ? { id: this.seqId, start: !this.seqStarted, owned: true } : undefined,
       };
     } catch (err) {
       this.settle(slot, this.errorResult(base, err));

@@ -2,9 +2,11 @@ import t from 'tap';
 import { writeFileSync } from 'node:fs';
 import { connect } from 'node:net';
 import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
 import { EdgeAgentClient, type FrameResult } from '../../agent/client/index.js';
 import { freePort } from '../helpers/mosquitto.js';
-import { copyDemoRepo, tempDir } from '../helpers/runtime.js';
+import { copyDemoRepo, ROOT, tempDir } from '../helpers/runtime.js';
 import { startCli } from '../helpers/cli.js';
 
 function listening(port: number): Promise<boolean> {
@@ -74,5 +76,47 @@ t.test('SIGTERM: health NOT_SERVING, accepted frames answered, exit 0', async (t
   t.ok(results.filter((r) => r.status === 'OK').length >= 1, `${results.filter((r) => r.status === 'OK').length} frames finished during the drain`);
   t.match(endError?.message ?? '', /UNAVAILABLE: edge-agent is shutting down; every accepted frame was answered/, 'stream ends with UNAVAILABLE after its results');
   t.match(run.stdout(), /"msg":"edge-agent stopped"/);
+  t.match(run.stdout(), /"drained":true/);
+});
+
+t.test('SIGTERM: a KServe stream gets the answers to what it sent, then UNAVAILABLE; an idle one does not hold the exit', async (t) => {
+  const dir = tempDir(t);
+  const repo = copyDemoRepo(t, ['tiny']);
+  const port = await freePort();
+  const config = join(dir, 'agent.yaml');
+  // A drain timeout far beyond the test's: the exit must come from the streams ending, not from the timeout.
+  writeFileSync(config, 'server:\n  drain_timeout_ms: 600000\ntelemetry:\n  http:\n    port: 0\n');
+  const run = startCli(['serve', '--config', config, '--model-repository', repo, '--data-dir', join(dir, 'var'), '--listen', `127.0.0.1:${port}`]);
+  t.teardown(() => { if (run.child.exitCode === null) run.child.kill('SIGKILL'); });
+  await run.waitFor(/"msg":"edge-agent ready"/);
+
+  const protoDir = join(ROOT, 'proto', 'inference');
+  const definition = protoLoader.loadSync(join(protoDir, 'grpc_service.proto'), { includeDirs: [protoDir], keepCase: true, longs: String, enums: String, defaults: true, oneofs: true });
+  const Ctor = (grpc.loadPackageDefinition(definition) as unknown as { inference: { GRPCInferenceService: grpc.ServiceClientConstructor } }).inference.GRPCInferenceService;
+  const client = new Ctor(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+  t.teardown(() => client.close());
+  type Duplex = grpc.ClientDuplexStream<object, { error_message: string; infer_response: { id: string } }>;
+  const open = (): Duplex => (client as unknown as { ModelStreamInfer(): Duplex }).ModelStreamInfer();
+  const ended = (s: Duplex): Promise<grpc.ServiceError> => new Promise((resolve) => s.on('error', resolve));
+  const request = (i: number): object => ({ model_name: 'tiny', id: `r${i}`, inputs: [{ name: 'x', datatype: 'FP32', shape: [1, 1024] }], raw_input_contents: [Buffer.alloc(4096)] });
+
+  const busy = open();
+  const idle = open();
+  const busyEnd = ended(busy);
+  const idleEnd = ended(idle);
+  const answers: string[] = [];
+  const firstAnswer = new Promise<void>((resolve) => busy.on('data', (m) => { answers.push(m.infer_response.id); resolve(); }));
+  for (let i = 0; i < 5; i++) busy.write(request(i));
+  await firstAnswer;
+  idle.write(request(99));
+  await new Promise<void>((resolve) => idle.once('data', () => resolve()));
+  run.child.kill('SIGTERM');
+  const [busyErr, idleErr] = await Promise.all([busyEnd, idleEnd]);
+  t.same(answers, ['r0', 'r1', 'r2', 'r3', 'r4'], 'every request sent before the signal was answered, in order');
+  t.equal(busyErr.code, grpc.status.UNAVAILABLE);
+  t.match(busyErr.details, /edge-agent is shutting down; every request sent before was answered/);
+  t.equal(idleErr.code, grpc.status.UNAVAILABLE, 'the idle stream ended too');
+  const { code } = await run.exited;
+  t.equal(code, 0, 'exit code 0');
   t.match(run.stdout(), /"drained":true/);
 });
