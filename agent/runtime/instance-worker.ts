@@ -55,7 +55,7 @@ async function main(): Promise<void> {
         }
         port?.postMessage({ type: 'result', id: m.id, outputs, inputs }, transfer);
       },
-      (err: unknown) => port?.postMessage({ type: 'error', id: m.id, message: `onnxruntime failed: ${errorMessage(err)}`, inputs }, inputs.map((i) => i.buffer)),
+      (err: unknown) => port?.postMessage({ type: 'error', id: m.id, message: `onnxruntime failed on model '${request.model}': ${errorMessage(err)}`, inputs }, inputs.map((i) => i.buffer)),
     );
   });
 }

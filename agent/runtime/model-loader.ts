@@ -8,7 +8,7 @@ import type { Logger } from '../logger.js';
 import type { ModelConfig, ModelEntry, ModelVersionEntry } from '../models/index.js';
 import type { LoadedModel } from './model-scheduler.js';
 import { digestModelFile, type ModelDigest } from './model-digest.js';
-import { ORT_VERSION, type GraphOptimizationLevel } from './session-factory.js';
+import { ORT_VERSION, type GraphOptimizationLevel, type SessionRequest } from './session-factory.js';
 import { createInstance, type ExecutionMode, type FeedTensor, type SessionInstance, type ValueInfo } from './session-instance.js';
 import { allocate, elementCount, isDType, type TensorSpec } from './tensor.js';
 import type { StateSpec } from './types.js';
@@ -179,6 +179,8 @@ export async function loadModelVersion(
     graphOptimization: config.graph_optimization ?? defaults.graphOptimization,
     ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir, digest: await digestOf(path) } : {}),
   });
+  // A worker instance logs its thread's death and restarts under the model's name.
+  const openInstance = (req: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> => createInstance(req, mode, { log: log.child({ model: entry.name }) });
   try {
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
     // `auto` loads and warms in worker threads first: a slow model (or a new version loading while the old one
@@ -194,13 +196,13 @@ export async function loadModelVersion(
     let firstMode: ExecutionMode = placed?.execution ?? (defaults.execution === 'auto' ? 'worker' : defaults.execution);
     let probe: SessionInstance;
     try {
-      probe = await createInstance(await request(fp32Path, placed ? [placed.provider] : providers, placed?.intraOpThreads), firstMode);
+      probe = await openInstance(await request(fp32Path, placed ? [placed.provider] : providers, placed?.intraOpThreads), firstMode);
     } catch (err) {
       if (!placed) throw err;
       // The recorded provider no longer opens (a GPU gone): place the model from scratch.
       placed = undefined;
       firstMode = 'worker';
-      probe = await createInstance(await request(fp32Path, providers), firstMode);
+      probe = await openInstance(await request(fp32Path, providers), firstMode);
     }
     const provider = probe.info.provider;
     if (probe.info.skipped.length > 0) log.info({ model: entry.name, provider, skipped: probe.info.skipped }, 'execution providers skipped before the one that serves');
@@ -217,7 +219,7 @@ export async function loadModelVersion(
       instances.push(probe);
     }
     while (instances.length < config.instance_count) {
-      const s = await createInstance(await request(path, [provider], placed?.intraOpThreads), firstMode);
+      const s = await openInstance(await request(path, [provider], placed?.intraOpThreads), firstMode);
       if (instances.length === 0) graphCache = s.info.graphCache;
       instances.push(s);
     }
@@ -345,7 +347,7 @@ export async function loadModelVersion(
       const candidates = instanceThreads > 0 ? [instanceThreads] : [0, 1];
       let best: { instance: SessionInstance; threads: number; us: number } | undefined;
       for (const threads of candidates) {
-        const instance = await createInstance(await request(path, [provider], threads), 'inline');
+        const instance = await openInstance(await request(path, [provider], threads), 'inline');
         await warm([instance]);
         const us = candidates.length > 1 ? await typicalRunUs(instance, 1) : 0;
         if (!best || us < best.us) {
@@ -357,7 +359,7 @@ export async function loadModelVersion(
       }
       const chosen = best as { instance: SessionInstance; threads: number };
       instances.push(chosen.instance);
-      while (instances.length < config.instance_count) instances.push(await createInstance(await request(path, [provider], chosen.threads), 'inline'));
+      while (instances.length < config.instance_count) instances.push(await openInstance(await request(path, [provider], chosen.threads), 'inline'));
       await warm(instances.slice(1));
       execution = 'inline';
       intraOpThreads = chosen.threads;

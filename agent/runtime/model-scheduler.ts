@@ -214,12 +214,23 @@ export class ModelScheduler {
 
   private dispatch(): void {
     for (;;) {
-      const instance = this.instances.find((i) => !i.busy);
-      if (!instance || this.live === 0) return;
+      const instance = this.instances.find((i) => !i.busy && i.session.available);
+      if (!instance) {
+        if (this.live > 0 && this.instances.every((i) => !i.busy && !i.session.available)) this.refuseQueued();
+        return;
+      }
+      if (this.live === 0) return;
       const batch = this.takeBatch();
       if (!batch) return;
       void this.execute(instance, batch);
     }
+  }
+
+  /** No instance can run anything now (every worker thread keeps dying): queued frames fail instead of waiting. */
+  private refuseQueued(): void {
+    const err = new UnavailableError(`model '${this.model.name}' version ${this.model.version}: none of its inference instances is serving (their worker threads keep failing; see the log)`);
+    for (const p of this.queue) if (!p.cancelled) this.cancel(p, err, 'ERROR');
+    this.queue = [];
   }
 
   private takeBatch(): Pending[] | undefined {

@@ -1,6 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
-import { EdgeAgentError, InternalError, ModelLoadError, UnavailableError } from '../errors.js';
+import { errorMessage, InternalError, ModelLoadError, UnavailableError } from '../errors.js';
+import type { Logger } from '../logger.js';
 import type { OrtSession, ValueInfo } from './ort-session.js';
 import { createSession, type SessionRequest } from './session-factory.js';
 import { allocate, bytesPerElement, typedView, type DType, type TensorData } from './tensor.js';
@@ -34,6 +35,11 @@ export interface SessionInstance {
   readonly needsOwnBuffers: boolean;
   /** True when `run` computes on the calling thread before it returns (the event loop waits). */
   readonly synchronous: boolean;
+  /**
+   * False while a run would fail at once: a worker whose thread died is backing off before its next restart,
+   * or gave up restarting. The scheduler then sends its frames to the other instances.
+   */
+  readonly available: boolean;
   /** A reusable buffer for one input of the next batch; valid until that batch's run resolves. */
   inputBuffer(name: string, dtype: DType, length: number): TensorData;
   run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>>;
@@ -45,6 +51,7 @@ export type ExecutionMode = 'worker' | 'inline';
 class InlineInstance implements SessionInstance {
   readonly needsOwnBuffers = false;
   readonly synchronous = true;
+  readonly available = true;
   private readonly buffers = new Map<string, TensorData>();
 
   constructor(private readonly session: OrtSession, readonly info: InstanceInfo) {}
@@ -86,41 +93,101 @@ function workerUrl(): URL {
 }
 
 /**
+ * Waits before each restart of a worker instance's thread, by failures in a row (deaths and failed reopens
+ * with no run succeeding between them). A death after serving is usually a one-off (an out-of-memory, a native
+ * abort on one input), so the first restart is immediate and frames wait for it. Later ones back off, frames
+ * fail fast meanwhile, and after the last the instance gives up: a model that kills its worker on every open or
+ * every run is reopened 5 times in about 41 s, then no more until it is reloaded.
+ */
+const RESPAWN_DELAYS_MS: readonly number[] = [0, 500, 2_000, 8_000, 30_000];
+/** How long release waits for a worker to free its session and exit before terminating it. */
+const RELEASE_GRACE_MS = 5_000;
+
+interface SpawnedWorker { readonly worker: Worker; readonly info: InstanceInfo }
+
+/** A thread that is being dropped: an error it still raises must not become an uncaught 'error' event. */
+function discard(worker: Worker): void {
+  worker.removeAllListeners('message');
+  worker.on('error', () => undefined);
+  void worker.terminate();
+}
+
+/** Starts a worker thread and opens the request's session in it; rejects with ModelLoadError if that fails. */
+function spawnWorker(request: SessionRequest): Promise<SpawnedWorker> {
+  const worker = new Worker(workerUrl(), { workerData: { request } });
+  return new Promise((resolve, reject) => {
+    const fail = (reason: string, cause?: unknown): void => {
+      worker.removeListener('error', onError);
+      worker.removeListener('exit', onExit);
+      discard(worker);
+      reject(new ModelLoadError(request.model, request.path, reason, cause === undefined ? undefined : { cause }));
+    };
+    const onError = (err: Error): void => fail(`inference worker failed during load: ${err.message}`, err);
+    const onExit = (code: number): void => fail(`inference worker exited during load (code ${code})`);
+    worker.once('error', onError);
+    worker.once('exit', onExit);
+    worker.once('message', (m: FromWorker) => {
+      worker.removeListener('error', onError);
+      worker.removeListener('exit', onExit);
+      if (m.type === 'created') resolve({ worker, info: m.info });
+      else if (m.type === 'failed' && m.modelLoad) fail(m.message.replace(/^model '.*?' \(.*?\) failed to load: /, ''));
+      else fail(m.type === 'failed' ? m.message : 'unexpected message from worker');
+    });
+  });
+}
+
+/**
  * A session in a worker thread. Batch inputs are written once into this instance's own ArrayBuffers (the one
  * copy batching needs anyway), which are transferred to the worker and back with the results; outputs come
  * back as transferred ArrayBuffers. Nothing is copied across the thread boundary. (onnxruntime-node refuses
  * SharedArrayBuffer-backed tensors, hence transfer rather than sharing.)
+ *
+ * A thread that dies (out of memory, a native abort) is replaced by a new one opening the same request, as
+ * the respawn delays bound: the scheduler keeps handing this instance batches, so it must serve again by itself.
  */
 class WorkerInstance implements SessionInstance {
   readonly needsOwnBuffers = true;
   readonly synchronous = false;
+  readonly info: InstanceInfo;
   private readonly buffers = new Map<string, ArrayBuffer>();
   private readonly pending = new Map<number, { resolve: (o: Record<string, FeedTensor>) => void; reject: (e: Error) => void }>();
   private nextId = 1;
-  private dead: Error | undefined;
+  /** The thread that runs batches; undefined while it is being replaced, after giving up, and once released. */
+  private worker: Worker | undefined;
+  /** Deaths and failed restarts since a run last succeeded. */
+  private failures = 0;
+  private lastFailure = '';
+  /** Runs waiting for the immediate restart that follows a death. */
+  private waiters: { resolve: () => void; reject: (e: Error) => void }[] = [];
+  private backoff: { timer: NodeJS.Timeout; wake: () => void } | undefined;
+  /** Set once the instance gave up restarting its worker or was released: every later run fails with it. */
+  private stopped: UnavailableError | undefined;
+  private released: Promise<void> | undefined;
 
-  private constructor(private readonly worker: Worker, readonly info: InstanceInfo) {
-    worker.on('message', (m: FromWorker) => this.onMessage(m));
-    worker.on('error', (err) => this.fail(new InternalError(`inference worker failed: ${err.message}`, { cause: err })));
-    worker.on('exit', (code) => this.fail(new UnavailableError(`inference worker exited (code ${code})`)));
+  private readonly log: Logger | undefined;
+  private readonly respawnDelaysMs: readonly number[];
+
+  private constructor(private readonly request: SessionRequest, first: SpawnedWorker, options: InstanceOptions) {
+    this.info = first.info;
+    this.log = options.log;
+    this.respawnDelaysMs = options.respawnDelaysMs ?? RESPAWN_DELAYS_MS;
+    this.attach(first.worker);
   }
 
-  static create(request: SessionRequest): Promise<WorkerInstance> {
-    const worker = new Worker(workerUrl(), { workerData: { request } });
-    return new Promise((resolve, reject) => {
-      const onExit = (code: number): void => reject(new ModelLoadError(request.model, request.path, `inference worker exited during load (code ${code})`));
-      worker.once('error', reject);
-      worker.once('exit', onExit);
-      worker.once('message', (m: FromWorker) => {
-        worker.removeListener('error', reject);
-        worker.removeListener('exit', onExit);
-        if (m.type === 'created') resolve(new WorkerInstance(worker, m.info));
-        else {
-          void worker.terminate();
-          reject(m.type === 'failed' && m.modelLoad ? new ModelLoadError(request.model, request.path, m.message.replace(/^model '.*?' \(.*?\) failed to load: /, '')) : new ModelLoadError(request.model, request.path, m.type === 'failed' ? m.message : 'unexpected message from worker'));
-        }
-      });
+  static async create(request: SessionRequest, options: InstanceOptions): Promise<WorkerInstance> {
+    return new WorkerInstance(request, await spawnWorker(request), options);
+  }
+
+  private attach(worker: Worker): void {
+    this.worker = worker;
+    let error: Error | undefined;
+    worker.on('message', (m: FromWorker) => this.onMessage(m));
+    // A worker's uncaught error (ERR_WORKER_OUT_OF_MEMORY among them) comes first, then its exit.
+    worker.on('error', (err) => {
+      error = err;
+      this.onDeath(worker, `failed (${err.message})`, err);
     });
+    worker.on('exit', (code) => this.onDeath(worker, `exited (code ${code})`, error));
   }
 
   private onMessage(m: FromWorker): void {
@@ -133,15 +200,88 @@ class WorkerInstance implements SessionInstance {
       p.reject(new InternalError(m.message));
       return;
     }
+    this.failures = 0;
     const out: Record<string, FeedTensor> = {};
     for (const o of m.outputs) out[o.name] = { dtype: o.dtype, dims: o.dims, data: typedView(o.dtype, o.buffer, o.byteOffset, o.length) };
     p.resolve(out);
   }
 
-  private fail(err: EdgeAgentError): void {
-    this.dead ??= err;
+  private rejectPending(err: Error): void {
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
+  }
+
+  private onDeath(worker: Worker, how: string, cause: unknown): void {
+    if (worker !== this.worker) return; // the exit after an error already handled, or a thread being released
+    this.worker = undefined;
+    this.failures++;
+    this.lastFailure = `its inference worker ${how}`;
+    const inFlight = this.pending.size;
+    // Accepted frames get an answer: their inputs went down with the thread, so they cannot be retried here.
+    this.rejectPending(new UnavailableError(`model '${this.request.model}': its inference worker ${how} while running this batch; the batch did not complete`, { cause }));
+    this.log?.error({ model: this.request.model, reason: how, in_flight: inFlight, failures_in_a_row: this.failures }, 'inference worker died');
+    void this.restart();
+  }
+
+  private async restart(): Promise<void> {
+    const model = this.request.model;
+    while (!this.stopped) {
+      if (this.failures > this.respawnDelaysMs.length) {
+        this.stop(new UnavailableError(`model '${model}': ${this.lastFailure}; after ${this.failures} failures in a row with no run succeeding, this instance stopped restarting it until the model is reloaded`));
+        this.log?.error({ model, failures_in_a_row: this.failures, reason: this.lastFailure }, 'inference worker keeps failing: instance stopped restarting it');
+        return;
+      }
+      const delay = this.respawnDelaysMs[this.failures - 1] ?? 0;
+      this.log?.warn({ model, attempt: this.failures, delay_ms: delay }, 'restarting inference worker');
+      if (delay > 0) await new Promise<void>((wake) => { this.backoff = { timer: setTimeout(wake, delay), wake }; });
+      this.backoff = undefined;
+      if (this.stopped) return;
+      try {
+        // Released meanwhile, the new thread is dropped once its session is open: terminating a thread inside
+        // onnxruntime's native code can abort the whole process.
+        const spawned = await spawnWorker(this.request);
+        if (this.stopped) {
+          discard(spawned.worker);
+          return;
+        }
+        this.attach(spawned.worker);
+        this.log?.info({ model, provider: spawned.info.provider, open_ms: Math.round(spawned.info.openMs) }, 'inference worker restarted');
+        for (const w of this.waiters.splice(0)) w.resolve();
+        return;
+      } catch (err) {
+        if (this.stopped) return;
+        this.failures++;
+        this.lastFailure = `restarting its inference worker failed (${errorMessage(err)})`;
+        this.log?.error({ model, failures_in_a_row: this.failures, err: errorMessage(err) }, 'restarting inference worker failed');
+        const failure = new UnavailableError(`model '${model}': ${this.lastFailure}`, { cause: err });
+        for (const w of this.waiters.splice(0)) w.reject(failure);
+      }
+    }
+  }
+
+  /** Ends restarting for good: waiting runs and later ones fail with `err`. */
+  private stop(err: UnavailableError): void {
+    this.stopped ??= err;
+    for (const w of this.waiters.splice(0)) w.reject(this.stopped);
+    if (this.backoff) {
+      clearTimeout(this.backoff.timer);
+      this.backoff.wake();
+    }
+  }
+
+  get available(): boolean {
+    return this.stopped === undefined && (this.worker !== undefined || this.failures <= 1);
+  }
+
+  /** Resolves once a worker serves again; fails fast when restarting is backing off or has been given up. */
+  private serving(): Promise<void> {
+    if (this.stopped) return Promise.reject(this.stopped);
+    // Only the immediate restart after a death is worth waiting for: once a restart failed too, the next waits
+    // out a backoff that would hold the frame longer than failing it.
+    if (this.failures > 1) {
+      return Promise.reject(new UnavailableError(`model '${this.request.model}': ${this.lastFailure}; restarting it (${this.failures} failures in a row)`));
+    }
+    return new Promise((resolve, reject) => this.waiters.push({ resolve, reject }));
   }
 
   inputBuffer(name: string, dtype: DType, length: number): TensorData {
@@ -155,8 +295,10 @@ class WorkerInstance implements SessionInstance {
     return typedView(dtype, b, 0, length);
   }
 
-  run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>> {
-    if (this.dead) return Promise.reject(this.dead);
+  async run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>> {
+    if (!this.worker) await this.serving();
+    const worker = this.worker;
+    if (!worker) throw this.stopped ?? new UnavailableError(`model '${this.request.model}': ${this.lastFailure}`);
     const wire: WorkerFeed[] = [];
     const transfer: ArrayBuffer[] = [];
     for (const [name, f] of Object.entries(feeds)) {
@@ -173,23 +315,43 @@ class WorkerInstance implements SessionInstance {
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ type: 'run', id, feeds: wire }, transfer);
+      // A thread that died but whose exit is not reported yet drops the message; its exit rejects this run.
+      worker.postMessage({ type: 'run', id, feeds: wire }, transfer);
     });
   }
 
-  async release(): Promise<void> {
-    this.worker.removeAllListeners('exit');
-    this.worker.postMessage({ type: 'release' });
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => { void this.worker.terminate().then(() => resolve()); }, 5000);
-      this.worker.once('exit', () => { clearTimeout(timer); resolve(); });
-    });
+  release(): Promise<void> {
+    this.released ??= this.shutDown();
+    return this.released;
+  }
+
+  private async shutDown(): Promise<void> {
+    const worker = this.worker;
+    this.worker = undefined; // its exit is expected now: no restart
+    const released = new UnavailableError(`model '${this.request.model}': this instance was released`);
+    this.stop(released);
+    if (worker) {
+      worker.postMessage({ type: 'release' });
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(() => { void worker.terminate().then(() => resolve()); }, RELEASE_GRACE_MS);
+        worker.once('exit', () => { clearTimeout(timer); resolve(); });
+      });
+    }
+    // Runs still queued in the thread were answered before it exited; any left had no thread to answer them.
+    this.rejectPending(released);
   }
 }
 
+export interface InstanceOptions {
+  /** Receives a worker instance's thread deaths and restarts. */
+  readonly log?: Logger;
+  /** A worker instance's restart backoff; RESPAWN_DELAYS_MS unless given. */
+  readonly respawnDelaysMs?: readonly number[];
+}
+
 /** Creates one instance of a model: in a worker thread or on the event loop. */
-export async function createInstance(request: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> {
-  if (mode === 'worker') return WorkerInstance.create(request);
+export async function createInstance(request: SessionRequest, mode: ExecutionMode, options: InstanceOptions = {}): Promise<SessionInstance> {
+  if (mode === 'worker') return WorkerInstance.create(request, options);
   const created = await createSession(request);
   const s = created.session;
   return new InlineInstance(s, {
