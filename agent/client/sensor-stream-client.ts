@@ -65,6 +65,18 @@ export function encodeFrame(frame: FrameToSend): { frame: object } {
   };
 }
 
+/** A stream's final status as a grpc ServiceError (code, details, metadata), as grpc-js reports call errors. */
+function statusError(status: grpc.StatusObject): grpc.ServiceError {
+  return Object.assign(new Error(`${status.code} ${grpc.status[status.code]}: ${status.details}`), { ...status });
+}
+
+/** Why a frame could not be sent: the stream's final status (UNAVAILABLE if it closed without one). */
+function streamEndedError(status: grpc.StatusObject | undefined): grpc.ServiceError {
+  return statusError(status
+    ? { ...status, details: `the stream ended before the frame was sent: ${status.details}` }
+    : { code: grpc.status.UNAVAILABLE, details: 'the stream closed before the frame was sent', metadata: new grpc.Metadata() });
+}
+
 type Duplex = grpc.ClientDuplexStream<object, { kind: string; opened?: Record<string, unknown>; result?: Record<string, unknown> }>;
 
 /**
@@ -74,11 +86,14 @@ type Duplex = grpc.ClientDuplexStream<object, { kind: string; opened?: Record<st
 export class SensorStreamHandle {
   /** Frames sent whose results have not arrived. */
   private awaiting = 0;
+  /** The stream's final status, once it arrived: nothing more can be sent. */
+  private ended: grpc.StatusObject | undefined;
 
   private constructor(private readonly call: Duplex, readonly opened: OpenedInfo, private readonly poller: ResultPoller) {
     // The stream's final status reaches readers through `results()`; a stream nobody reads must not crash.
     call.on('error', () => undefined);
-    call.once('status', () => {
+    call.once('status', (status: grpc.StatusObject) => {
+      this.ended = status;
       poller.abandoned(this.awaiting);
       this.awaiting = 0;
     });
@@ -114,11 +129,34 @@ export class SensorStreamHandle {
     });
   }
 
-  /** Writes one frame; resolves when grpc-js accepted it into the transport (waits on backpressure). */
+  /**
+   * Writes one frame; resolves when grpc-js accepted it into the transport (waits on backpressure). Rejects
+   * with the stream's status (a grpc ServiceError) if the stream ended before or while it waited: a full
+   * transport never drains once the stream is gone.
+   */
   send(frame: FrameToSend): Promise<void> {
+    if (this.ended) return Promise.reject(streamEndedError(this.ended));
     const ok = this.write(frame);
     if (ok) return Promise.resolve();
-    return new Promise((resolve) => this.call.once('drain', () => resolve()));
+    return new Promise((resolve, reject) => {
+      const settle = (err?: Error): void => {
+        this.call.removeListener('drain', onDrain);
+        this.call.removeListener('error', onError);
+        this.call.removeListener('status', onStatus);
+        this.call.removeListener('close', onClose);
+        if (err) reject(err);
+        else resolve();
+      };
+      const onDrain = (): void => settle();
+      // grpc-js emits 'error' (a ServiceError) before 'status' when the status is not OK.
+      const onError = (err: Error): void => settle(err);
+      const onStatus = (status: grpc.StatusObject): void => settle(streamEndedError(status));
+      const onClose = (): void => settle(streamEndedError(this.ended));
+      this.call.once('drain', onDrain);
+      this.call.once('error', onError);
+      this.call.once('status', onStatus);
+      this.call.once('close', onClose);
+    });
   }
 
   /** Writes without waiting: for tests that flood the agent. Returns false when the transport is full. */
@@ -165,6 +203,9 @@ export class SensorStreamHandle {
         };
       }
       finished = true;
+      // grpc-js reports an error status once, as an 'error' event: one that came before this loop started
+      // reading reached nobody, and the readable side just ends.
+      if (this.ended && this.ended.code !== grpc.status.OK) throw statusError(this.ended);
     } finally {
       // Destroying the readable side (what an early `break` does) does not end a grpc-js call by itself.
       if (!finished) this.call.cancel();

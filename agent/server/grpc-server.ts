@@ -1,7 +1,8 @@
-import { chmodSync, chownSync, existsSync, mkdirSync, readFileSync, rmSync, statSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { chmodSync, chownSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, type Stats } from 'node:fs';
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
-import type { Socket } from 'node:net';
-import { dirname } from 'node:path';
+import { connect, type Socket } from 'node:net';
+import { basename, dirname, join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import { ConfigError } from '../errors.js';
 import type { Logger } from '../logger.js';
@@ -79,6 +80,31 @@ export function resolveId(kind: 'passwd' | 'group', nameOrId: string, source: st
   return id;
 }
 
+/** sun_path's size less its terminating NUL: 108 bytes on Linux, 104 on macOS and the BSDs. */
+const UNIX_PATH_MAX = process.platform === 'linux' ? 107 : 103;
+
+/** Whether a process accepts connections on the unix socket at `path`: 'stale' when nothing listens there. */
+function probeUnixSocket(path: string): Promise<'listening' | 'stale' | NodeJS.ErrnoException> {
+  return new Promise((resolve) => {
+    const socket = connect(path);
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve('listening');
+    });
+    socket.once('error', (err: NodeJS.ErrnoException) => {
+      socket.destroy();
+      // ENOENT: removed since it was looked at; nothing to remove either.
+      resolve(err.code === 'ECONNREFUSED' || err.code === 'ENOENT' ? 'stale' : err);
+    });
+  });
+}
+
+/** A fresh name next to `path` to bind under before renaming into place; undefined if none fits sun_path. */
+function stagingPath(path: string): string | undefined {
+  const tag = randomBytes(4).toString('hex');
+  return [join(dirname(path), `.${basename(path)}.${tag}`), join(dirname(path), `.${tag}`)].find((p) => Buffer.byteLength(p) <= UNIX_PATH_MAX);
+}
+
 function isLoopback(address: string): boolean {
   const host = address.replace(/:\d+$/, '').replace(/^\[|\]$/g, '');
   return host === 'localhost' || host === '::1' || host.startsWith('127.');
@@ -91,6 +117,8 @@ function isLoopback(address: string): boolean {
 export class GrpcListeners {
   readonly server: grpc.Server;
   private bound: BoundAddress[] = [];
+  /** The socket files this server created, by path: the file found there on stop is removed only if it is one. */
+  private readonly ownSockets = new Map<string, { dev: number; ino: number }>();
   private readonly tuned = new WeakSet<Http2Server>();
   private tuningUnavailable = false;
 
@@ -115,17 +143,7 @@ export class GrpcListeners {
   async start(): Promise<readonly BoundAddress[]> {
     for (const address of this.o.listen) {
       if (address.startsWith('unix:')) {
-        const path = address.slice(5);
-        mkdirSync(dirname(path), { recursive: true });
-        // A socket file left by a killed agent would make bind fail with EADDRINUSE.
-        if (existsSync(path) && statSync(path).isSocket()) rmSync(path);
-        await this.bind(address, grpc.ServerCredentials.createInsecure());
-        chmodSync(path, this.o.unixSocketMode);
-        if (this.o.unixSocketOwner !== undefined || this.o.unixSocketGroup !== undefined) {
-          const uid = this.o.unixSocketOwner !== undefined ? resolveId('passwd', this.o.unixSocketOwner, this.o.configSource, 'server.unix_socket_owner') : -1;
-          const gid = this.o.unixSocketGroup !== undefined ? resolveId('group', this.o.unixSocketGroup, this.o.configSource, 'server.unix_socket_group') : -1;
-          chownSync(path, uid, gid);
-        }
+        await this.listenUnix(address);
         this.bound.push({ address, port: 0 });
       } else {
         if (!this.o.tcpCredentials && !isLoopback(address) && !this.o.insecure) {
@@ -140,10 +158,71 @@ export class GrpcListeners {
     return this.bound;
   }
 
-  private bind(address: string, creds: grpc.ServerCredentials): Promise<number> {
+  /**
+   * Binds under a temporary name next to the path, then renames the socket into place. libuv unlinks the path
+   * it bound when the server closes, whatever is there by then: bound directly, this server's stop would
+   * remove the socket of an agent started after this one's file was deleted by hand. The rename also replaces
+   * a stale socket in one step. Only where no temporary name fits in sun_path is the path bound directly.
+   */
+  private async listenUnix(address: string): Promise<void> {
+    const path = address.slice(5);
+    const bytes = Buffer.byteLength(path);
+    if (bytes > UNIX_PATH_MAX) {
+      // bind(2) would cut the path short and create a socket at the truncated path.
+      throw new ConfigError(this.o.configSource, 'server.listen', `unix socket path '${path}' is ${bytes} bytes, over the system's limit of ${UNIX_PATH_MAX}: choose a shorter path`);
+    }
+    mkdirSync(dirname(path), { recursive: true });
+    const stale = await this.checkSocketPath(path);
+    const staging = stagingPath(path);
+    if (!staging && stale) rmSync(path, { force: true });
+    const bindPath = staging ?? path;
+    await this.bind(`unix:${bindPath}`, grpc.ServerCredentials.createInsecure(), address);
+    // Mode and owner before the rename: the socket appears at its path with them.
+    chmodSync(bindPath, this.o.unixSocketMode);
+    if (this.o.unixSocketOwner !== undefined || this.o.unixSocketGroup !== undefined) {
+      const uid = this.o.unixSocketOwner !== undefined ? resolveId('passwd', this.o.unixSocketOwner, this.o.configSource, 'server.unix_socket_owner') : -1;
+      const gid = this.o.unixSocketGroup !== undefined ? resolveId('group', this.o.unixSocketGroup, this.o.configSource, 'server.unix_socket_group') : -1;
+      chownSync(bindPath, uid, gid);
+    }
+    if (staging) {
+      try {
+        renameSync(staging, path);
+      } catch (err) {
+        throw new ConfigError(this.o.configSource, 'server.listen', `cannot move the socket into place at '${path}': ${(err as Error).message}`);
+      }
+    }
+    const created = lstatSync(path);
+    this.ownSockets.set(path, { dev: created.dev, ino: created.ino });
+  }
+
+  /**
+   * What is at a unix socket path before binding it: nothing (false), or a socket file left by a killed agent
+   * (true; it is replaced). A socket a running process listens on (another agent on the same config) stays,
+   * and so does anything that is not a socket: this server does not start.
+   */
+  private async checkSocketPath(path: string): Promise<boolean> {
+    let found: Stats;
+    try {
+      found = lstatSync(path);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return false;
+      throw new ConfigError(this.o.configSource, 'server.listen', `cannot inspect '${path}': ${(err as Error).message}`);
+    }
+    if (!found.isSocket()) throw new ConfigError(this.o.configSource, 'server.listen', `'${path}' exists and is not a unix socket: remove it or choose another path`);
+    const probe = await probeUnixSocket(path);
+    if (probe === 'listening') {
+      throw new ConfigError(this.o.configSource, 'server.listen', `unix socket '${path}' is in use by a running process (another edge-agent?): stop it or choose another path`);
+    }
+    if (probe !== 'stale') {
+      throw new ConfigError(this.o.configSource, 'server.listen', `cannot tell whether unix socket '${path}' is in use (${probe.code ?? probe.message}): remove it if no process listens on it`);
+    }
+    return true;
+  }
+
+  private bind(address: string, creds: grpc.ServerCredentials, shownAs = address): Promise<number> {
     return new Promise((resolve, reject) => {
       this.server.bindAsync(address, creds, (err, port) => {
-        if (err) reject(new ConfigError(this.o.configSource, 'server.listen', `cannot listen on '${address}': ${err.message}`));
+        if (err) reject(new ConfigError(this.o.configSource, 'server.listen', `cannot listen on '${shownAs}': ${err.message}`));
         else {
           this.widenWindows();
           resolve(port);
@@ -169,8 +248,16 @@ export class GrpcListeners {
       const timer = setTimeout(() => { this.server.forceShutdown(); resolve(); }, timeoutMs);
       this.server.tryShutdown(() => { clearTimeout(timer); resolve(); });
     });
-    for (const b of this.bound) {
-      if (b.address.startsWith('unix:')) rmSync(b.address.slice(5), { force: true });
+    // Only the file this server created (libuv removed only the temporary name it was bound under): another
+    // process may have bound the path since this one's file was removed by hand.
+    for (const [path, own] of this.ownSockets) {
+      try {
+        const now = lstatSync(path);
+        if (now.dev === own.dev && now.ino === own.ino) rmSync(path, { force: true });
+      } catch {
+        // Already gone.
+      }
     }
+    this.ownSockets.clear();
   }
 }

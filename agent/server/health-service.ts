@@ -3,6 +3,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import { join } from 'node:path';
 import type { InferenceRuntimeApi } from '../runtime/index.js';
 import { PROTO_DIR } from './proto-path.js';
+import { capStatusDetails } from './status-map.js';
 
 type ServingStatus = 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN';
 
@@ -25,7 +26,7 @@ export class HealthService {
     this.implementation = {
       Check: (call: grpc.ServerUnaryCall<{ service: string }, unknown>, cb: grpc.sendUnaryData<{ status: ServingStatus }>) => {
         const status = this.status(call.request.service);
-        if (status === 'SERVICE_UNKNOWN') cb({ code: grpc.status.NOT_FOUND, details: `unknown service '${call.request.service}'` });
+        if (status === 'SERVICE_UNKNOWN') cb({ code: grpc.status.NOT_FOUND, details: capStatusDetails(`unknown service '${call.request.service}'`) });
         else cb(null, { status });
       },
       List: (_call: grpc.ServerUnaryCall<unknown, unknown>, cb: grpc.sendUnaryData<{ statuses: Record<string, { status: ServingStatus }> }>) => {

@@ -7,7 +7,7 @@ import type { Logger } from '../logger.js';
 import type { InferenceRequest, InferenceResult, InferenceRuntimeApi, QosPolicy } from '../runtime/index.js';
 import { decodeTensors, encodeTensors, tensorInfo, type WireTensor } from './native-codec.js';
 import { PROTO_DIR } from './proto-path.js';
-import { toGrpcStatus } from './status-map.js';
+import { capStatusDetails, toGrpcStatus } from './status-map.js';
 import type { StreamAdmission } from './stream-admission.js';
 
 export const SENSOR_STREAM_PROTO = join(PROTO_DIR, 'edge', 'v1', 'sensor_stream.proto');
@@ -96,7 +96,7 @@ class SensorStream {
 
   private fail(code: grpc.status, details: string): void {
     if (this.closed) return;
-    this.call.emit('error', { code, details, metadata: new grpc.Metadata() });
+    this.call.emit('error', { code, details: capStatusDetails(details), metadata: new grpc.Metadata() });
     this.close();
   }
 

@@ -15,12 +15,30 @@ const CODE_TO_STATUS: Record<ErrorCode, GrpcStatus> = {
   INTERNAL: GrpcStatus.INTERNAL,
 };
 
+/** Longest status message sent, in UTF-16 units (percent-encoded, at most 9 bytes each on the wire). */
+export const MAX_STATUS_DETAILS = 1024;
+
+/**
+ * A status message cut to MAX_STATUS_DETAILS, its length appended. The message travels in the trailers, and
+ * one that echoes a client's 100 000-character model or tensor name would exceed the peer's header list
+ * limit: the trailers are never delivered and the client waits for its deadline instead of reading the error.
+ * The result is never longer than the limit, so capping twice changes nothing.
+ */
+export function capStatusDetails(details: string): string {
+  if (details.length <= MAX_STATUS_DETAILS) return details;
+  const suffix = `… (${details.length} chars)`;
+  let head = details.slice(0, MAX_STATUS_DETAILS - suffix.length);
+  // Never end on half a surrogate pair: it would not survive UTF-8 encoding.
+  if (/[\uD800-\uDBFF]$/.test(head)) head = head.slice(0, -1);
+  return head + suffix;
+}
+
 /**
  * The one place where agent errors become gRPC statuses. Unknown errors become INTERNAL with a safe message
  * (their text can leak paths or onnxruntime internals; it goes to the log instead).
  */
 export function toGrpcStatus(err: unknown): { code: GrpcStatus; details: string } {
-  if (err instanceof EdgeAgentError) return { code: CODE_TO_STATUS[err.code], details: err.message };
+  if (err instanceof EdgeAgentError) return { code: CODE_TO_STATUS[err.code], details: capStatusDetails(err.message) };
   return { code: GrpcStatus.INTERNAL, details: 'internal error (see the agent log)' };
 }
 
