@@ -3,7 +3,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { decideVariant, readVariantReports } from './compress/index.js';
 import type { AgentConfig } from './config/index.js';
-import { errorMessage } from './errors.js';
+import { ConfigError, EdgeAgentError, errorMessage } from './errors.js';
 import type { Logger } from './logger.js';
 import { FleetAgent, MqttLink, RuntimeDeploymentTarget } from './fleet/index.js';
 import { ActiveVersions, ModelRepository } from './models/index.js';
@@ -153,13 +153,20 @@ export class Agent {
   private async startParts(): Promise<readonly BoundAddress[]> {
     const { config, log } = this.o;
     mkdirSync(config.data_dir, { recursive: true });
-    this.db = await Database.open(join(config.data_dir, 'edge-agent.db'), {
-      onRecovered: (i) => {
-        this.databaseRecovered = true;
-        log.error(i, 'state database was unreadable: set aside and rebuilt from the model repository');
-      },
-    });
-    const outbox = await SqliteOutbox.open(this.db, outboxOptions(config.telemetry.outbox));
+    const dbFile = join(config.data_dir, 'edge-agent.db');
+    let outbox: SqliteOutbox;
+    try {
+      // Both reject with a ConfigError naming the file (locked, disk full, read-only...) and leave it as it is.
+      this.db = await Database.open(dbFile, {
+        onRecovered: (i) => {
+          this.databaseRecovered = true;
+          log.error(i, 'state database was unreadable: set aside and rebuilt from the model repository');
+        },
+      });
+      outbox = await SqliteOutbox.open(this.db, outboxOptions(config.telemetry.outbox));
+    } catch (err) {
+      throw err instanceof EdgeAgentError ? err : new ConfigError(dbFile, '', errorMessage(err));
+    }
     this.outbox = outbox;
     const deviceId = config.fleet?.device_id ?? hostname();
     this.telemetry = new TelemetryService({

@@ -1,6 +1,7 @@
-import { mkdirSync, renameSync, existsSync } from 'node:fs';
+import { accessSync, constants as fsConstants, mkdirSync, renameSync, existsSync, statSync, statfsSync } from 'node:fs';
 import { dirname } from 'node:path';
 import sqlite3 from 'sqlite3';
+import { ConfigError, EdgeAgentError, errorMessage } from '../errors.js';
 
 export type SqlValue = string | number | bigint | Buffer | null;
 export type SqlParams = readonly SqlValue[] | Record<string, SqlValue>;
@@ -15,8 +16,101 @@ export interface DatabaseOptions {
    * cut can lose the last transactions since the last checkpoint-sync, never corrupt the file. FULL syncs the
    * WAL on every commit (power-cut safe, slower on eMMC). */
   readonly synchronous?: 'NORMAL' | 'FULL';
-  /** Called when an unreadable database was set aside and a fresh one created. */
+  /** How long a statement waits for another connection's lock before failing with SQLITE_BUSY. Default 5000 ms. */
+  readonly busyTimeoutMs?: number;
+  /** Called when a corrupt (or empty) database was set aside and a fresh one created. */
   readonly onRecovered?: (info: { file: string; setAsideAs: string; reason: string }) => void;
+}
+
+/**
+ * Result codes that say the file's content is damaged. Only these (and a failed quick_check) set a database
+ * aside; every other failure (busy, locked, full, I/O, read-only, permission, cannot open) says nothing about
+ * the content, and renaming the file would throw away healthy state.
+ */
+const CORRUPTION_CODES: ReadonlySet<string> = new Set(['SQLITE_CORRUPT', 'SQLITE_NOTADB']);
+
+function errorCode(err: unknown): string | undefined {
+  const code = (err as { code?: unknown } | null)?.code;
+  return typeof code === 'string' ? code : undefined;
+}
+
+function isCorruption(err: unknown): boolean {
+  return CORRUPTION_CODES.has(errorCode(err) ?? '');
+}
+
+function fsErrorCode(check: () => void): string | undefined {
+  try {
+    check();
+    return undefined;
+  } catch (err) {
+    return errorCode(err) ?? 'EIO';
+  }
+}
+
+/**
+ * What to check. SQLite's code alone often misleads (a full disk shows as SQLITE_IOERR when the -shm file
+ * cannot grow, a read-only filesystem as SQLITE_CANTOPEN), so the filesystem is asked first.
+ */
+function openFailureHint(code: string | undefined, file: string): string {
+  const dir = dirname(file);
+  if (code === 'SQLITE_BUSY' || code === 'SQLITE_LOCKED') {
+    return `another process holds it? Stop the other edge-agent or sqlite3 shell using it (fuser ${file}), then start again`;
+  }
+  let free: number | undefined;
+  try {
+    const fs = statfsSync(dir);
+    free = fs.bavail * fs.bsize;
+  } catch { /* the checks below name the problem */ }
+  if (free !== undefined && free < 64 * 1024) return `the disk is full, ${free} bytes free: free space on the filesystem of ${dir} (df ${dir})`;
+  const dirProblem = fsErrorCode(() => accessSync(dir, fsConstants.W_OK));
+  const fileProblem = existsSync(file) ? fsErrorCode(() => accessSync(file, fsConstants.R_OK | fsConstants.W_OK)) : undefined;
+  const problem = dirProblem ?? fileProblem ?? code;
+  switch (problem) {
+    case 'SQLITE_FULL':
+    case 'ENOSPC':
+      return `the disk is full: free space on the filesystem of ${dir} (df ${dir})`;
+    case 'SQLITE_READONLY':
+    case 'EROFS':
+      return `read-only: check that ${dir} is mounted read-write (a filesystem remounted read-only after errors?) and that the file and its -wal and -shm files belong to the agent's user`;
+    case 'SQLITE_PERM':
+    case 'SQLITE_AUTH':
+    case 'EACCES':
+    case 'EPERM':
+      return `permission denied: the agent's user must be able to read and write the file, its -wal and -shm files, and create files in ${dir}`;
+    case 'SQLITE_IOERR':
+    case 'EIO':
+      return `I/O error: a failing storage device or a filesystem error; check the kernel log (dmesg) and df ${dir}`;
+    case 'SQLITE_CANTOPEN':
+    case 'ENOENT':
+    case 'ENOTDIR':
+    case 'EISDIR':
+      return `cannot open it: check that ${dir} is a directory the agent's user can write, and that the path is not a directory`;
+    case 'SQLITE_NOMEM':
+    case 'ENOMEM':
+      return 'out of memory';
+    default:
+      return `check the file, its -wal and -shm files and ${dir}`;
+  }
+}
+
+/**
+ * The error a failed start reports for the state database: names the file, the cause (SQLite's code and
+ * message) and what to check, and says the file was kept. Errors of the agent's own catalogue pass unchanged.
+ */
+export function databaseOpenError(file: string, err: unknown): EdgeAgentError {
+  if (err instanceof EdgeAgentError) return err;
+  return new ConfigError(file, '', `${errorMessage(err)} (${openFailureHint(errorCode(err), file)}); the file was left as it is`);
+}
+
+/** An existing file of 0 bytes (the agent never leaves one: its first open writes the header). */
+function isEmptyFile(file: string): boolean {
+  try {
+    const stat = statSync(file);
+    return stat.isFile() && stat.size === 0;
+  } catch (err) {
+    if (errorCode(err) === 'ENOENT') return false;
+    throw databaseOpenError(file, err);
+  }
 }
 
 /**
@@ -27,24 +121,51 @@ export class Database {
   private constructor(private readonly db: sqlite3.Database, readonly file: string) {}
 
   /**
-   * Opens (creating if needed) the database file. A file that is not a database or fails its integrity check
-   * is renamed aside (`<file>.corrupt-<ts>`) and a fresh one is created: the callers rebuild from disk.
+   * Opens (creating if needed) the database file. Only a damaged file (SQLITE_CORRUPT, SQLITE_NOTADB, a failed
+   * quick_check) or an empty one (0 bytes: its content was lost) is renamed aside (`<file>.corrupt-<ts>`, with
+   * its -wal and -shm files) and replaced by a fresh one, which `onRecovered` reports: the callers rebuild from
+   * disk. Any other failure (locked, disk full, I/O error, read-only, permission) rejects with a ConfigError
+   * naming the file and what to check, and leaves the file untouched.
    */
   static async open(file: string, options: DatabaseOptions = {}): Promise<Database> {
-    if (file !== ':memory:') mkdirSync(dirname(file), { recursive: true });
+    if (file === ':memory:') return Database.openRaw(file, options);
     try {
-      const db = await Database.openRaw(file, options);
-      const check = await db.get<{ quick_check: string }>('PRAGMA quick_check');
-      if (check?.quick_check !== 'ok') throw new Error(`integrity check: ${check?.quick_check ?? 'no answer'}`);
-      return db;
+      mkdirSync(dirname(file), { recursive: true });
     } catch (err) {
-      if (file === ':memory:' || !existsSync(file)) throw err;
-      const reason = err instanceof Error ? err.message : String(err);
-      const setAsideAs = `${file}.corrupt-${Date.now()}`;
+      throw databaseOpenError(file, err);
+    }
+    // SQLite would open an empty file as a new database and delete a -wal beside it unread: set both aside.
+    if (isEmptyFile(file)) return Database.recreate(file, options, 'the file is empty (0 bytes): its content was lost');
+    let db: Database | undefined;
+    let reason: string;
+    try {
+      db = await Database.openRaw(file, options);
+      const check = (await db.all<{ quick_check: string }>('PRAGMA quick_check(5)')).map((r) => r.quick_check);
+      if (check.length === 1 && check[0] === 'ok') return db;
+      reason = `integrity check: ${check.join('; ') || 'no answer'}`;
+      await db.close().catch(() => undefined);
+    } catch (err) {
+      await db?.close().catch(() => undefined);
+      if (!isCorruption(err) || !existsSync(file)) throw databaseOpenError(file, err);
+      reason = errorMessage(err);
+    }
+    return Database.recreate(file, options, reason);
+  }
+
+  /** Sets the damaged file aside and creates a fresh one in its place. */
+  private static async recreate(file: string, options: DatabaseOptions, reason: string): Promise<Database> {
+    const setAsideAs = `${file}.corrupt-${Date.now()}`;
+    try {
       renameSync(file, setAsideAs);
       for (const suffix of ['-wal', '-shm']) if (existsSync(file + suffix)) renameSync(file + suffix, setAsideAs + suffix);
-      options.onRecovered?.({ file, setAsideAs, reason });
-      return Database.openRaw(file, options);
+    } catch (err) {
+      throw new ConfigError(file, '', `unreadable (${reason}), and setting it aside as ${setAsideAs} failed: ${errorMessage(err)} (${openFailureHint(errorCode(err), file)})`);
+    }
+    options.onRecovered?.({ file, setAsideAs, reason });
+    try {
+      return await Database.openRaw(file, options);
+    } catch (err) {
+      throw databaseOpenError(file, err);
     }
   }
 
@@ -54,7 +175,9 @@ export class Database {
     });
     const db = new Database(raw, file);
     try {
-      await db.exec(`PRAGMA journal_mode=WAL; PRAGMA synchronous=${options.synchronous ?? 'NORMAL'}; PRAGMA busy_timeout=5000; PRAGMA foreign_keys=ON;`);
+      // busy_timeout first: every later statement, the journal_mode switch included, waits for a lock held by
+      // another connection (a backup, a sqlite3 shell) instead of failing at once.
+      await db.exec(`PRAGMA busy_timeout=${Math.max(0, Math.floor(options.busyTimeoutMs ?? 5000))}; PRAGMA journal_mode=WAL; PRAGMA synchronous=${options.synchronous ?? 'NORMAL'}; PRAGMA foreign_keys=ON;`);
       await db.exec('CREATE TABLE IF NOT EXISTS schema_migrations (namespace TEXT NOT NULL, version INTEGER NOT NULL, PRIMARY KEY (namespace, version))');
     } catch (err) {
       await db.close().catch(() => undefined);

@@ -1,11 +1,15 @@
-import type { Database, Migration, SqlValue } from './database.js';
+import { randomInt } from 'node:crypto';
+import { databaseOpenError, type Database, type Migration, type SqlValue } from './database.js';
 import {
+  EARLIEST_PLAUSIBLE_WALL_MS,
   EnqueueListeners,
   OutboxLedger,
   SerialQueue,
+  WallClockSteps,
   DEFAULT_PROTECTED_KINDS,
   resolveBounds,
   type Outbox,
+  type EnqueuePlan,
   type OutboxEntry,
   type OutboxMessage,
   type OutboxOptions,
@@ -48,6 +52,15 @@ interface StoredRow {
 const DELETE_CHUNK = 500;
 
 /**
+ * A new database's first epoch: random below 2^47 (epochs then count up by one per open, far from 2^53), so a
+ * database recreated after corruption, whose sequence numbers restart at 1, does not repeat the (epoch, seq)
+ * pairs of the one it replaced. Not the wall clock: with an unset real-time clock every boot reads the same.
+ */
+function firstEpoch(): number {
+  return randomInt(1, 2 ** 47);
+}
+
+/**
  * The durable outbox: one table in the agent's SQLite database (WAL). Every change is one transaction, so a
  * process killed at any point keeps every entry whose enqueue resolved, with its sequence number, and never
  * reuses a number. All operations (reads included) run one at a time, so a reader never sees a transaction
@@ -63,63 +76,104 @@ export class SqliteOutbox implements Outbox {
   private constructor(
     private readonly db: Database,
     private readonly ledger: OutboxLedger,
-    private readonly now: () => number,
+    private readonly clock: WallClockSteps,
+    private readonly monotonic: () => number,
     private readonly syncIntervalMs: number,
     private readonly protectedKinds: ReadonlySet<string>,
   ) {
-    this.lastSync = now();
+    this.lastSync = monotonic();
   }
 
   /**
    * Creates the tables if needed, starts a new epoch and loads the bookkeeping (ids, sizes, kinds; not
    * payloads). The epoch is checkpointed (WAL and database fsynced) before open resolves, so no entry can
-   * carry an epoch that a power cut could take back.
+   * carry an epoch that a power cut could take back. A database failure rejects with a ConfigError naming
+   * the file.
+   *
+   * Stored `created_at` values are wall-clock times of the run that last shifted them. Those this run's clock
+   * cannot age (later than now: the clock was set back, or reads 2000 again after a reboot; or stamped before
+   * EARLIEST_PLAUSIBLE_WALL_MS by an unset clock while now is set) count as written now: such entries are
+   * kept for a full max age rather than dropped for a clock's sake.
    */
   static async open(db: Database, options: OutboxOptions = {}): Promise<SqliteOutbox> {
-    await db.migrate('outbox', OUTBOX_MIGRATIONS);
     const bounds = resolveBounds(options.bounds);
-    await db.run("UPDATE outbox_counters SET value = value + 1 WHERE name = 'epoch'");
-    // Busy (another reader): the epoch becomes durable at the next automatic checkpoint instead.
-    await db.get('PRAGMA wal_checkpoint(FULL)').catch(() => undefined);
-    const epoch = (await db.get<{ value: number }>("SELECT value FROM outbox_counters WHERE name = 'epoch'"))?.value ?? 1;
-    const ledger = new OutboxLedger(bounds, options.protectedKinds ?? DEFAULT_PROTECTED_KINDS, epoch);
-    const rows = await db.all<{ id: number; kind: string; bytes: number; created_at: number; carried_drops: number }>(
-      'SELECT id, kind, bytes, created_at, carried_drops FROM outbox ORDER BY id',
-    );
-    for (const r of rows) ledger.add({ id: r.id, kind: r.kind, bytes: r.bytes, createdAt: r.created_at, carriedDrops: r.carried_drops });
-    for (const s of await db.all<{ kind: string; next_seq: number }>('SELECT kind, next_seq FROM outbox_sequences')) ledger.setNextSeq(s.kind, s.next_seq);
-    for (const c of await db.all<{ name: string; value: number }>('SELECT name, value FROM outbox_counters')) {
-      if (c.name === 'pending_drops') ledger.pendingDrops = c.value;
-      else if (c.name === 'dropped_total') ledger.droppedTotal = c.value;
+    const now = options.now ?? Date.now;
+    const monotonic = options.monotonicNow ?? (options.now ? options.now : () => performance.now());
+    try {
+      await db.migrate('outbox', OUTBOX_MIGRATIONS);
+      const clock = new WallClockSteps(now, monotonic);
+      const openedAt = clock.read().now;
+      await db.transaction(async () => {
+        await db.run("UPDATE outbox_counters SET value = CASE WHEN value = 0 THEN ? ELSE value + 1 END WHERE name = 'epoch'", [firstEpoch()]);
+        await db.run('UPDATE outbox SET created_at = ? WHERE created_at > ?', [openedAt, openedAt]);
+        if (openedAt >= EARLIEST_PLAUSIBLE_WALL_MS) await db.run('UPDATE outbox SET created_at = ? WHERE created_at < ?', [openedAt, EARLIEST_PLAUSIBLE_WALL_MS]);
+      });
+      // Busy (another reader): the epoch becomes durable at the next automatic checkpoint instead.
+      await db.get('PRAGMA wal_checkpoint(FULL)').catch(() => undefined);
+      const epoch = (await db.get<{ value: number }>("SELECT value FROM outbox_counters WHERE name = 'epoch'"))?.value ?? 1;
+      const ledger = new OutboxLedger(bounds, options.protectedKinds ?? DEFAULT_PROTECTED_KINDS, epoch);
+      const rows = await db.all<{ id: number; kind: string; bytes: number; created_at: number; carried_drops: number }>(
+        'SELECT id, kind, bytes, created_at, carried_drops FROM outbox ORDER BY id',
+      );
+      for (const r of rows) ledger.add({ id: r.id, kind: r.kind, bytes: r.bytes, createdAt: r.created_at, carriedDrops: r.carried_drops });
+      for (const s of await db.all<{ kind: string; next_seq: number }>('SELECT kind, next_seq FROM outbox_sequences')) ledger.setNextSeq(s.kind, s.next_seq);
+      for (const c of await db.all<{ name: string; value: number }>('SELECT name, value FROM outbox_counters')) {
+        if (c.name === 'pending_drops') ledger.pendingDrops = c.value;
+        else if (c.name === 'dropped_total') ledger.droppedTotal = c.value;
+      }
+      return new SqliteOutbox(db, ledger, clock, monotonic, options.syncIntervalMs ?? 60_000, new Set(options.protectedKinds ?? DEFAULT_PROTECTED_KINDS));
+    } catch (err) {
+      throw databaseOpenError(db.file, err);
     }
-    return new SqliteOutbox(db, ledger, options.now ?? Date.now, options.syncIntervalMs ?? 60_000, new Set(options.protectedKinds ?? DEFAULT_PROTECTED_KINDS));
   }
 
+  /**
+   * A wall-clock step since the last enqueue shifts every entry's created_at by the step (in memory and, in
+   * the same transaction as the new entry, on disk), so max age counts monotonic time within a run and the
+   * stored times follow the corrected clock into the next run.
+   */
   enqueue(message: OutboxMessage): Promise<OutboxEntry | undefined> {
     return this.queue.run(async () => {
       this.assertOpen();
-      const plan = this.ledger.plan(message, this.now());
-      const id = await this.db.transaction(async () => {
-        await this.deleteIds(plan.evict.map((r) => r.id));
-        await this.db.run(
-          'INSERT INTO outbox_sequences (kind, next_seq) VALUES (?, ?) ON CONFLICT(kind) DO UPDATE SET next_seq = excluded.next_seq',
-          [plan.kind, plan.nextSeq],
-        );
-        await this.db.run("UPDATE outbox_counters SET value = ? WHERE name = 'pending_drops'", [plan.pendingDrops]);
-        await this.db.run("UPDATE outbox_counters SET value = ? WHERE name = 'dropped_total'", [plan.droppedTotal]);
-        if (!plan.insert) return 0;
-        const res = await this.db.run(
-          'INSERT INTO outbox (kind, seq, topic, payload, retain, bytes, carried_drops, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
-          [plan.kind, plan.stamp.seq, plan.topic, plan.payload, plan.retain ? 1 : 0, plan.payload.length, plan.carriedDrops, plan.createdAt],
-        );
-        return res.lastID;
-      });
+      const reading = this.clock.read();
+      if (reading.step !== 0) this.ledger.rebase(reading.step);
+      let plan: EnqueuePlan;
+      let id: number;
+      try {
+        plan = this.ledger.plan(message, reading.now);
+        id = await this.write(plan, reading.step);
+      } catch (err) {
+        // Nothing was written: the next enqueue sees the same step again.
+        if (reading.step !== 0) this.ledger.rebase(-reading.step);
+        throw err;
+      }
+      if (reading.step !== 0) this.clock.accept(reading);
       this.ledger.apply(plan, id);
       await this.syncIfDue(this.protectedKinds.has(plan.kind));
       if (!plan.insert) return undefined;
       const entry: OutboxEntry = { id, kind: plan.kind, seq: plan.stamp.seq, topic: plan.topic, payload: plan.payload, retain: plan.retain, createdAt: plan.createdAt };
       this.listeners.emit(entry);
       return entry;
+    });
+  }
+
+  /** One transaction: the step's shift, the evictions, the counters and the new entry; returns its id (0: none). */
+  private write(plan: EnqueuePlan, clockStep: number): Promise<number> {
+    return this.db.transaction(async () => {
+      if (clockStep !== 0) await this.db.run('UPDATE outbox SET created_at = created_at + ?', [clockStep]);
+      await this.deleteIds(plan.evict.map((r) => r.id));
+      await this.db.run(
+        'INSERT INTO outbox_sequences (kind, next_seq) VALUES (?, ?) ON CONFLICT(kind) DO UPDATE SET next_seq = excluded.next_seq',
+        [plan.kind, plan.nextSeq],
+      );
+      await this.db.run("UPDATE outbox_counters SET value = ? WHERE name = 'pending_drops'", [plan.pendingDrops]);
+      await this.db.run("UPDATE outbox_counters SET value = ? WHERE name = 'dropped_total'", [plan.droppedTotal]);
+      if (!plan.insert) return 0;
+      const res = await this.db.run(
+        'INSERT INTO outbox (kind, seq, topic, payload, retain, bytes, carried_drops, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)',
+        [plan.kind, plan.stamp.seq, plan.topic, plan.payload, plan.retain ? 1 : 0, plan.payload.length, plan.carriedDrops, plan.createdAt],
+      );
+      return res.lastID;
     });
   }
 
@@ -164,7 +218,7 @@ export class SqliteOutbox implements Outbox {
    * holds a transaction on the shared connection; the next enqueue tries again.
    */
   private async syncIfDue(force: boolean): Promise<void> {
-    const now = this.now();
+    const now = this.monotonic();
     if (!force && (this.syncIntervalMs <= 0 || now - this.lastSync < this.syncIntervalMs)) return;
     try {
       await this.db.get('PRAGMA wal_checkpoint(PASSIVE)');

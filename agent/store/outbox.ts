@@ -24,7 +24,8 @@ export interface OutboxStamp {
    * Changes each time the outbox is opened, and is made durable before any entry carries it. After a power
    * cut the last committed transactions can roll back (WAL, synchronous=NORMAL) and sequence numbers already
    * sent can be handed out again: (epoch, seq) stays unique, so receivers never mistake such an entry for a
-   * duplicate. Compare for equality only.
+   * duplicate. A new database (a recreated one too, whose sequences restart at 1) starts from a random value,
+   * so it does not repeat the epochs of the one it replaced. Compare for equality only.
    */
   readonly epoch: number;
 }
@@ -53,7 +54,7 @@ export interface OutboxBounds {
   readonly maxRows: number;
   /** Payload bytes (topics not counted). */
   readonly maxBytes: number;
-  /** Droppable entries older than this are dropped at the next enqueue. */
+  /** Droppable entries older than this are dropped at the next enqueue (age: elapsed time, see `monotonicNow`). */
   readonly maxAgeMs: number;
 }
 
@@ -73,8 +74,16 @@ export const DEFAULT_PROTECTED_KINDS: readonly OutboxKind[] = ['deployment-statu
 export interface OutboxOptions {
   readonly bounds?: Partial<OutboxBounds>;
   readonly protectedKinds?: readonly OutboxKind[];
-  /** Wall clock (ms since epoch) for created_at and max age; tests move it. */
+  /** Wall clock (ms since epoch) for created_at; tests move it. Default Date.now. */
   readonly now?: () => number;
+  /**
+   * Monotonic clock (ms, any origin) that measures time within a run: entries' ages for `maxAgeMs` and the
+   * sync interval. A wall-clock step (the wall clock moving away from it by more than 1 s) shifts the stored
+   * `created_at` of every entry by the step, so a step never ages (or rejuvenates) the backlog. SQLite
+   * outbox only. Default performance.now; when only `now` is given, `now` itself (a test clock that moves
+   * both, without steps).
+   */
+  readonly monotonicNow?: () => number;
   /**
    * SQLite only. With `synchronous=NORMAL` a commit reaches the disk at the next checkpoint, which by default
    * comes after ~1000 WAL pages (hours of telemetry). The outbox checkpoints (one fsync) at most this often
@@ -143,6 +152,52 @@ function toBuffer(payload: string | Uint8Array): Buffer {
   return Buffer.isBuffer(payload) ? payload : Buffer.from(payload.buffer, payload.byteOffset, payload.byteLength);
 }
 
+/** A wall clock that moves this much more (or less) than the monotonic clock was stepped (NTP, `date -s`). */
+export const WALL_CLOCK_STEP_TOLERANCE_MS = 1000;
+
+/**
+ * Wall time before this was never set: a real-time clock that lost power reads 1970 or 2000 (fake-hwclock
+ * restores the last shutdown time, later than this). Entries stamped by such a clock have no meaningful age
+ * once the clock is set.
+ */
+export const EARLIEST_PLAUSIBLE_WALL_MS = Date.UTC(2024, 0, 1);
+
+export interface ClockReading {
+  /** Wall clock, ms since epoch. */
+  readonly now: number;
+  readonly monotonic: number;
+  /** How far the wall clock moved beyond (negative: short of) the monotonic time elapsed; 0 within tolerance. */
+  readonly step: number;
+}
+
+/**
+ * Tells wall-clock steps apart from elapsed time. Linux slews CLOCK_REALTIME and CLOCK_MONOTONIC alike, so the
+ * two drift apart only when the wall clock is stepped (or while the device is suspended, which the monotonic
+ * clock does not count: the outbox then keeps entries longer, never drops them early).
+ */
+export class WallClockSteps {
+  private anchorWall: number;
+  private anchorMonotonic: number;
+
+  constructor(private readonly wall: () => number, private readonly monotonic: () => number) {
+    this.anchorWall = wall();
+    this.anchorMonotonic = monotonic();
+  }
+
+  read(): ClockReading {
+    const now = this.wall();
+    const monotonic = this.monotonic();
+    const drift = now - (this.anchorWall + (monotonic - this.anchorMonotonic));
+    return { now, monotonic, step: Math.abs(drift) > WALL_CLOCK_STEP_TOLERANCE_MS ? drift : 0 };
+  }
+
+  /** Takes a reading whose step was handled as the new reference; the steps before it are not reported again. */
+  accept(reading: ClockReading): void {
+    this.anchorWall = reading.now;
+    this.anchorMonotonic = reading.monotonic;
+  }
+}
+
 export function resolveBounds(bounds: Partial<OutboxBounds> | undefined): OutboxBounds {
   const b = { ...DEFAULT_OUTBOX_BOUNDS, ...bounds };
   for (const [key, value] of Object.entries(b)) {
@@ -194,6 +249,13 @@ export class OutboxLedger {
     this.rowCount -= 1;
     this.byteCount -= row.bytes;
     return true;
+  }
+
+  /** Shifts every entry's `createdAt` by `deltaMs` (a wall-clock step): ages and order stay as they were. */
+  rebase(deltaMs: number): void {
+    for (const cls of [this.telemetry, this.otherDroppable, this.protectedRows]) {
+      for (const [id, row] of cls) cls.set(id, { ...row, createdAt: row.createdAt + deltaMs });
+    }
   }
 
   setNextSeq(kind: OutboxKind, next: number): void {
