@@ -180,9 +180,13 @@ export class Agent {
       statusSource: () => {
         const fleet = this.current.fleet;
         const link = this.link;
+        const rejected = this.fleet?.commandRejections();
         return {
           agentVersion: AGENT_VERSION, deviceId, models: this.runtime.listModels(),
-          fleet: link && fleet ? { connected: link.connected, broker: fleet.broker_url } : null,
+          fleet: link && fleet ? {
+            connected: link.connected, broker: fleet.broker_url,
+            ...(rejected ? { commands_rejected: { total: rejected.total, last_reason: rejected.lastReason ?? null, last_command_id: rejected.lastCommandId ?? null } } : {}),
+          } : null,
         };
       },
     });

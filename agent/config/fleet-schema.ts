@@ -83,6 +83,15 @@ export const fleetSchema = z.strictObject({
   settle_ms: z.number().int().min(0).default(300),
   /** Reported state is republished at least this often (and on every change). 0: only on change. */
   state_interval_s: z.number().min(0).default(300),
+  /**
+   * Command payloads that do not verify are answered (with the reason) only this often: `reply_burst` at once,
+   * then one per `reply_interval_s`. Answers are outbox entries that are never dropped, so a flood must not
+   * turn into one.
+   */
+  rejected_commands: z.strictObject({
+    reply_burst: z.number().int().min(0).default(5),
+    reply_interval_s: z.number().positive().default(10),
+  }).default({ reply_burst: 5, reply_interval_s: 10 }),
 });
 
 /** The `fleet:` section; absent means the agent runs stand-alone. */

@@ -23,6 +23,43 @@ export interface CommandContext {
   readonly report: (rec: DeploymentRecord) => Promise<void>;
   readonly reportedState: () => Promise<ReportedState>;
   readonly publishState: () => Promise<void>;
+  /** Monotonic clock in ms for the rejection limits (default `performance.now`); tests move it. */
+  readonly monotonicNow?: () => number;
+  /** How often rejected payloads are answered (default REJECTION_LIMITS; config `fleet.rejected_commands`). */
+  readonly replyLimits?: { readonly replyBurst: number; readonly replyIntervalMs: number };
+}
+
+/**
+ * Payloads on the command topic that fail verification (bad or missing signature, unknown key, not JSON, not a
+ * command) come from someone who is not the fleet, or from a fleet signing with the wrong key. Both get the
+ * same treatment: counted, logged at most once per `logIntervalMs` (with how many were not logged), and
+ * answered on `.../{command_id}/result` only while a token bucket allows (`replyBurst` answers at once, then
+ * one per `replyIntervalMs`). A fleet with a misconfigured key thus sees its first commands answered with the
+ * reason, while a flood from anyone who can publish on the topic costs at most a few outbox rows a minute
+ * (answers are `command-result`s, which the outbox never drops, so they must stay few) and never holds up
+ * telemetry. A rejected payload never claims its command_id: a verified command with that id still runs.
+ */
+export interface RejectionLimits {
+  readonly replyBurst: number;
+  readonly replyIntervalMs: number;
+  readonly logIntervalMs: number;
+}
+
+export const REJECTION_LIMITS: RejectionLimits = { replyBurst: 5, replyIntervalMs: 10_000, logIntervalMs: 10_000 };
+
+/** Rejected command payloads since the agent started (operators: a rising count means a wrong key or a flood). */
+export interface CommandRejectionStats {
+  readonly total: number;
+  /** Rejections answered on the result topic (the rest were over the rate limit or named a verified command's id). */
+  readonly answered: number;
+  readonly lastReason: string | undefined;
+  readonly lastCommandId: string | undefined;
+}
+
+interface CommandOutcome {
+  readonly result: Record<string, unknown>;
+  /** False when the result was already stored (this delivery ran nothing). */
+  readonly ran: boolean;
 }
 
 class CommandError extends Error {}
@@ -44,13 +81,49 @@ function versionArg(args: Record<string, unknown>, required: boolean): number | 
 
 /**
  * Signed commands on `{prefix}/devices/{id}/commands/{command_id}`; the result goes to `.../{command_id}/result`.
- * A command_id runs at most once: a repeat delivery gets the stored result again.
+ * A command_id runs at most once: a delivery while it runs waits for that run and gets its result, a later one
+ * (also after a restart) gets the stored result again.
  */
 export class CommandHandler {
-  constructor(private readonly ctx: CommandContext) {}
+  /** Runs in progress by command_id: set before the first await, so a redelivery can never start a second run. */
+  private readonly running = new Map<string, Promise<CommandOutcome>>();
+  private readonly limits: RejectionLimits;
+  private readonly clock: () => number;
+  private replyTokens: number;
+  private tokensAt: number;
+  private readonly rejected = { total: 0, answered: 0, lastReason: undefined as string | undefined, lastCommandId: undefined as string | undefined };
+  private lastLogAt: number | undefined;
+  private unlogged = 0;
+  private summaryTimer: NodeJS.Timeout | undefined;
 
+  constructor(private readonly ctx: CommandContext) {
+    this.limits = { ...REJECTION_LIMITS, ...ctx.replyLimits };
+    this.clock = ctx.monotonicNow ?? (() => performance.now());
+    this.replyTokens = this.limits.replyBurst;
+    this.tokensAt = this.clock();
+  }
+
+  rejections(): CommandRejectionStats {
+    return { ...this.rejected };
+  }
+
+  /** Never rejects: the link calls it fire-and-forget. */
   async handle(topic: string, payload: Buffer): Promise<void> {
     const commandId = topic.slice(topic.lastIndexOf('/') + 1);
+    try {
+      await this.handleDelivery(topic, commandId, payload);
+    } catch (err) {
+      this.ctx.logger.error({ command_id: commandId, err: errorMessage(err) }, 'fleet: command not handled');
+    }
+  }
+
+  /** Stops the pending rejection summary line (the agent is stopping). */
+  close(): void {
+    clearTimeout(this.summaryTimer);
+    this.summaryTimer = undefined;
+  }
+
+  private async handleDelivery(topic: string, commandId: string, payload: Buffer): Promise<void> {
     if (!TOPIC_SAFE.test(commandId)) {
       this.ctx.logger.warn({ topic }, 'fleet: command topic with an unusable command_id, ignored');
       return;
@@ -60,16 +133,27 @@ export class CommandHandler {
     try {
       command = verifyCommand(payload, commandId, this.ctx.deviceId, this.ctx.keys);
     } catch (err) {
-      const message = err instanceof ManifestRejection ? err.message : errorMessage(err);
-      this.ctx.logger.warn({ command_id: commandId, reason: message }, 'fleet: command rejected');
-      await this.publish(commandId, { command_id: commandId, ok: false, error: `rejected: ${message}`, ts: new Date().toISOString() });
+      await this.onRejected(commandId, err instanceof ManifestRejection ? err.message : errorMessage(err));
       return;
     }
+    const inProgress = this.running.get(commandId);
+    if (inProgress) {
+      await this.publish(commandId, (await inProgress).result);
+      return;
+    }
+    const run = this.runOnce(commandId, command);
+    this.running.set(commandId, run);
+    const forget = (): void => void this.running.delete(commandId);
+    run.then(forget, forget);
+    const { result, ran } = await run;
+    await this.publish(commandId, result);
+    if (ran && command.command !== 'get_state') await this.ctx.publishState();
+  }
+
+  /** The stored result, or runs the command and stores its result (the first stored result for the id wins). */
+  private async runOnce(commandId: string, command: FleetCommand): Promise<CommandOutcome> {
     const stored = await this.ctx.store.journal.commandResult(commandId);
-    if (stored) {
-      await this.publish(commandId, stored);
-      return;
-    }
+    if (stored) return { result: stored, ran: false };
     let result: Record<string, unknown>;
     try {
       const value = await this.execute(command);
@@ -79,9 +163,67 @@ export class CommandHandler {
       result = { command_id: commandId, command: command.command, ok: false, error: errorMessage(err), ts: new Date().toISOString() };
       this.ctx.logger.warn({ command_id: commandId, command: command.command, err: errorMessage(err) }, 'fleet: command failed');
     }
-    await this.ctx.store.journal.recordCommand(commandId, command.command, result);
-    await this.publish(commandId, result);
-    if (command.command !== 'get_state') await this.ctx.publishState();
+    try {
+      return { result: await this.ctx.store.journal.recordCommand(commandId, command.command, result), ran: true };
+    } catch (err) {
+      // It ran: answer with what it did. Without a stored result a redelivery after this run ends would run it again.
+      this.ctx.logger.error({ command_id: commandId, err: errorMessage(err) }, 'fleet: command result could not be stored');
+      return { result, ran: true };
+    }
+  }
+
+  private async onRejected(commandId: string, reason: string): Promise<void> {
+    const r = this.rejected;
+    r.total += 1;
+    r.lastReason = reason;
+    r.lastCommandId = commandId;
+    this.logRejection(commandId, reason);
+    if (!this.takeReplyToken()) return;
+    // The id of a verified command (running or done) answers with that command's result only: a forged
+    // payload must not put a rejection on a result topic the fleet reads for a command that ran.
+    if (this.running.has(commandId) || (await this.ctx.store.journal.commandResult(commandId))) {
+      this.replyTokens += 1;
+      return;
+    }
+    r.answered += 1;
+    await this.publish(commandId, { command_id: commandId, ok: false, error: `rejected: ${reason}`, ts: new Date().toISOString() });
+  }
+
+  private takeReplyToken(): boolean {
+    const now = this.clock();
+    const { replyBurst, replyIntervalMs } = this.limits;
+    this.replyTokens = Math.min(replyBurst, this.replyTokens + Math.max(0, now - this.tokensAt) / replyIntervalMs);
+    this.tokensAt = now;
+    if (this.replyTokens < 1) return false;
+    this.replyTokens -= 1;
+    return true;
+  }
+
+  /** One line per `logIntervalMs` at most; what it left out is counted in the next line (or a summary line). */
+  private logRejection(commandId: string, reason: string): void {
+    const now = this.clock();
+    if (this.lastLogAt === undefined || now - this.lastLogAt >= this.limits.logIntervalMs) {
+      this.ctx.logger.warn({ command_id: commandId, reason, not_logged: this.unlogged, rejected_total: this.rejected.total }, 'fleet: command rejected');
+      this.lastLogAt = now;
+      this.unlogged = 0;
+      clearTimeout(this.summaryTimer);
+      this.summaryTimer = undefined;
+      return;
+    }
+    this.unlogged += 1;
+    if (this.summaryTimer) return;
+    this.summaryTimer = setTimeout(() => {
+      this.summaryTimer = undefined;
+      if (this.unlogged === 0) return;
+      const r = this.rejected;
+      this.ctx.logger.warn(
+        { not_logged: this.unlogged, rejected_total: r.total, answered_total: r.answered, last_command_id: r.lastCommandId, last_reason: r.lastReason },
+        'fleet: more commands rejected (log rate-limited)',
+      );
+      this.lastLogAt = this.clock();
+      this.unlogged = 0;
+    }, Math.max(0, this.limits.logIntervalMs - (now - this.lastLogAt)));
+    this.summaryTimer.unref();
   }
 
   private async publish(commandId: string, result: Record<string, unknown>): Promise<void> {

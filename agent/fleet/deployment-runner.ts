@@ -44,6 +44,20 @@ export interface RunnerContext {
 
 export type RunPhase = 'download' | 'activate' | 'health';
 
+/** Key in a watching deployment's `details`: `{ window_ms, left_ms }`, the health window and what is left of it. */
+const HEALTH_WINDOW_KEY = 'health_window';
+
+/** The health window a deployment is under, and what is left of it, from its journal row. */
+function healthWindowOf(rec: DeploymentRecord, configuredMs: number): { windowMs: number; leftMs: number } {
+  const w = rec.details?.[HEALTH_WINDOW_KEY] as { window_ms?: unknown; left_ms?: unknown } | undefined;
+  if (w && typeof w.window_ms === 'number' && typeof w.left_ms === 'number' && w.window_ms > 0) {
+    return { windowMs: w.window_ms, leftMs: Math.min(Math.max(0, w.left_ms), w.window_ms) };
+  }
+  // Journaled by an agent that kept a wall-clock deadline: the best reading there is, bounded by the window.
+  if (rec.healthUntil !== undefined) return { windowMs: configuredMs, leftMs: Math.min(Math.max(0, rec.healthUntil - Date.now()), configuredMs) };
+  return { windowMs: configuredMs, leftMs: configuredMs };
+}
+
 function validationOf(m: DeploymentManifest): ValidationSpec | undefined {
   const v = m.validation;
   if (!v) return undefined;
@@ -108,33 +122,30 @@ export class DeploymentRunner {
         throw new ManifestRejection('version conflict', `version ${m.version} of '${m.model}' is already on disk with sha256 ${sha}, not ${m.artifact.sha256}`);
       }
       await store.registry.upsert({ model: m.model, version: m.version, sha256: sha, path, state: target.modelVersions(m.model).active === m.version ? 'active' : 'installed', deploymentId: rec.deploymentId });
-      await downloader.discard(m.artifact.sha256);
+      // A partial download of these bytes left from before is not needed, unless another deployment is using it.
+      await downloader.release(m.artifact.sha256, rec.deploymentId);
       return rec.state === 'accepted' ? rec : this.set(rec, { state: 'accepted', reason: 'artifact already on disk', progress: null });
     }
-    let tempPath: string;
-    if (rec.state === 'verifying' && (await downloader.hasComplete(m.artifact.sha256, m.artifact.size))) {
-      tempPath = downloader.tempPath(m.artifact.sha256);
-      await downloader.verify(m.artifact.sha256, m.artifact.size, tempPath);
-    } else {
-      rec = await this.set(rec, { state: 'downloading', progress: rec.progress ?? 0, reason: null });
-      let lastReported = rec.progress ?? 0;
-      let reporting: Promise<unknown> = Promise.resolve();
-      tempPath = await downloader.download(m, signal, {
-        onProgress: (bytes, total) => {
-          const p = Math.floor((bytes / total) * 1000) / 1000;
-          // Statuses are never dropped by the outbox, so progress is reported in 10% steps only.
-          if (p - lastReported >= 0.1 && p < 1) {
-            lastReported = p;
-            reporting = reporting.then(() => this.set(rec, { progress: p }).then((r) => { rec = r; })).catch(() => undefined);
-          }
-        },
-        onVerifying: () => undefined,
-      }).finally(() => reporting);
-      rec = await this.set(rec, { state: 'verifying', progress: 1 });
-    }
-    await target.install(m.model, m.version, tempPath, m.config);
+    // The journal says every byte had arrived before a restart: verify what lies there rather than fetch again.
+    const resumeVerifying = rec.state === 'verifying' && (await downloader.hasComplete(m.artifact.sha256, m.artifact.size));
+    if (!resumeVerifying) rec = await this.set(rec, { state: 'downloading', progress: rec.progress ?? 0, reason: null });
+    let lastReported = rec.progress ?? 0;
+    let reporting: Promise<unknown> = Promise.resolve();
+    const claimed = await downloader.obtain(m, rec.deploymentId, signal, {
+      onProgress: (bytes, total) => {
+        const p = Math.floor((bytes / total) * 1000) / 1000;
+        // Statuses are never dropped by the outbox, so progress is reported in 10% steps only.
+        if (p - lastReported >= 0.1 && p < 1) {
+          lastReported = p;
+          reporting = reporting.then(() => this.set(rec, { progress: p }).then((r) => { rec = r; })).catch(() => undefined);
+        }
+      },
+      onVerifying: () => undefined,
+    }, resumeVerifying).finally(() => reporting);
+    if (!resumeVerifying) rec = await this.set(rec, { state: 'verifying', progress: 1 });
+    await target.install(m.model, m.version, claimed, m.config);
     await store.registry.upsert({ model: m.model, version: m.version, sha256: m.artifact.sha256, path: target.versionPath(m.model, m.version), state: 'installed', deploymentId: rec.deploymentId });
-    await downloader.discard(m.artifact.sha256);
+    await downloader.release(m.artifact.sha256, rec.deploymentId);
     return this.ctx.store.journal.update(rec.deploymentId, { state: 'accepted', reason: 'installed', progress: null });
   }
 
@@ -142,15 +153,16 @@ export class DeploymentRunner {
     const { target, store, config, logger } = this.ctx;
     let rec = start;
     const versions = target.modelVersions(m.model);
-    const healthWindow = (now: number): DeploymentPatch => (config.health.duration_s > 0
-      ? { healthUntil: now + config.health.duration_s * 1000, health: 'watching' }
-      : { health: 'skipped' });
+    const windowMs = config.health.duration_s * 1000;
+    // The window is journaled as a duration (what is left of it), never as a wall-clock deadline: see watch().
+    const healthWindow: DeploymentPatch = windowMs > 0
+      ? { health: 'watching', healthUntil: null, details: { [HEALTH_WINDOW_KEY]: { window_ms: windowMs, left_ms: windowMs } } }
+      : { health: 'skipped' };
     if (versions.active === m.version && rec.state !== 'accepted') {
       // The switch happened before a crash; only the journal had not caught up.
       logger.info({ deployment_id: rec.deploymentId, model: m.model, version: m.version }, 'fleet: activation had completed before the restart');
       await store.registry.recordActivation({ model: m.model, version: m.version, ...(rec.previousVersion !== undefined ? { previousVersion: rec.previousVersion } : {}), deploymentId: rec.deploymentId, cause: 'deployment' });
-      const now = Date.now();
-      return this.set(rec, { state: 'active', reason: null, activatedAt: now, ...healthWindow(now) });
+      return this.set(rec, { state: 'active', reason: null, activatedAt: Date.now(), ...healthWindow });
     }
     const attempts = rec.activationAttempts + 1;
     if (attempts > MAX_ACTIVATION_ATTEMPTS) {
@@ -177,8 +189,7 @@ export class DeploymentRunner {
     }
     await phaseTail;
     await store.registry.recordActivation({ model: m.model, version: m.version, ...(previous !== undefined ? { previousVersion: previous } : {}), deploymentId: rec.deploymentId, cause: 'deployment' });
-    const now = Date.now();
-    rec = await this.set(rec, { state: 'active', reason: null, activatedAt: now, ...healthWindow(now) });
+    rec = await this.set(rec, { state: 'active', reason: null, activatedAt: Date.now(), ...healthWindow });
     logger.info({ deployment_id: rec.deploymentId, model: m.model, version: m.version, previous }, 'fleet: version activated');
     return rec;
   }
@@ -186,11 +197,19 @@ export class DeploymentRunner {
   private async watch(start: DeploymentRecord, signal: AbortSignal): Promise<DeploymentRecord> {
     const { target, store, config, logger } = this.ctx;
     let rec = start;
+    const window = healthWindowOf(rec, config.health.duration_s * 1000);
     const outcome = await watchHealth(target, rec.model, rec.version, {
-      startedAt: rec.activatedAt ?? Date.now(),
-      until: rec.healthUntil ?? Date.now(),
+      ...window,
       ...(rec.previousP99Us !== undefined ? { previousP99Us: rec.previousP99Us } : {}),
-    }, config.health, signal);
+    }, config.health, signal, async (leftMs) => {
+      // A restart resumes the window with what was left at the last checkpoint: the time the agent was down is
+      // not counted as watched (the version served nothing then), and no clock step can end the window early.
+      const left = { [HEALTH_WINDOW_KEY]: { window_ms: window.windowMs, left_ms: Math.max(0, Math.round(leftMs)) } };
+      rec = await store.journal.update(rec.deploymentId, { details: left }).catch((err: unknown) => {
+        logger.warn({ deployment_id: rec.deploymentId, err: errorMessage(err) }, 'fleet: could not record the health window left');
+        return rec;
+      });
+    });
     if (outcome.verdict === 'passed') {
       rec = await this.set(rec, { health: 'passed', details: { health: outcome.figures } });
       await this.ctx.report(rec).catch(() => undefined);
@@ -220,6 +239,11 @@ export class DeploymentRunner {
   private async fail(rec: DeploymentRecord, err: unknown, signal: AbortSignal, manifest: DeploymentManifest): Promise<DeploymentRecord> {
     const { target, store, logger } = this.ctx;
     const reason = signal.aborted && signal.reason instanceof Error ? signal.reason : err;
+    // Bytes that do not match the manifest (or cannot fit) are worthless: a later deployment starts from nothing.
+    // Otherwise what was downloaded stays for a later deployment of the same bytes or a restart to resume.
+    await this.ctx.downloader.release(manifest.artifact.sha256, rec.deploymentId, !(reason instanceof ManifestRejection)).catch((e: unknown) => {
+      logger.warn({ deployment_id: rec.deploymentId, err: errorMessage(e) }, 'fleet: could not let go of the download');
+    });
     if (reason instanceof StoppingError) return rec;
     if (reason instanceof SupersededError) {
       if (rec.state === 'active') return this.set(rec, { health: 'skipped', reason: reason.message });
@@ -227,8 +251,6 @@ export class DeploymentRunner {
     }
     if (reason instanceof ManifestRejection) {
       logger.warn({ deployment_id: rec.deploymentId, reason: reason.message }, 'fleet: deployment rejected');
-      // Bytes that do not match the manifest are worthless: a later deployment starts from nothing.
-      await this.ctx.downloader.discard(manifest.artifact.sha256).catch(() => undefined);
       return this.set(rec, { state: 'rejected', reason: reason.message, progress: null });
     }
     const message = errorMessage(reason);

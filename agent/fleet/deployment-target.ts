@@ -43,12 +43,15 @@ export interface DeploymentTarget {
   versionPath(model: string, version: number): string;
   /**
    * Moves a verified, fsynced file into `<repo>/<model>/<version>/model.onnx` atomically (temp dir, fsync,
-   * rename), writing the model's config.yaml when `config` is given. The file at `artifactPath` is consumed.
+   * rename), keeping `config` (the model's config.yaml for this version) with the version: it must not reach
+   * what the serving version reads before this version's activation succeeds. The file at `artifactPath` is
+   * consumed.
    */
   install(model: string, version: number, artifactPath: string, config?: Readonly<Record<string, unknown>>): Promise<void>;
   /**
    * Loads, warms and validates the version while the current one keeps serving, then switches in one step.
-   * On rejection the current version is still serving. `onPhase` reports progress for the status topic.
+   * On rejection the current version is still serving, with its own config. `onPhase` reports progress for the
+   * status topic.
    */
   activate(model: string, version: number, validation?: ValidationSpec, onPhase?: (phase: ActivationPhase) => void): Promise<void>;
   /** Removes a version that is not serving from disk. */

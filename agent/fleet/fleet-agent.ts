@@ -4,7 +4,7 @@ import type { FleetConfig } from '../config/fleet-schema.js';
 import { ConfigError, errorMessage } from '../errors.js';
 import { FleetStore, type Database, type DeploymentRecord } from '../store/index.js';
 import { ArtifactDownloader } from './artifact-downloader.js';
-import { CommandHandler } from './command-handler.js';
+import { CommandHandler, type CommandRejectionStats } from './command-handler.js';
 import type { DeploymentTarget } from './deployment-target.js';
 import { DeploymentRunner, StoppingError, SupersededError, type RunPhase } from './deployment-runner.js';
 import { sha256File } from './file-io.js';
@@ -14,6 +14,7 @@ import { identify, ManifestRejection, verifyManifest, type DeploymentManifest, t
 import { MqttChunkFetcher } from './mqtt-chunk-fetcher.js';
 import type { MqttLink } from './mqtt-link.js';
 import { buildReportedState, deploymentStatusPayload, type ReportedState } from './reported-state.js';
+import { RolledBackDeployments } from './rolled-back-deployments.js';
 import { TrustedKeys } from './signing.js';
 import type { StatusSink } from './status-sink.js';
 
@@ -32,6 +33,16 @@ export interface FleetAgentOptions {
   /** True when `Database.open` set a corrupt file aside: the registry is rebuilt from the repository on disk. */
   readonly databaseRecovered?: boolean;
 }
+
+/**
+ * Deployment messages are weighed `settle_ms` after the last one, but never later than this many `settle_ms` after
+ * the first one not yet weighed: a steady stream of messages on a deployment topic (a misbehaving publisher,
+ * junk) cannot keep a valid manifest waiting for ever.
+ */
+export const SETTLE_MAX_FACTOR = 5;
+
+/** Beside `active-versions.json` in the data dir, outside the state database. */
+export const ROLLED_BACK_FILE = 'rolled-back-deployments.json';
 
 interface Candidate {
   readonly topic: string;
@@ -63,6 +74,8 @@ export class FleetAgent {
   private readonly modelLocks = new Map<string, Promise<unknown>>();
   private readonly unsubscribers: (() => void)[] = [];
   private reconcileTimer: NodeJS.Timeout | undefined;
+  /** Monotonic time of the first deployment message not yet weighed (undefined: none waiting). */
+  private settleSince: number | undefined;
   private reconcileTail: Promise<void> = Promise.resolve();
   private stateTimer: NodeJS.Timeout | undefined;
   private stateDebounce: NodeJS.Timeout | undefined;
@@ -70,6 +83,7 @@ export class FleetAgent {
   private downloader: ArtifactDownloader | undefined;
   private runner: DeploymentRunner | undefined;
   private commands: CommandHandler | undefined;
+  private readonly rolledBack: RolledBackDeployments;
 
   constructor(private readonly options: FleetAgentOptions) {
     try {
@@ -79,6 +93,7 @@ export class FleetAgent {
     }
     const a = options.config.artifacts;
     this.limits = { maxArtifactBytes: a.max_artifact_bytes, maxChunkBytes: a.max_chunk_bytes, allowHttp: a.allow_http };
+    this.rolledBack = new RolledBackDeployments(join(options.dataDir, ROLLED_BACK_FILE));
     if (this.keys.size === 0) options.logger.warn({}, 'fleet: fleet.trusted_keys is empty, every deployment and command will be rejected');
   }
 
@@ -132,6 +147,7 @@ export class FleetAgent {
       report: (rec) => this.report(rec),
       reportedState: () => this.reportedState(),
       publishState: () => this.publishState(),
+      replyLimits: { replyBurst: config.rejected_commands.reply_burst, replyIntervalMs: config.rejected_commands.reply_interval_s * 1000 },
     });
     await this.syncRegistry();
     await this.cleanDownloads();
@@ -161,11 +177,17 @@ export class FleetAgent {
     clearInterval(this.stateTimer);
     clearTimeout(this.stateDebounce);
     for (const u of this.unsubscribers.splice(0)) u();
+    this.commands?.close();
     this.queued.clear();
     const lanes = [...this.lanes.values()];
     for (const lane of lanes) lane.controller.abort(new StoppingError());
     await Promise.all(lanes.map((l) => l.done));
     await this.reconcileTail;
+  }
+
+  /** Command payloads that did not verify since start (for /v1/status). */
+  commandRejections(): CommandRejectionStats | undefined {
+    return this.commands?.rejections();
   }
 
   /** Resolves once no deployment is queued or running (tests; a graceful shutdown may wait on it). */
@@ -184,12 +206,17 @@ export class FleetAgent {
     if (this.stopping) return;
     if (payload.length === 0) this.desired.delete(topic);
     else this.desired.set(topic, payload);
+    const settle = this.options.config.settle_ms;
+    const now = performance.now();
+    this.settleSince ??= now;
+    const wait = Math.max(0, Math.min(settle, this.settleSince + settle * SETTLE_MAX_FACTOR - now));
     clearTimeout(this.reconcileTimer);
     this.reconcileTimer = setTimeout(() => {
+      this.settleSince = undefined;
       this.reconcileTail = this.reconcileTail.then(() => this.reconcile()).catch((err: unknown) => {
         this.options.logger.error({ err: errorMessage(err) }, 'fleet: weighing deployments failed');
       });
-    }, this.options.config.settle_ms);
+    }, wait);
   }
 
   private priorityOf(topic: string): number {
@@ -253,6 +280,17 @@ export class FleetAgent {
       if (existing.manifest !== c.text) {
         this.options.logger.warn({ deployment_id: m.deployment_id }, 'fleet: deployment_id reused with different content, ignored');
       }
+      return;
+    }
+    const rolledBack = this.rolledBack.get(m.deployment_id);
+    if (rolledBack) {
+      // The journal does not know it (the database was recreated) but it was rolled back: never activate it again.
+      const rec = await journal.create({
+        deploymentId: m.deployment_id, model: m.model, version: m.version, manifest: c.text, sourceTopic: c.topic, state: 'rolled_back',
+        reason: `deployment ${m.deployment_id} (version ${m.version} of '${m.model}') was rolled back before the state database was recreated (${this.rolledBack.file}); it is not activated again`,
+      });
+      this.options.logger.warn({ deployment_id: m.deployment_id, model: m.model, version: m.version }, 'fleet: retained manifest of a rolled-back deployment arrived again, not activated');
+      await this.report(rec);
       return;
     }
     let problem: ManifestRejection | 'already active' | undefined;
@@ -366,6 +404,14 @@ export class FleetAgent {
   }
 
   private async report(rec: DeploymentRecord): Promise<void> {
+    if (rec.state === 'rolled_back') {
+      // Every rollback (health window, command) is reported through here, after the journal committed it.
+      try {
+        this.rolledBack.add(rec.deploymentId, rec.model, rec.version);
+      } catch (err) {
+        this.options.logger.error({ deployment_id: rec.deploymentId, file: this.rolledBack.file, err: errorMessage(err) }, 'fleet: could not record the rollback outside the database');
+      }
+    }
     const topic = this.options.link.topics.deploymentStatus(rec.deploymentId);
     try {
       await this.options.statusSink.enqueue('deployment-status', topic, deploymentStatusPayload(rec), true);
@@ -461,8 +507,10 @@ export class FleetAgent {
     const dir = this.downloader?.dir;
     if (!dir) return;
     for (const f of readdirSync(dir)) {
-      const sha = f.replace(/\.part$/, '');
-      if (!needed.has(sha)) {
+      // `<sha256>.part` is a partial download (kept while a deployment needs it); `<sha256>.<deployment>.claim` is a
+      // deployment's link to a verified one, made again by the deployment that resumes, so never kept.
+      const part = /^([0-9a-f]{64})\.part$/.exec(f);
+      if (!part || !needed.has(part[1] ?? '')) {
         try {
           unlinkSync(join(dir, f));
         } catch {

@@ -32,18 +32,36 @@ export function judgeHealth(figures: HealthFigures): string | undefined {
   return undefined;
 }
 
+/** How often, at most, a running window records what is left of it (a restart resumes from the last record). */
+export const HEALTH_CHECKPOINT_MS = 5000;
+
+export interface HealthWindow {
+  /** The whole window, as set at activation. */
+  readonly windowMs: number;
+  /** What is left of it as this watch starts: all of it, or what was recorded before a restart. */
+  readonly leftMs: number;
+  /** The previous version's p99 from before the switch (0/absent: the p99 comparison is skipped). */
+  readonly previousP99Us?: number;
+}
+
 /**
- * Watches a newly activated version until `until` (ms since epoch): the first reading that breaches the limits
- * ends the watch. The p99 comparison needs the previous version's p99 from before the switch (0/absent: skipped).
+ * Watches a newly activated version for what is left of its window: the first reading that breaches the limits
+ * ends the watch. Time is measured with the monotonic clock, so a wall-clock step (NTP syncing after boot, an
+ * operator setting the date) neither ends the window early nor stretches it. `checkpoint` is handed the time
+ * left every HEALTH_CHECKPOINT_MS, to be recorded as a duration (never as a wall-clock deadline).
  */
 export async function watchHealth(
   target: DeploymentTarget,
   model: string,
   version: number,
-  window: { readonly startedAt: number; readonly until: number; readonly previousP99Us?: number },
+  window: HealthWindow,
   config: FleetHealthConfig,
   signal: AbortSignal,
+  checkpoint?: (leftMs: number) => Promise<void>,
 ): Promise<HealthOutcome> {
+  const startedAt = performance.now();
+  const watchedBefore = Math.max(0, window.windowMs - window.leftMs);
+  const elapsed = (): number => performance.now() - startedAt;
   const read = (): HealthFigures => {
     const h = target.versionHealth(model, version);
     const prev = window.previousP99Us !== undefined && window.previousP99Us > 0 ? window.previousP99Us : undefined;
@@ -56,16 +74,21 @@ export async function watchHealth(
       max_error_rate: config.max_error_rate,
       max_p99_factor: config.max_p99_factor,
       min_requests: config.min_requests,
-      window_s: config.duration_s,
-      watched_s: Math.round((Date.now() - window.startedAt) / 100) / 10,
+      window_s: window.windowMs / 1000,
+      watched_s: Math.round((watchedBefore + elapsed()) / 100) / 10,
     };
   };
+  let lastCheckpoint = startedAt;
   for (;;) {
     const figures = read();
     const breach = judgeHealth(figures);
     if (breach !== undefined) return { verdict: 'breached', reason: breach, figures };
-    const left = window.until - Date.now();
+    const left = window.leftMs - elapsed();
     if (left <= 0) return { verdict: 'passed', figures };
+    if (checkpoint && performance.now() - lastCheckpoint >= HEALTH_CHECKPOINT_MS) {
+      lastCheckpoint = performance.now();
+      await checkpoint(left);
+    }
     await sleep(Math.min(config.poll_ms, left), signal);
   }
 }

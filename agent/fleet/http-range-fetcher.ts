@@ -2,7 +2,7 @@ import { request as httpRequest, type IncomingMessage } from 'node:http';
 import { request as httpsRequest } from 'node:https';
 import type { ChunkMap, DownloadRecord } from '../store/index.js';
 import { errorMessage } from '../errors.js';
-import { openForWrite, sleep } from './file-io.js';
+import { isDiskFull, openForWrite, sleep } from './file-io.js';
 import type { FleetLogger } from './fleet-logger.js';
 import { ManifestRejection } from './manifest.js';
 
@@ -59,7 +59,8 @@ export class HttpRangeFetcher {
         if (after >= size) return { resumedFrom, attempts, rangeRequests };
         this.logger.info({ sha256, bytes: after, size }, 'fleet: download ended early, resuming');
       } catch (err) {
-        if (err instanceof ManifestRejection || signal.aborted) throw err;
+        // A full disk does not clear by retrying; the downloader removes the partial file and fails the deployment.
+        if (err instanceof ManifestRejection || signal.aborted || isDiskFull(err)) throw err;
         if (err instanceof HttpStatusError && err.status >= 400 && err.status < 500 && err.status !== 408 && err.status !== 429) {
           clientErrors += 1;
           if (clientErrors >= this.options.maxClientErrors) throw err;
@@ -101,12 +102,12 @@ export class HttpRangeFetcher {
       }
       await fh.truncate(pos);
       let sinceCheckpoint = 0;
-      let lastCheckpoint = Date.now();
+      let lastCheckpoint = performance.now();
       const checkpoint = async (): Promise<void> => {
         await fh.datasync();
         await this.chunks.setBytesDone(sha256, pos);
         sinceCheckpoint = 0;
-        lastCheckpoint = Date.now();
+        lastCheckpoint = performance.now();
         onProgress(pos, size);
       };
       try {
@@ -117,7 +118,7 @@ export class HttpRangeFetcher {
           await fh.write(piece, 0, piece.length, pos);
           pos += piece.length;
           sinceCheckpoint += piece.length;
-          if (sinceCheckpoint >= CHECKPOINT_BYTES || Date.now() - lastCheckpoint >= CHECKPOINT_MS) await checkpoint();
+          if (sinceCheckpoint >= CHECKPOINT_BYTES || performance.now() - lastCheckpoint >= CHECKPOINT_MS) await checkpoint();
         }
       } finally {
         // Keep what arrived before a cut, an abort or an error: the next attempt resumes from here.

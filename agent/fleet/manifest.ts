@@ -59,7 +59,7 @@ export type FleetCommand = z.infer<typeof commandSchema>;
 
 export type RejectionProblem =
   | 'not json' | 'unsigned' | 'unknown key' | 'bad signature' | 'invalid manifest' | 'model name' | 'source'
-  | 'size' | 'chunk size' | 'config' | 'downgrade' | 'hash mismatch' | 'size mismatch' | 'version conflict';
+  | 'size' | 'chunk size' | 'config' | 'downgrade' | 'hash mismatch' | 'size mismatch' | 'version conflict' | 'disk space';
 
 export class ManifestRejection extends Error {
   constructor(readonly problem: RejectionProblem, message: string) {

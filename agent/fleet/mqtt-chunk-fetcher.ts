@@ -58,8 +58,10 @@ export class MqttChunkFetcher {
     const pending = new Set<number>();
     let next = 0;
     let duplicates = 0;
-    let lastActivity = Date.now();
+    let lastActivity = performance.now();
     let failure: unknown;
+    /** A write failed (disk full, I/O error): chunks after it in the queue were never written either. */
+    let writeFailed = false;
     let writeTail: Promise<void> = Promise.resolve();
     let committing: Promise<void> | undefined;
     let commitTimer: NodeJS.Timeout | undefined;
@@ -94,7 +96,7 @@ export class MqttChunkFetcher {
     };
 
     const reaskOutstanding = (): void => {
-      lastActivity = Date.now();
+      lastActivity = performance.now();
       request([...outstanding].sort((a, b) => a - b));
     };
 
@@ -150,7 +152,7 @@ export class MqttChunkFetcher {
         this.logger.warn({ topic, total }, 'fleet: chunk index beyond the artifact, ignored');
         return;
       }
-      lastActivity = Date.now();
+      lastActivity = performance.now();
       if (received.has(idx) || pending.has(idx)) {
         duplicates += 1;
         return;
@@ -166,6 +168,7 @@ export class MqttChunkFetcher {
         await fh.write(payload, 0, payload.length, idx * chunkSize);
       });
       writeTail.catch((err: unknown) => {
+        writeFailed = true;
         if (failure === undefined) {
           failure = err;
           fail(err);
@@ -182,7 +185,7 @@ export class MqttChunkFetcher {
       topUp();
     });
     const watchdog = setInterval(() => {
-      if (outstanding.size > 0 && Date.now() - lastActivity >= this.options.chunkTimeoutMs) {
+      if (outstanding.size > 0 && performance.now() - lastActivity >= this.options.chunkTimeoutMs) {
         this.logger.info({ sha256, missing: outstanding.size }, 'fleet: chunks timed out, asking again');
         reaskOutstanding();
       } else if (outstanding.size === 0) {
@@ -209,7 +212,7 @@ export class MqttChunkFetcher {
       await writeTail.catch(() => undefined);
       if (committing) await committing.catch(() => undefined);
       // What was written but not yet recorded is recorded now, so an abort (a superseded deployment, a stop) keeps it.
-      if (failure === undefined || !(failure instanceof ManifestRejection)) {
+      if (!writeFailed && (failure === undefined || !(failure instanceof ManifestRejection))) {
         const rest = [...pending];
         if (rest.length > 0) {
           try {

@@ -1,4 +1,4 @@
-import { closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, openSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
 import { InvalidInputError } from '../errors.js';
@@ -21,6 +21,47 @@ interface Health {
 
 function freshHealth(): Health {
   return { requests: 0, errors: 0, latencies: new Float64Array(HEALTH_WINDOW), next: 0, filled: 0 };
+}
+
+/**
+ * Beside each version's model file: the model's config.yaml as that version serves with it (the manifest's
+ * `config` for a fleet-installed version; the file as it was when a version stopped serving).
+ */
+export const VERSION_CONFIG_FILE = 'fleet-config.yaml';
+
+/**
+ * In a model's folder while an activation has replaced config.yaml: which version it is for and the text it
+ * replaced (null: there was none). A restart finding it with another version serving puts that text back.
+ */
+const ACTIVATING_FILE = '.activating.json';
+
+interface ActivatingRecord {
+  readonly version: number;
+  readonly previous: string | null;
+}
+
+function readText(path: string): string | null {
+  try {
+    return readFileSync(path, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
+    throw err;
+  }
+}
+
+/** Replaces (or, for null, removes) a file atomically and durably. */
+function writeDurably(path: string, text: string | null): void {
+  const dir = join(path, '..');
+  if (text === null) {
+    if (!existsSync(path)) return;
+    unlinkSync(path);
+  } else {
+    const tmp = `${path}.tmp-${process.pid}`;
+    writeFileSync(tmp, text);
+    fsyncPath(tmp);
+    renameSync(tmp, path);
+  }
+  fsyncPath(dir);
 }
 
 function fsyncPath(path: string): void {
@@ -77,11 +118,17 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
     },
   };
 
+  /**
+   * Construct before the runtime loads the repository: an activation that a kill interrupted after it put its
+   * version's config.yaml in place gets the serving version's config back here, so the restart loads with it.
+   */
   constructor(
     private readonly repository: ModelRepository,
     private readonly runtime: InferenceRuntime,
     private readonly active: ActiveVersions,
-  ) {}
+  ) {
+    this.finishInterruptedActivations();
+  }
 
   listModels(): readonly string[] {
     return this.repository.scan().map((e) => e.name);
@@ -118,6 +165,13 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
       unlinkSync(artifactPath);
     }
     fsyncPath(file);
+    // The config travels inside the version's folder, so it appears (and is deleted) with the version and never
+    // touches the config.yaml the serving version reads; activation puts it in place.
+    if (config) {
+      const cfgFile = join(tmp, VERSION_CONFIG_FILE);
+      writeFileSync(cfgFile, stringify(config));
+      fsyncPath(cfgFile);
+    }
     fsyncPath(tmp);
     // Until now the repository served the highest version unless a fleet activation was recorded. Record the
     // serving one before the new version appears, or a restart before its activation finishes (kill -9 while
@@ -126,17 +180,45 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
     if (serving !== undefined && this.active.get(model) !== serving) this.active.set(model, serving);
     renameSync(tmp, final);
     fsyncPath(dir);
-    if (config) {
-      const cfgFile = join(dir, MODEL_CONFIG_FILE);
-      const cfgTmp = `${cfgFile}.tmp`;
-      writeFileSync(cfgTmp, stringify(config));
-      fsyncPath(cfgTmp);
-      renameSync(cfgTmp, cfgFile);
-      fsyncPath(dir);
-    }
   }
 
+  /**
+   * The runtime reads `<model>/config.yaml` as it loads a version, and that file is shared by every version: so
+   * the config of the version being activated is put there only for its activation, and whatever happens the file
+   * ends up holding the config of the version that serves. Before the switch the serving version's config is
+   * kept beside it (VERSION_CONFIG_FILE, including an operator's edits), so a later rollback or activation of it
+   * brings its own config back; a failed activation restores the file at once, and a kill during one is undone
+   * at the next start (finishInterruptedActivations).
+   */
   async activate(model: string, version: number, validation?: ValidationSpec, onPhase?: (phase: ActivationPhase) => void): Promise<void> {
+    const dir = join(this.repository.root, model);
+    const cfgFile = join(dir, MODEL_CONFIG_FILE);
+    const serving = this.modelVersions(model).active;
+    const current = readText(cfgFile);
+    let wanted = current;
+    if (serving !== version) {
+      if (serving !== undefined && existsSync(join(dir, String(serving)))) writeDurably(join(dir, String(serving), VERSION_CONFIG_FILE), current ?? '');
+      // A version without a config of its own (installed without one, or on disk before the fleet) keeps the file.
+      wanted = readText(join(dir, String(version), VERSION_CONFIG_FILE)) ?? current;
+    }
+    const swapped = wanted !== current && !(wanted === '' && current === null);
+    if (swapped) {
+      writeDurably(join(dir, ACTIVATING_FILE), JSON.stringify({ version, previous: current } satisfies ActivatingRecord));
+      writeDurably(cfgFile, wanted);
+    }
+    try {
+      await this.switchTo(model, version, validation, onPhase);
+    } catch (err) {
+      if (swapped) {
+        writeDurably(cfgFile, current);
+        writeDurably(join(dir, ACTIVATING_FILE), null);
+      }
+      throw err;
+    }
+    if (swapped) writeDurably(join(dir, ACTIVATING_FILE), null);
+  }
+
+  private async switchTo(model: string, version: number, validation?: ValidationSpec, onPhase?: (phase: ActivationPhase) => void): Promise<void> {
     this.health.set(`${model}@${version}`, freshHealth());
     await this.runtime.activate(model, version, {
       onPhase: (p) => {
@@ -165,6 +247,36 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
       for (let i = 0; i < got.data.length; i++) {
         const diff = Math.abs(Number(got.data[i]) - Number(expected.data[i]));
         if (!(diff <= tolerance)) throw new Error(`validation: output '${name}'[${i}] = ${Number(got.data[i])}, expected ${Number(expected.data[i])} (tolerance ${tolerance})`);
+      }
+    }
+  }
+
+  /** A kill between an activation's config swap and its recorded switch leaves the swapped config: undo it. */
+  private finishInterruptedActivations(): void {
+    let models: string[];
+    try {
+      models = this.repository.scan().map((e) => e.name);
+    } catch {
+      return; // An unusable repository is reported by the runtime as it starts.
+    }
+    for (const model of models) {
+      const dir = join(this.repository.root, model);
+      const marker = join(dir, ACTIVATING_FILE);
+      const text = readText(marker);
+      if (text === null) continue;
+      let rec: ActivatingRecord | undefined;
+      try {
+        const parsed = JSON.parse(text) as Partial<ActivatingRecord>;
+        if (Number.isSafeInteger(parsed.version) && (typeof parsed.previous === 'string' || parsed.previous === null)) rec = parsed as ActivatingRecord;
+      } catch {
+        rec = undefined;
+      }
+      const serving = this.active.get(model) ?? this.repository.read(model)?.servedVersion;
+      try {
+        if (rec && serving !== rec.version) writeDurably(join(dir, MODEL_CONFIG_FILE), rec.previous);
+        writeDurably(marker, null);
+      } catch {
+        // Never keeps the agent from starting: the model then fails to load with the reason, the others serve.
       }
     }
   }

@@ -189,7 +189,18 @@ export class DeploymentJournal {
     return row ? (JSON.parse(row.result) as Record<string, unknown>) : undefined;
   }
 
-  async recordCommand(commandId: string, command: string, result: Record<string, unknown>): Promise<void> {
-    await this.db.run('INSERT OR REPLACE INTO fleet_commands (command_id, command, result, ts) VALUES (?, ?, ?, ?)', [commandId, command, JSON.stringify(result), Date.now()]);
+  /**
+   * Stores a command's result unless the command_id already has one: the first result stays, and is what this
+   * resolves to (so a caller that raced another run of the same id answers with the result that was kept).
+   */
+  async recordCommand(commandId: string, command: string, result: Record<string, unknown>): Promise<Record<string, unknown>> {
+    const { changes } = await this.db.run(
+      'INSERT INTO fleet_commands (command_id, command, result, ts) VALUES (?, ?, ?, ?) ON CONFLICT (command_id) DO NOTHING',
+      [commandId, command, JSON.stringify(result), Date.now()],
+    );
+    if (changes === 1) return result;
+    const stored = await this.commandResult(commandId);
+    if (!stored) throw new Error(`command ${commandId} has neither a new nor a stored result`);
+    return stored;
   }
 }

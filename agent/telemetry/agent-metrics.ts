@@ -68,15 +68,16 @@ export interface ModelIntervalReport {
 export interface ProcessUsage {
   readonly rss_bytes: number;
   readonly heap_used_bytes: number;
-  /** CPU time over wall time in the interval, in % of one core (can exceed 100 with threads). */
+  /** CPU time over the elapsed (monotonic) time of the interval, in % of one core (can exceed 100 with threads). */
   readonly cpu_percent: number;
   readonly cpu_cores: number;
 }
 
 export interface MetricsInterval {
-  /** ms since epoch. */
+  /** ms since epoch (wall clock: the two can differ by more than `seconds` when the clock was set meanwhile). */
   readonly started_at: number;
   readonly ended_at: number;
+  /** Length of the interval on the monotonic clock: rates and CPU % divide by it. */
   readonly seconds: number;
   readonly models: readonly ModelIntervalReport[];
   readonly streams: { readonly active: number; readonly opened: number };
@@ -86,8 +87,13 @@ export interface MetricsInterval {
 export interface AgentMetricsOptions {
   readonly latencyBucketsUs?: readonly number[];
   readonly batchBuckets?: readonly number[];
-  /** Wall clock, ms since epoch (tests move it). */
+  /** Wall clock, ms since epoch: the intervals' `started_at`/`ended_at` only (tests move it). */
   readonly now?: () => number;
+  /**
+   * Monotonic clock in ms (default `performance.now`): interval lengths, throughput and CPU %, which a wall
+   * clock set by NTP or by hand would stretch or shrink to nothing. When only `now` is given, it drives both.
+   */
+  readonly monotonicNow?: () => number;
 }
 
 /**
@@ -104,9 +110,12 @@ export class AgentMetrics implements RuntimeObserver {
   readonly latencyBucketsUs: readonly number[];
   readonly batchSizeBuckets: readonly number[];
   private readonly now: () => number;
+  private readonly monotonicNow: () => number;
   private active = 0;
   private opened = 0;
+  /** Wall clock at the start of the interval (reported), and monotonic clock (measures it). */
   private intervalStart: number;
+  private intervalStartMono: number;
   private cpuMark = process.cpuUsage();
   private cpuMarkAt: number;
   private last: MetricsInterval | undefined;
@@ -115,8 +124,10 @@ export class AgentMetrics implements RuntimeObserver {
     this.latencyBucketsUs = options.latencyBucketsUs ?? DEFAULT_LATENCY_BUCKETS_US;
     this.batchSizeBuckets = options.batchBuckets ?? DEFAULT_BATCH_BUCKETS;
     this.now = options.now ?? Date.now;
+    this.monotonicNow = options.monotonicNow ?? options.now ?? (() => performance.now());
     this.intervalStart = this.now();
-    this.cpuMarkAt = this.intervalStart;
+    this.intervalStartMono = this.monotonicNow();
+    this.cpuMarkAt = this.intervalStartMono;
   }
 
   onRequest(outcome: RequestOutcome): void {
@@ -200,7 +211,8 @@ export class AgentMetrics implements RuntimeObserver {
    */
   closeInterval(): MetricsInterval {
     const endedAt = this.now();
-    const seconds = Math.max((endedAt - this.intervalStart) / 1000, 1e-3);
+    const endedAtMono = this.monotonicNow();
+    const seconds = Math.max((endedAtMono - this.intervalStartMono) / 1000, 1e-3);
     const models: ModelIntervalReport[] = [];
     for (const [name, versions] of this.byModel) {
       for (const [version, m] of versions) {
@@ -238,13 +250,14 @@ export class AgentMetrics implements RuntimeObserver {
       process: this.sampleProcess(),
     };
     this.intervalStart = endedAt;
+    this.intervalStartMono = endedAtMono;
     this.last = interval;
     return interval;
   }
 
   /** RSS, heap, and CPU since the previous interval. */
   private sampleProcess(): ProcessUsage {
-    const at = this.now();
+    const at = this.monotonicNow();
     const cpu = process.cpuUsage(this.cpuMark);
     const wallMs = Math.max(at - this.cpuMarkAt, 1);
     this.cpuMark = process.cpuUsage();

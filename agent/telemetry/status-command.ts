@@ -93,6 +93,8 @@ export function formatStatus(r: StatusReport): string {
     const pending = r.fleet.pending_deployment ? `, deployment ${r.fleet.pending_deployment} in progress` : '';
     const broker = r.fleet.broker ? ` ${r.fleet.connected ? 'to' : 'from'} ${r.fleet.broker}` : '';
     lines.push(`fleet:   ${r.fleet.connected ? 'connected' : 'DISCONNECTED'}${broker}${pending}`);
+    const rejected = r.fleet.commands_rejected;
+    if (rejected && rejected.total > 0) lines.push(`         ${rejected.total} command payloads rejected, last: ${rejected.last_reason ?? '?'}`);
   }
   if (r.outbox) {
     const o = r.outbox;

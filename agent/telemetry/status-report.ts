@@ -21,6 +21,8 @@ export interface FleetStatus {
   readonly last_connected_at?: string | null;
   /** Deployment being worked on, if any. */
   readonly pending_deployment?: string | null;
+  /** Command payloads that did not verify since start (a fleet signing with the wrong key shows here). */
+  readonly commands_rejected?: { readonly total: number; readonly last_reason: string | null; readonly last_command_id: string | null };
 }
 
 /** What only the composition root knows; `statusSource` returns it on each /v1/status request. */

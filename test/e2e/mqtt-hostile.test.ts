@@ -88,6 +88,8 @@ t.test('hostile payloads on every subscribed topic: the agent stays up, serves o
       reconnect: { min_ms: 200, max_ms: 1000 },
       artifacts: { chunk_timeout_ms: 1000, window: 8, max_chunk_bytes: MAX_CHUNK },
       health: { duration_s: 0 },
+      // Every rejection below is answered, so each case's reason can be checked (the default answers 5, then 1/10 s).
+      rejected_commands: { reply_burst: 1000 },
     },
   });
   await h.manager.waitFor((m) => m.topic === `edge/devices/${DEVICE}/status` && m.json?.state === 'online', 20_000, 'presence online');
@@ -192,6 +194,9 @@ t.test('hostile payloads on every subscribed topic: the agent stays up, serves o
     t.pass(`all ${burst.length} burst commands answered`);
     const ignored = ['c-empty', 'x'.repeat(200), 'c oversize', 'c-oversize'];
     t.same(h.manager.seen.filter((m) => ignored.some((id) => m.topic === `edge/devices/${DEVICE}/commands/${id}/result`)).map((m) => m.topic), [], 'ignored commands got no result');
+    const status = await (await fetch(`${await agent.httpUrl()}/v1/status`)).json() as { fleet: { commands_rejected?: { total: number; last_reason: string } } };
+    t.ok((status.fleet.commands_rejected?.total ?? 0) >= cases.length - 1 + burst.length, `/v1/status counts the rejected payloads (${status.fleet.commands_rejected?.total})`);
+    t.match(status.fleet.commands_rejected?.last_reason, /not JSON/, 'and names the last reason');
     t.ok(agent.alive, 'the agent is running');
   });
 

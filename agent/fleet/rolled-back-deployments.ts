@@ -1,0 +1,66 @@
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
+import { dirname } from 'node:path';
+
+/** Entries kept: enough for every retained manifest a device could still be sent; the oldest go first. */
+const MAX_ENTRIES = 512;
+
+export interface RolledBackDeployment {
+  readonly model: string;
+  readonly version: number;
+  /** Wall-clock ms when it was recorded (for a person reading the file; never compared). */
+  readonly at: number;
+}
+
+/**
+ * Deployments that ended rolled back, in a small JSON file beside `active-versions.json`, outside the state
+ * database: when a corrupt database is set aside and recreated, a retained manifest of a rolled-back deployment
+ * that arrives again is recognised here and not activated a second time. Replaced atomically (temp file, fsync,
+ * rename, fsync of the folder), like `active-versions.json`.
+ */
+export class RolledBackDeployments {
+  private entries: Record<string, RolledBackDeployment> = {};
+
+  constructor(readonly file: string) {
+    if (!existsSync(file)) return;
+    try {
+      const parsed = JSON.parse(readFileSync(file, 'utf8')) as unknown;
+      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) {
+        for (const [id, v] of Object.entries(parsed as Record<string, unknown>)) {
+          const e = v as Partial<RolledBackDeployment> | null;
+          if (e && typeof e.model === 'string' && Number.isSafeInteger(e.version)) this.entries[id] = { model: e.model, version: e.version as number, at: typeof e.at === 'number' ? e.at : 0 };
+        }
+      }
+    } catch {
+      // Unreadable: the database still knows (this file only matters once the database was lost as well).
+    }
+  }
+
+  get(deploymentId: string): RolledBackDeployment | undefined {
+    return Object.hasOwn(this.entries, deploymentId) ? this.entries[deploymentId] : undefined;
+  }
+
+  add(deploymentId: string, model: string, version: number): void {
+    if (this.get(deploymentId)) return;
+    const ids = Object.keys(this.entries);
+    const next: Record<string, RolledBackDeployment> = {};
+    for (const id of ids.slice(Math.max(0, ids.length - (MAX_ENTRIES - 1)))) next[id] = this.entries[id] as RolledBackDeployment;
+    next[deploymentId] = { model, version, at: Date.now() };
+    mkdirSync(dirname(this.file), { recursive: true });
+    const tmp = `${this.file}.tmp-${process.pid}`;
+    const fd = openSync(tmp, 'w');
+    try {
+      writeSync(fd, JSON.stringify(next, null, 2));
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+    renameSync(tmp, this.file);
+    const dfd = openSync(dirname(this.file), 'r');
+    try {
+      fsyncSync(dfd);
+    } finally {
+      closeSync(dfd);
+    }
+    this.entries = next;
+  }
+}
