@@ -1,5 +1,5 @@
 import t from 'tap';
-import { writeFileSync } from 'node:fs';
+import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { DeadlineExceededError, FrameDroppedError, InvalidInputError, ModelNotFoundError, FailedPreconditionError } from '../agent/errors.js';
@@ -257,4 +257,16 @@ t.test('bad requests are refused with messages naming the problem', async (t) =>
   await t.rejects(rt.submit('tiny', undefined, { inputs: { x }, outputs: ['nope'] }), { message: /unknown output 'nope'/ });
   const ok = await rt.submit('tiny', undefined, { inputs: { x } });
   t.same(ok.outputs.y?.shape, [1, 16], 'the next good request is served');
+});
+
+t.test('a reload that fails leaves the serving version described by the config it was loaded with', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny']);
+  const rt = await startRuntime(t, repo);
+  const file = join(repo, 'tiny', 'config.yaml');
+  const good = readFileSync(file, 'utf8');
+  writeFileSync(file, `${good}state:\n  - input: h_in\n    output: h_out\n`); // not inputs of tiny: the load fails
+  await t.rejects(rt.loadModel('tiny'), /state\.input 'h_in' is not an input/);
+  t.equal(rt.modelInfo('tiny').state, 'READY', 'the old version serves on');
+  writeFileSync(file, good);
+  t.same(rt.reloadModelConfigs().needsReload, [], 'a config reload finds the file as the serving version has it');
 });

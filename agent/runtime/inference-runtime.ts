@@ -165,19 +165,29 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     }
     const s = slot;
     return this.serialize(s, async () => {
+      const serving = s.entry;
       s.entry = this.options.repository.read(model) ?? entry;
-      const version = s.entry.servedVersion;
-      const ve = s.entry.versions.find((v) => v.version === version);
-      if (!ve) {
-        const reason = s.entry.configError ?? (s.entry.config?.version !== undefined ? `pinned version ${s.entry.config.version} is not on disk` : 'no version folder with a model.onnx');
-        if (!s.active) { s.state = 'UNAVAILABLE'; s.reason = reason; }
-        const err = new ModelLoadError(model, s.entry.dir, reason);
-        this.options.log.error({ model, path: s.entry.dir, err: err.message }, 'model failed to load');
-        this.options.observer?.onModelEvent?.({ type: 'model-failed', model, reason });
+      await this.loadServedVersion(s).catch((err: unknown) => {
+        // The version that still serves keeps the entry it was loaded with (a config reload compares against it).
+        if (s.active) s.entry = serving;
         throw err;
-      }
-      await this.activateLoaded(s, ve.version);
+      });
     });
+  }
+
+  private async loadServedVersion(s: ModelSlot): Promise<void> {
+    const model = s.entry.name;
+    const version = s.entry.servedVersion;
+    const ve = s.entry.versions.find((v) => v.version === version);
+    if (!ve) {
+      const reason = s.entry.configError ?? (s.entry.config?.version !== undefined ? `pinned version ${s.entry.config.version} is not on disk` : 'no version folder with a model.onnx');
+      if (!s.active) { s.state = 'UNAVAILABLE'; s.reason = reason; }
+      const err = new ModelLoadError(model, s.entry.dir, reason);
+      this.options.log.error({ model, path: s.entry.dir, err: err.message }, 'model failed to load');
+      this.options.observer?.onModelEvent?.({ type: 'model-failed', model, reason });
+      throw err;
+    }
+    await this.activateLoaded(s, ve.version);
   }
 
   /**
@@ -194,8 +204,13 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     }
     const s = slot;
     return this.serialize(s, async () => {
+      const serving = s.entry;
       s.entry = this.options.repository.read(model) ?? s.entry;
-      await this.activateLoaded(s, version, options);
+      await this.activateLoaded(s, version, options).catch((err: unknown) => {
+        // The version that still serves keeps the entry it was loaded with (a config reload compares against it).
+        if (s.active) s.entry = serving;
+        throw err;
+      });
     });
   }
 
