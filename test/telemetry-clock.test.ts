@@ -88,6 +88,7 @@ t.test('the telemetry record the fleet receives carries the monotonic length', a
   t.teardown(() => outbox.close());
   const reporter = new TelemetryReporter({
     metrics, outbox, deviceId: 'dev-clock', agentVersion: 't', topic: telemetryTopic('edge', 'dev-clock'), intervalMs: 10_000, now: () => wall,
+    monotonicNow: () => mono,
   });
   traffic(metrics, 1200);
   wall += 10_000 - HOUR;
@@ -97,5 +98,6 @@ t.test('the telemetry record the fleet receives carries the monotonic length', a
   t.equal(record!.interval.seconds, 10);
   t.equal(record!.interval.started_at, new Date(Date.UTC(2026, 10, 30, 12)).toISOString());
   t.equal(record!.models[0]!.throughput_rps, 120);
+  t.equal(record!.agent.uptime_s, 10, 'uptime counts elapsed time, not the stepped wall clock');
   t.ok(record!.agent.cpu_percent <= CPU_CEILING, `cpu_percent ${record!.agent.cpu_percent}`);
 });

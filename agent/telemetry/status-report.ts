@@ -62,7 +62,7 @@ export interface StatusReportSources {
   readonly outbox?: Outbox;
   readonly publisher?: PublisherStats;
   readonly devices?: DeviceMonitor;
-  /** ms since epoch. */
+  /** When the agent started, on the monotonic clock (`performance.now()`, ms). */
   readonly startedAt: number;
   readonly now?: number;
 }
@@ -77,7 +77,7 @@ export function buildStatusReport(s: StatusReportSources): StatusReport {
       version: s.snapshot.agentVersion,
       device_id: s.snapshot.deviceId,
       pid: process.pid,
-      uptime_s: Math.max(0, (now - s.startedAt) / 1000),
+      uptime_s: Math.max(0, (performance.now() - s.startedAt) / 1000),
       rss_bytes: process.memoryUsage.rss(),
       cpu_percent: last ? last.process.cpu_percent : null,
       active_streams: s.metrics.activeStreams,

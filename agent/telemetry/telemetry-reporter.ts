@@ -69,8 +69,10 @@ export interface TelemetryReporterOptions {
   readonly logger?: Logger;
   /** Wall clock, ms since epoch. */
   readonly now?: () => number;
-  /** When the agent started (uptime), ms since epoch. */
+  /** When the agent started (uptime), on the monotonic clock (`performance.now()`, ms). */
   readonly startedAt?: number;
+  /** Monotonic clock for uptime (default `performance.now`). */
+  readonly monotonicNow?: () => number;
 }
 
 /**
@@ -84,12 +86,14 @@ export class TelemetryReporter {
   private inTick: Promise<unknown> = Promise.resolve();
   private readonly now: () => number;
   private readonly startedAt: number;
+  private readonly monotonicNow: () => number;
 
   constructor(private readonly options: TelemetryReporterOptions) {
     if (!(options.intervalMs > 0)) throw new RangeError(`telemetry interval must be positive, got ${options.intervalMs} ms`);
     this.intervalMs = options.intervalMs;
     this.now = options.now ?? Date.now;
-    this.startedAt = options.startedAt ?? this.now();
+    this.monotonicNow = options.monotonicNow ?? (() => performance.now());
+    this.startedAt = options.startedAt ?? this.monotonicNow();
   }
 
   start(): void {
@@ -169,7 +173,7 @@ export class TelemetryReporter {
       interval: { started_at: new Date(interval.started_at).toISOString(), seconds: interval.seconds },
       agent: {
         pid: process.pid,
-        uptime_s: Math.max(0, (now - this.startedAt) / 1000),
+        uptime_s: Math.max(0, (this.monotonicNow() - this.startedAt) / 1000),
         rss_bytes: interval.process.rss_bytes,
         heap_used_bytes: interval.process.heap_used_bytes,
         cpu_percent: interval.process.cpu_percent,

@@ -36,7 +36,7 @@ export interface TelemetryServiceOptions {
   /** Tests: a device monitor that plays recorded tool output. */
   readonly devices?: DeviceMonitor;
   readonly spawn?: SpawnFn;
-  /** When the agent started, ms since epoch (uptime). */
+  /** When the agent started, on the monotonic clock (`performance.now()`, ms): uptime survives clock steps. */
   readonly startedAt?: number;
 }
 
@@ -55,7 +55,7 @@ export class TelemetryService {
 
   constructor(private readonly options: TelemetryServiceOptions) {
     const { config } = options;
-    this.startedAt = options.startedAt ?? Date.now();
+    this.startedAt = options.startedAt ?? performance.now();
     this.devices = options.devices ?? new DeviceMonitor({
       nvidiaSmi: config.device.nvidia_smi,
       tegrastats: config.device.tegrastats,
