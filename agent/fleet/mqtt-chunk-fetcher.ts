@@ -71,6 +71,9 @@ export class MqttChunkFetcher {
       finish = resolve;
       fail = reject;
     });
+    // It may fail (a stop's abort) while the subscription is still being set up, before it is awaited: that must
+    // not count as an unhandled rejection, which ends the process.
+    done.catch(() => undefined);
 
     const request = (indices: number[]): void => {
       if (indices.length === 0 || !this.link.connected) return;
