@@ -1,5 +1,5 @@
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { existsSync, readFileSync } from 'node:fs';
+import { writeFileDurably } from '../store/index.js';
 
 /** Entries kept: enough for every retained manifest a device could still be sent; the oldest go first. */
 const MAX_ENTRIES = 512;
@@ -45,22 +45,7 @@ export class RolledBackDeployments {
     const next: Record<string, RolledBackDeployment> = {};
     for (const id of ids.slice(Math.max(0, ids.length - (MAX_ENTRIES - 1)))) next[id] = this.entries[id] as RolledBackDeployment;
     next[deploymentId] = { model, version, at: Date.now() };
-    mkdirSync(dirname(this.file), { recursive: true });
-    const tmp = `${this.file}.tmp-${process.pid}`;
-    const fd = openSync(tmp, 'w');
-    try {
-      writeSync(fd, JSON.stringify(next, null, 2));
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(tmp, this.file);
-    const dfd = openSync(dirname(this.file), 'r');
-    try {
-      fsyncSync(dfd);
-    } finally {
-      closeSync(dfd);
-    }
+    writeFileDurably(this.file, JSON.stringify(next, null, 2));
     this.entries = next;
   }
 }

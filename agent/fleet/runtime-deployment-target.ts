@@ -1,4 +1,4 @@
-import { closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
 import { InvalidInputError } from '../errors.js';
@@ -6,6 +6,7 @@ import { MODEL_CONFIG_FILE, MODEL_FILE, type ActiveVersions, type ModelRepositor
 import {
   allocate, elementCount, isDType, viewBytes, type InferenceRequest, type InferenceResult, type InferenceRuntime, type LoadedModel, type RuntimeObserver, type Tensor, type TensorData,
 } from '../runtime/index.js';
+import { fsyncPath, writeFileDurably } from '../store/index.js';
 import type { ActivationPhase, DeploymentTarget, JsonTensor, ModelVersions, ValidationSpec, VersionHealth } from './deployment-target.js';
 
 /** Recent latencies kept per version for the health window's p99 (a window, not the whole history). */
@@ -46,30 +47,6 @@ function readText(path: string): string | null {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
     throw err;
-  }
-}
-
-/** Replaces (or, for null, removes) a file atomically and durably. */
-function writeDurably(path: string, text: string | null): void {
-  const dir = join(path, '..');
-  if (text === null) {
-    if (!existsSync(path)) return;
-    unlinkSync(path);
-  } else {
-    const tmp = `${path}.tmp-${process.pid}`;
-    writeFileSync(tmp, text);
-    fsyncPath(tmp);
-    renameSync(tmp, path);
-  }
-  fsyncPath(dir);
-}
-
-function fsyncPath(path: string): void {
-  const fd = openSync(path, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
   }
 }
 
@@ -197,25 +174,25 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
     const current = readText(cfgFile);
     let wanted = current;
     if (serving !== version) {
-      if (serving !== undefined && existsSync(join(dir, String(serving)))) writeDurably(join(dir, String(serving), VERSION_CONFIG_FILE), current ?? '');
+      if (serving !== undefined && existsSync(join(dir, String(serving)))) writeFileDurably(join(dir, String(serving), VERSION_CONFIG_FILE), current ?? '');
       // A version without a config of its own (installed without one, or on disk before the fleet) keeps the file.
       wanted = readText(join(dir, String(version), VERSION_CONFIG_FILE)) ?? current;
     }
     const swapped = wanted !== current && !(wanted === '' && current === null);
     if (swapped) {
-      writeDurably(join(dir, ACTIVATING_FILE), JSON.stringify({ version, previous: current } satisfies ActivatingRecord));
-      writeDurably(cfgFile, wanted);
+      writeFileDurably(join(dir, ACTIVATING_FILE), JSON.stringify({ version, previous: current } satisfies ActivatingRecord));
+      writeFileDurably(cfgFile, wanted);
     }
     try {
       await this.switchTo(model, version, validation, onPhase);
     } catch (err) {
       if (swapped) {
-        writeDurably(cfgFile, current);
-        writeDurably(join(dir, ACTIVATING_FILE), null);
+        writeFileDurably(cfgFile, current);
+        writeFileDurably(join(dir, ACTIVATING_FILE), null);
       }
       throw err;
     }
-    if (swapped) writeDurably(join(dir, ACTIVATING_FILE), null);
+    if (swapped) writeFileDurably(join(dir, ACTIVATING_FILE), null);
   }
 
   private async switchTo(model: string, version: number, validation?: ValidationSpec, onPhase?: (phase: ActivationPhase) => void): Promise<void> {
@@ -273,8 +250,8 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
       }
       const serving = this.active.get(model) ?? this.repository.read(model)?.servedVersion;
       try {
-        if (rec && serving !== rec.version) writeDurably(join(dir, MODEL_CONFIG_FILE), rec.previous);
-        writeDurably(marker, null);
+        if (rec && serving !== rec.version) writeFileDurably(join(dir, MODEL_CONFIG_FILE), rec.previous);
+        writeFileDurably(marker, null);
       } catch {
         // Never keeps the agent from starting: the model then fails to load with the reason, the others serve.
       }

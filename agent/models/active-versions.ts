@@ -1,5 +1,5 @@
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, renameSync, writeSync } from 'node:fs';
-import { dirname } from 'node:path';
+import { existsSync, readFileSync } from 'node:fs';
+import { writeFileDurably } from '../store/index.js';
 
 /**
  * The version each model serves after a fleet activation, kept in one small JSON file under the data dir and
@@ -29,22 +29,7 @@ export class ActiveVersions {
     const next = { ...this.versions };
     if (version === undefined) delete next[model];
     else next[model] = version;
-    mkdirSync(dirname(this.file), { recursive: true });
-    const tmp = `${this.file}.tmp-${process.pid}`;
-    const fd = openSync(tmp, 'w');
-    try {
-      writeSync(fd, JSON.stringify(next, null, 2));
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-    renameSync(tmp, this.file);
-    const dfd = openSync(dirname(this.file), 'r');
-    try {
-      fsyncSync(dfd);
-    } finally {
-      closeSync(dfd);
-    }
+    writeFileDurably(this.file, JSON.stringify(next, null, 2));
     this.versions = next;
   }
 }
