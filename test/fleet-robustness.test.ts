@@ -1,6 +1,5 @@
 import t from 'tap';
-import { execFileSync } from 'node:child_process';
-import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmdirSync, rmSync, closeSync, writeFileSync, writeSync } from 'node:fs';
+import { cpSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, closeSync, writeFileSync, writeSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { runtimeSchema } from '../agent/config/schema.js';
 import { DirectStatusPublisher, FleetAgent, MqttLink, RuntimeDeploymentTarget, type VersionHealth } from '../agent/fleet/index.js';
@@ -13,6 +12,7 @@ import { FileDeploymentTarget } from './helpers/fleet-file-target.js';
 import { classifier, LIGHT, MEDIUM } from './helpers/fleet-runtime-device.js';
 import { deviceConfig, memoryLogger, modelBytes, scratchDir, startDevice, startFleetHarness, type FleetHarness, type SeenMessage } from './helpers/fleet.js';
 import { tempDir } from './helpers/runtime.js';
+import { CAN_MOUNT, fillDisk, smallDisk } from './helpers/small-disk.js';
 
 type Teardown = { teardown(fn: () => void | Promise<void>): void };
 
@@ -271,32 +271,6 @@ t.test('10: a steady stream of messages on a deployment topic does not starve a 
   t.ok(whileJunk, 'accepted while junk kept arriving faster than settle_ms');
 });
 
-/** A real, tiny filesystem (tmpfs) to fill up; needs root, as CI and the dev machines run. */
-function smallDisk(t: Teardown, size: string): string {
-  const dir = join(tempDir(t), 'disk');
-  mkdirSync(dir);
-  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir], { stdio: 'pipe' });
-  t.teardown(() => {
-    execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
-    rmdirSync(dir);
-  });
-  return dir;
-}
-
-/** Fills the filesystem until not even a page is left. */
-function fill(dir: string): string {
-  const filler = join(dir, 'filler');
-  for (const size of [64 * 1024, 4096]) {
-    const chunk = Buffer.alloc(size, 1);
-    try {
-      for (;;) writeFileSync(filler, chunk, { flag: 'a' });
-    } catch {
-      // ENOSPC at this chunk size.
-    }
-  }
-  return filler;
-}
-
 /** A device whose data dir (downloads) is `dataDir` while its database lives elsewhere, as on a split disk. */
 async function deviceOn(t: Teardown, h: FleetHarness, dataDir: string): Promise<FleetAgent> {
   const logger = memoryLogger();
@@ -317,9 +291,8 @@ async function deviceOn(t: Teardown, h: FleetHarness, dataDir: string): Promise<
   return agent;
 }
 
-const root = process.getuid?.() === 0;
 
-t.test('11: an artifact larger than the free space is rejected before downloading, naming the sizes', { skip: root ? false : 'mounting a tmpfs needs root', timeout: 60_000 }, async (t) => {
+t.test('11: an artifact larger than the free space is rejected before downloading, naming the sizes', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root', timeout: 60_000 }, async (t) => {
   const h = await startFleetHarness(t);
   const dataDir = smallDisk(t, '1m');
   await deviceOn(t, h, dataDir);
@@ -332,7 +305,7 @@ t.test('11: an artifact larger than the free space is rejected before downloadin
   t.same(readdirSync(join(dataDir, 'fleet', 'downloads')), [], 'nothing written');
 });
 
-t.test('11: a download that fills the disk removes its partial file', { skip: root ? false : 'mounting a tmpfs needs root', timeout: 60_000 }, async (t) => {
+t.test('11: a download that fills the disk removes its partial file', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root', timeout: 60_000 }, async (t) => {
   let release!: () => void;
   const gate = new Promise<void>((resolve) => { release = resolve; });
   const h = await startFleetHarness(t, { chunkServer: { beforeSend: async (_sha, index) => { if (index >= 4) await gate; } } });
@@ -342,7 +315,7 @@ t.test('11: a download that fills the disk removes its partial file', { skip: ro
   const m = h.manifest({ model: 'big', version: 1, artifact, chunkSize: 65536 });
   await h.publish('edge/devices/dev-1/deployments', m);
   while ((await agent.fleetStore.chunks.receivedCount(artifact.sha256)) < 4) await new Promise((r) => setTimeout(r, 20));
-  const filler = fill(dataDir); // something else fills the data disk while the download waits for chunks
+  const filler = fillDisk(dataDir); // something else fills the data disk while the download waits for chunks
   release();
   const fin = await finalStatus(h, m.deployment_id, ['active', 'failed', 'rejected']);
   rmSync(filler);

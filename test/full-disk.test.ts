@@ -1,45 +1,11 @@
 import t from 'tap';
-import { execFileSync } from 'node:child_process';
-import { mkdirSync, rmSync, writeFileSync, rmdirSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { Database, FleetStore, SqliteOutbox } from '../agent/store/index.js';
-import { tempDir } from './helpers/runtime.js';
+import { CAN_MOUNT, fillDisk, smallDisk } from './helpers/small-disk.js';
 
-/** A real, tiny filesystem (tmpfs of 1 MiB) to fill up; needs root, as CI and the dev machines run. */
-function smallDisk(t: { teardown(fn: () => void): void }): string | undefined {
-  const dir = join(tempDir(t), 'disk');
-  mkdirSync(dir);
-  try {
-    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir], { stdio: 'pipe' });
-  } catch {
-    return undefined;
-  }
-  t.teardown(() => {
-    execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
-    rmdirSync(dir);
-  });
-  return dir;
-}
-
-/** Fills the filesystem with a file, leaving `leave` bytes free (approximately: tmpfs counts pages). */
-function fill(dir: string): string {
-  const filler = join(dir, 'filler');
-  // Big chunks, then page-sized ones, until not even a page is left.
-  for (const size of [64 * 1024, 4096]) {
-    const chunk = Buffer.alloc(size, 1);
-    try {
-      for (;;) writeFileSync(filler, chunk, { flag: 'a' });
-    } catch {
-      // ENOSPC at this chunk size.
-    }
-  }
-  return filler;
-}
-
-const root = process.getuid?.() === 0;
-t.test('full data disk: the outbox and the deployment journal report it and keep what they had', { skip: root ? false : 'mounting a tmpfs needs root' }, async (t) => {
+t.test('full data disk: the outbox and the deployment journal report it and keep what they had', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root' }, async (t) => {
   const dir = smallDisk(t);
-  if (!dir) throw new Error('mount -t tmpfs failed although running as root');
   const db = await Database.open(join(dir, 'edge-agent.db'));
   t.teardown(() => db.close().catch(() => undefined));
   const outbox = await SqliteOutbox.open(db, {});
@@ -48,7 +14,7 @@ t.test('full data disk: the outbox and the deployment journal report it and keep
   await outbox.enqueue({ kind: 'deployment-status', topic: 'edge/devices/d/deployments/x/status', retain: true, payload: () => JSON.stringify({ state: 'accepted' }) });
   await fleet.journal.create({ deploymentId: 'dep-1', model: 'tiny', version: 2, manifest: '{}', sourceTopic: 'edge/devices/d/deployments', state: 'accepted' });
 
-  const filler = fill(dir);
+  const filler = fillDisk(dir);
   const big = 'x'.repeat(200_000);
   const results = await Promise.allSettled(Array.from({ length: 8 }, (_, i) =>
     outbox.enqueue({ kind: 'telemetry', topic: 'edge/devices/d/telemetry', retain: false, payload: () => JSON.stringify({ i, big }) })));

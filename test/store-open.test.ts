@@ -1,6 +1,6 @@
 import t from 'tap';
 import { execFileSync } from 'node:child_process';
-import { closeSync, existsSync, mkdirSync, openSync, readdirSync, rmdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, rmSync, statSync, writeFileSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import sqlite3 from 'sqlite3';
 import { agentConfigSchema } from '../agent/config/index.js';
@@ -9,6 +9,7 @@ import { silentLogger } from '../agent/logger.js';
 import { Agent } from '../agent/main.js';
 import { Database, FleetStore, SqliteOutbox } from '../agent/store/index.js';
 import { copyDemoRepo, tempDir } from './helpers/runtime.js';
+import { CAN_MOUNT, fillDisk, smallDisk } from './helpers/small-disk.js';
 
 /**
  * What the state database does at start when it cannot be opened normally: only a damaged file is set aside
@@ -203,39 +204,13 @@ t.test('a database path that cannot be opened fails naming it', async (t) => {
   t.same(setAside(dir), []);
 });
 
-/** A real, tiny filesystem (tmpfs of 1 MiB) to fill up or make read-only; needs root. */
-function smallDisk(t: { teardown(fn: () => void): void }): string {
-  const dir = join(tempDir(t), 'disk');
-  mkdirSync(dir);
-  execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=1m', 'tmpfs', dir], { stdio: 'pipe' });
-  t.teardown(() => {
-    execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
-    rmdirSync(dir);
-  });
-  return dir;
-}
 
-function fill(dir: string): string {
-  const filler = join(dir, 'filler');
-  for (const size of [64 * 1024, 4096, 512]) {
-    const chunk = Buffer.alloc(size, 1);
-    try {
-      for (;;) writeFileSync(filler, chunk, { flag: 'a' });
-    } catch {
-      // ENOSPC at this chunk size.
-    }
-  }
-  return filler;
-}
-
-const root = process.getuid?.() === 0;
-
-t.test('a full disk at start: the start fails naming the file; once space is freed nothing is lost', { skip: root ? false : 'mounting a tmpfs needs root' }, async (t) => {
+t.test('a full disk at start: the start fails naming the file; once space is freed nothing is lost', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root' }, async (t) => {
   const disk = smallDisk(t);
   const dir = join(disk, 'var');
   const file = join(dir, 'edge-agent.db');
   await healthyDatabase(file);
-  const filler = fill(disk);
+  const filler = fillDisk(disk);
 
   const recovered: Recovery[] = [];
   let err: unknown;
@@ -260,7 +235,7 @@ t.test('a full disk at start: the start fails naming the file; once space is fre
   t.same(await contents(file), { statuses: 3, journal: 'downloading', recovered: [] }, 'with space again, the next start has every status and the journal');
 });
 
-t.test('a read-only filesystem at start: the start fails naming the file, which is kept', { skip: root ? false : 'mounting a tmpfs needs root' }, async (t) => {
+t.test('a read-only filesystem at start: the start fails naming the file, which is kept', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root' }, async (t) => {
   const disk = smallDisk(t);
   const dir = join(disk, 'var');
   const file = join(dir, 'edge-agent.db');
