@@ -205,15 +205,9 @@ t.test('a database path that cannot be opened fails naming it', async (t) => {
 });
 
 
-t.test('a full disk at start: the start fails naming the file; once space is freed nothing is lost', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root' }, async (t) => {
-  const disk = smallDisk(t);
-  const dir = join(disk, 'var');
-  const file = join(dir, 'edge-agent.db');
-  await healthyDatabase(file);
-  const filler = fillDisk(disk);
-
+/** Opens the database and its outbox as the agent's start does; returns the failure and any set-aside reports. */
+async function openAsAtStart(file: string): Promise<{ err: unknown; recovered: Recovery[] }> {
   const recovered: Recovery[] = [];
-  let err: unknown;
   try {
     const db = await Database.open(file, { onRecovered: (i) => recovered.push(i) });
     try {
@@ -221,9 +215,20 @@ t.test('a full disk at start: the start fails naming the file; once space is fre
     } finally {
       await db.close().catch(() => undefined);
     }
-  } catch (e) {
-    err = e;
+  } catch (err) {
+    return { err, recovered };
   }
+  return { err: undefined, recovered };
+}
+
+t.test('a full disk at start: the start fails naming the file; once space is freed nothing is lost', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root' }, async (t) => {
+  const disk = smallDisk(t);
+  const dir = join(disk, 'var');
+  const file = join(dir, 'edge-agent.db');
+  await healthyDatabase(file);
+  const filler = fillDisk(disk);
+
+  const { err, recovered } = await openAsAtStart(file);
   t.comment(`full disk: ${String(err)}`);
   t.type(err, ConfigError, 'the start fails');
   t.match((err as Error).message, new RegExp(`^${file.replace(/[.]/g, '\\.')}: SQLITE_(FULL|IOERR)`), 'naming the file and the cause');
@@ -241,18 +246,7 @@ t.test('a read-only filesystem at start: the start fails naming the file, which 
   const file = join(dir, 'edge-agent.db');
   await healthyDatabase(file);
   execFileSync('mount', ['-o', 'remount,ro', disk], { stdio: 'pipe' });
-  const recovered: Recovery[] = [];
-  let err: unknown;
-  try {
-    const db = await Database.open(file, { onRecovered: (i) => recovered.push(i) });
-    try {
-      await SqliteOutbox.open(db);
-    } finally {
-      await db.close().catch(() => undefined);
-    }
-  } catch (e) {
-    err = e;
-  }
+  const { err, recovered } = await openAsAtStart(file);
   t.comment(`read-only: ${String(err)}`);
   t.type(err, ConfigError, 'the start fails');
   t.match((err as Error).message, new RegExp(`^${file.replace(/[.]/g, '\\.')}: SQLITE_(READONLY|CANTOPEN)`));
