@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { DeadlineExceededError, FailedPreconditionError, ResourceExhaustedError } from '../agent/errors.js';
 import { readModelConfig } from '../agent/models/index.js';
 import type { InferenceResult, Tensor } from '../agent/runtime/index.js';
-import { attr, DataType, encodeModel, floatTensor, makeModel, makeNode, valueInfo } from '../agent/compress/onnx-graph.js';
+import { attr, DataType, encodeModel, floatTensor, int64Tensor, makeModel, makeNode, valueInfo } from '../agent/compress/onnx-graph.js';
 import { RequestSources } from '../agent/server/request-sources.js';
 import { mulberry32 as seeded } from '../scripts/demo-models.js';
 import { copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
@@ -80,6 +80,38 @@ for (const execution of MODES) {
     t.same(y(e), y(wantEnd), 'the end step continued the old state');
     t.same(y(s), y(wantStart), 'the restart began from fresh state');
     t.ok(y(await submit(rt, 'S', xs[0] as Tensor, false, false)).length === 4, 'the restarted sequence goes on');
+  });
+}
+
+for (const execution of MODES) {
+  t.test(`${execution}: a sequence's frames run in the order sent, even when a later one could join a batch the earlier one cannot`, async (t) => {
+    // h_out = h_in + sum(x), x [N,T]: frames of different lengths T never share a batch.
+    const bytes = encodeModel(makeModel({ graph: {
+      name: 'acc',
+      nodes: [
+        makeNode('ReduceSum', ['x', 'ax'], ['s'], { keepdims: attr.int(1) }, 'sum'),
+        makeNode('Add', ['h_in', 's'], ['h_out'], {}, 'add'),
+        makeNode('Identity', ['h_out'], ['y'], {}, 'id'),
+      ],
+      initializers: [int64Tensor('ax', [1], [1])],
+      inputs: [valueInfo('x', DataType.FLOAT, ['N', 'T']), valueInfo('h_in', DataType.FLOAT, ['N', 1])],
+      outputs: [valueInfo('y', DataType.FLOAT, ['N', 1]), valueInfo('h_out', DataType.FLOAT, ['N', 1])],
+    } }));
+    const repo = join(tempDir(t, 'edge-repo-'), 'models');
+    mkdirSync(join(repo, 'acc', '1'), { recursive: true });
+    writeFileSync(join(repo, 'acc', '1', 'model.onnx'), bytes);
+    writeFileSync(join(repo, 'acc', 'config.yaml'), 'max_batch_size: 8\nstate:\n  - input: h_in\n    output: h_out\n');
+    const rt = await startRuntime(t, repo, { execution });
+    const sub = (id: string, vals: number[], start = false): Promise<number> =>
+      rt.submit('acc', undefined, { inputs: { x: { dtype: 'float32', shape: [1, vals.length], data: Float32Array.from(vals) } }, sequence: { id, start }, streamKey: {} })
+        .then((r) => (r.outputs.y?.data as Float32Array)[0] as number);
+    for (const id of ['S', 'U', 'B']) await sub(id, [1], true);
+    const busy = sub('B', [100]); // holds the instance while the rest queue
+    const u = sub('U', [1]);
+    const s1 = sub('S', [1, 1]); // cannot join U's batch (T = 2)
+    const s2 = sub('S', [1]); // could, but must wait for S's first frame
+    const [, , r1, r2] = await Promise.all([busy, u, s1, s2]);
+    t.same([r1, r2], [3, 4], 'S: 1, then +2, then +1');
   });
 }
 

@@ -254,6 +254,8 @@ export class ModelScheduler {
         if (seqId !== undefined) seqs.add(seqId);
       } else {
         remaining.push(p);
+        // A sequence's later frames must not overtake this one (a frame whose shape cannot join this batch).
+        if (seqId !== undefined) seqs.add(seqId);
       }
     }
     if (batch.length === 0) {
