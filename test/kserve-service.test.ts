@@ -491,3 +491,27 @@ t.test('RepositoryModelUnload lets in-flight requests finish; RepositoryModelLoa
   t.match(override.details, /'config' is not supported/);
   t.equal((await rejection(hh.call('RepositoryModelUnload', { model_name: '' }))).code, grpc.status.INVALID_ARGUMENT);
 });
+
+t.test('drain: every caller is answered once the open streams have ended with UNAVAILABLE', async (t) => {
+  const runtime = await startRuntime(t, copyDemoRepo(t, ['tiny']));
+  const server = new grpc.Server();
+  const svc = createKServeService(runtime, { name: 'edge-agent', version: '9.9.9' });
+  server.addService(svc.definition, svc.implementation);
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))));
+  const client = new ClientCtor(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+  t.teardown(() => { client.close(); server.forceShutdown(); });
+  const stream = (client as unknown as { ModelStreamInfer(): grpc.ClientDuplexStream<object, Msg> }).ModelStreamInfer();
+  const ended = new Promise<grpc.ServiceError>((resolve) => stream.on('error', resolve));
+  const answered = new Promise<void>((resolve) => stream.once('data', () => resolve()));
+  stream.write({ model_name: 'tiny', id: 'r0', inputs: [{ name: 'x', datatype: 'FP32', shape: [1, 1024] }], raw_input_contents: [Buffer.alloc(4096)] });
+  await answered;
+  const drains = [svc.drain(), svc.drain()];
+  t.equal((await ended).code, grpc.status.UNAVAILABLE, 'the stream ends with UNAVAILABLE');
+  await t.resolves(Promise.all(drains), 'both drain() calls resolve');
+  const late = await rejection(new Promise((resolve, reject) => (client as unknown as Record<string, (...a: unknown[]) => void>)['ModelInfer']!.call(client,
+    { model_name: 'tiny', inputs: [{ name: 'x', datatype: 'FP32', shape: [1, 1024] }], raw_input_contents: [Buffer.alloc(4096)] }, new grpc.Metadata(), {},
+    (err: grpc.ServiceError | null, res: Msg) => (err ? reject(err) : resolve(res)))));
+  t.equal(late.code, grpc.status.UNAVAILABLE, 'ModelInfer after the drain is refused');
+  t.match(late.details, /edge-agent is shutting down/);
+});

@@ -131,6 +131,22 @@ t.test('a unix socket path over the system limit is a ConfigError, and nothing i
   }
 });
 
+t.test('two agents starting at once on one socket path: one serves, the other fails naming the path', async (t) => {
+  const dir = tempDir(t);
+  const path = join(dir, 'agent.sock');
+  const make = (): GrpcListeners => new GrpcListeners({ listen: [`unix:${path}`], maxMessageBytes: 1 << 20, unixSocketMode: 0o660, insecure: false, configSource: '<test>' }, silentLogger());
+  const both = [make(), make()];
+  const started = await Promise.allSettled(both.map((l) => l.start()));
+  t.teardown(() => Promise.all(both.map((l) => l.stop(0).catch(() => undefined))));
+  t.same(started.map((r) => r.status).sort(), ['fulfilled', 'rejected'], 'exactly one of them has the path');
+  const failed = started.find((r): r is PromiseRejectedResult => r.status === 'rejected');
+  t.type(failed?.reason, ConfigError);
+  t.match(String(failed?.reason), /server\.listen: unix socket '.*agent\.sock' (is in use by a running process|was taken by another process)/);
+  await new Promise<void>((resolve, reject) => connect(path).once('connect', function (this: Socket) { this.destroy(); resolve(); }).once('error', reject));
+  t.pass('the socket at the path accepts connections');
+  t.same(readdirSync(dir), ['agent.sock'], 'no temporary name left');
+});
+
 t.test('statuses that echo a 100 000-character name are delivered, cut to about 1 KiB', async (t) => {
   const a = await startTestAgent(t, { models: ['tiny'] });
   const kserve = new KServeClient(a.tcp);

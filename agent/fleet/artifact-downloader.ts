@@ -150,7 +150,12 @@ export class ArtifactDownloader {
     const chunkSize = manifest.artifact.chunk_size ?? 0;
     try {
       const { record, restarted } = await this.chunks.begin({ sha256, size, chunkSize, source, tempPath });
-      if (restarted) this.logger.info({ sha256 }, 'fleet: earlier partial download had other parameters, starting over');
+      if (restarted) {
+        this.logger.info({ sha256 }, 'fleet: earlier partial download had other parameters, starting over');
+        // A new file, not the old one rewritten: after a crash between an install and its release the old file may
+        // still be a hard link of an installed model.onnx, which rewriting it in place would damage.
+        await unlink(tempPath).catch(() => undefined);
+      }
       if (source === 'mqtt') {
         const stats = await this.mqtt.fetch(record, signal, hooks.onProgress);
         this.lastStats.set(sha256, { kind: 'mqtt', ...stats });

@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { chmodSync, chownSync, lstatSync, mkdirSync, readFileSync, renameSync, rmSync, type Stats } from 'node:fs';
+import { chmodSync, chownSync, lstatSync, mkdirSync, readFileSync, linkSync, rmSync, type Stats } from 'node:fs';
 import type { Http2Server, ServerHttp2Session } from 'node:http2';
 import { connect, type Socket } from 'node:net';
 import { basename, dirname, join } from 'node:path';
@@ -159,10 +159,10 @@ export class GrpcListeners {
   }
 
   /**
-   * Binds under a temporary name next to the path, then renames the socket into place. libuv unlinks the path
+   * Binds under a temporary name next to the path, then links the socket into place. libuv unlinks the path
    * it bound when the server closes, whatever is there by then: bound directly, this server's stop would
-   * remove the socket of an agent started after this one's file was deleted by hand. The rename also replaces
-   * a stale socket in one step. Only where no temporary name fits in sun_path is the path bound directly.
+   * remove the socket of an agent started after this one's file was deleted by hand. Only where no temporary
+   * name fits in sun_path is the path bound directly.
    */
   private async listenUnix(address: string): Promise<void> {
     const path = address.slice(5);
@@ -185,10 +185,18 @@ export class GrpcListeners {
       chownSync(bindPath, uid, gid);
     }
     if (staging) {
+      // A link, not a rename: it fails if another agent put its socket there since the probe (two starting at
+      // once), where a rename would silently take the path from it.
+      if (stale) rmSync(path, { force: true });
       try {
-        renameSync(staging, path);
+        linkSync(staging, path);
       } catch (err) {
-        throw new ConfigError(this.o.configSource, 'server.listen', `cannot move the socket into place at '${path}': ${(err as Error).message}`);
+        const inUse = (err as NodeJS.ErrnoException).code === 'EEXIST';
+        throw new ConfigError(this.o.configSource, 'server.listen', inUse
+          ? `unix socket '${path}' was taken by another process while this agent started (another edge-agent?)`
+          : `cannot put the socket in place at '${path}': ${(err as Error).message}`);
+      } finally {
+        rmSync(staging, { force: true });
       }
     }
     const created = lstatSync(path);

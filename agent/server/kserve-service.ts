@@ -128,6 +128,8 @@ export function createKServeService(
   /** Open ModelStreamInfer calls, each with what ends it once its answered requests are written. */
   const streams = new Map<grpc.ServerDuplexStream<ModelInferRequestMessage, StreamResponse>, () => void>();
   let lastStreamEnded: (() => void) | undefined;
+  /** One drain for every caller. */
+  let drainedAll: Promise<void> | undefined;
 
   async function infer(msg: ModelInferRequestMessage, deadline: number | undefined, source: object | string): Promise<ModelInferResponseMessage> {
     const decoded = decodeInferRequest(msg, deadline);
@@ -300,11 +302,11 @@ export function createKServeService(
     definition,
     implementation,
     drain: () => {
+      if (drainedAll) return drainedAll;
       draining = true;
-      if (streams.size === 0) return Promise.resolve();
-      const done = new Promise<void>((resolve) => { lastStreamEnded = resolve; });
+      drainedAll = streams.size === 0 ? Promise.resolve() : new Promise<void>((resolve) => { lastStreamEnded = resolve; });
       for (const end of [...streams.values()]) end();
-      return done;
+      return drainedAll;
     },
   };
 }
