@@ -1,5 +1,5 @@
 import t from 'tap';
-import { cpSync, writeFileSync } from 'node:fs';
+import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
 import type { Worker } from 'node:worker_threads';
@@ -228,4 +228,20 @@ t.test('runtime: an instance whose worker cannot restart is passed over; with no
   await t.rejects(rt.submit('tiny', undefined, { inputs: { x: xs[0] as Tensor } }), { code: 'UNAVAILABLE', message: /none of its inference instances is serving/ },
     'with no instance serving, a frame is refused instead of waiting');
   await t.resolves(rt.close(), 'closing completes');
+});
+
+t.test('runtime: once every instance stopped restarting its worker, the model reports UNAVAILABLE with the reason; a reload brings it back', async (t) => {
+  const repo = copyDemoRepo(t, ['tiny']);
+  const rt = await startRuntime(t, repo, { execution: 'worker', worker_restart_delays_ms: [0, 10] });
+  const path = join(repo, 'tiny', '1', 'model.onnx');
+  const good = readFileSync(path);
+  writeFileSync(path, 'no longer an onnx model');
+  await workerOf(instancesOf(rt, 'tiny')[0] as SessionInstance).terminate();
+  while (rt.modelInfo('tiny').state === 'READY') await new Promise((r) => setTimeout(r, 5));
+  t.match(rt.modelInfo('tiny'), { state: 'UNAVAILABLE', reason: /stopped restarting it until the model is reloaded/ }, 'health, ModelReady and /v1/status see it down, with why');
+  writeFileSync(path, good);
+  await rt.loadModel('tiny');
+  t.equal(rt.modelInfo('tiny').state, 'READY', 'a reload serves again');
+  const res = await rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1024], seeded(18)) } });
+  t.same(res.outputs.y?.shape, [1, 16]);
 });

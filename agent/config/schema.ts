@@ -39,6 +39,11 @@ export const runtimeSchema = z.strictObject({
   /** `auto`: a model runs inline only if opening its session took at most this long. An inline session is
    * opened on the event loop, on every reload too: a large model would hold every stream that long. */
   inline_max_open_ms: z.number().int().min(0).default(100),
+  /**
+   * Waits before each restart of a model's worker thread that died, by failures in a row; after the last, that
+   * instance stops restarting until the model is reloaded (and a model with no instance left is UNAVAILABLE).
+   */
+  worker_restart_delays_ms: z.array(z.number().int().min(0).max(3_600_000)).max(20).default([0, 500, 2000, 8000, 30000]),
   graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).default('all'),
   /** Cache the optimised graph under the data dir (keyed by model hash, provider, onnxruntime version). */
   graph_cache: z.boolean().default(true),

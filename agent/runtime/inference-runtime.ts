@@ -114,12 +114,15 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   private info(slot: ModelSlot, s: ModelScheduler | undefined): ModelInfo {
     const m = s?.model;
     const cfg = slot.entry.config;
+    // A loaded version whose instances all stopped (their worker threads keep dying) serves nothing.
+    const failure = slot.state === 'READY' ? s?.failure : undefined;
+    const reason = failure ?? slot.reason;
     return {
       name: slot.entry.name,
       version: m?.version ?? slot.entry.servedVersion ?? 0,
       versions: slot.entry.versions.map((v) => v.version),
-      state: slot.state,
-      ...(slot.reason ? { reason: slot.reason } : {}),
+      state: failure ? 'UNAVAILABLE' : slot.state,
+      ...(reason ? { reason } : {}),
       inputs: m?.inputs ?? [],
       outputs: m?.outputs ?? [],
       state_tensors: m?.state ?? [],
@@ -225,6 +228,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       options.onPhase?.('loading');
       const outcome = await loadModelVersion(slot.entry, ve, {
         providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution, inlineMaxRunUs: cfg.inline_max_run_us, inlineMaxOpenMs: cfg.inline_max_open_ms,
+        workerRestartDelaysMs: cfg.worker_restart_delays_ms,
         ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {

@@ -24,6 +24,8 @@ export interface LoaderDefaults {
   readonly inlineMaxRunUs: number;
   /** `auto`: the longest session open that still keeps a model on the event loop. */
   readonly inlineMaxOpenMs: number;
+  /** Waits before each restart of a worker thread that died (runtime.worker_restart_delays_ms). */
+  readonly workerRestartDelaysMs?: readonly number[];
 }
 
 /** Picks the file variant to serve. `auto` prefers what the variant selector allows (see compress/). */
@@ -180,7 +182,9 @@ export async function loadModelVersion(
     ...(defaults.cacheDir ? { cacheDir: defaults.cacheDir, digest: await digestOf(path) } : {}),
   });
   // A worker instance logs its thread's death and restarts under the model's name.
-  const openInstance = (req: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> => createInstance(req, mode, { log: log.child({ model: entry.name }) });
+  const openInstance = (req: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> => createInstance(req, mode, {
+    log: log.child({ model: entry.name }), ...(defaults.workerRestartDelaysMs ? { respawnDelaysMs: defaults.workerRestartDelaysMs } : {}),
+  });
   try {
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.
     // `auto` loads and warms in worker threads first: a slow model (or a new version loading while the old one

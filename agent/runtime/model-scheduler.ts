@@ -121,6 +121,11 @@ export class ModelScheduler {
     this.outputSpecByName = new Map(model.outputs.map((o) => [o.name, o]));
   }
 
+  /** Set when no instance will run again (every worker gave up restarting): the model is then not serving. */
+  get failure(): string | undefined {
+    return this.instances.every((i) => i.session.stoppedReason !== undefined) ? this.instances[0]?.session.stoppedReason : undefined;
+  }
+
   get stateful(): boolean {
     return this.model.state.length > 0;
   }

@@ -40,6 +40,8 @@ export interface SessionInstance {
    * or gave up restarting. The scheduler then sends its frames to the other instances.
    */
   readonly available: boolean;
+  /** Why this instance will not run anything again until the model is reloaded (it gave up restarting its worker). */
+  readonly stoppedReason: string | undefined;
   /** A reusable buffer for one input of the next batch; valid until that batch's run resolves. */
   inputBuffer(name: string, dtype: DType, length: number): TensorData;
   run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>>;
@@ -52,6 +54,7 @@ class InlineInstance implements SessionInstance {
   readonly needsOwnBuffers = false;
   readonly synchronous = true;
   readonly available = true;
+  readonly stoppedReason = undefined;
   private readonly buffers = new Map<string, TensorData>();
 
   constructor(private readonly session: OrtSession, readonly info: InstanceInfo) {}
@@ -267,6 +270,10 @@ class WorkerInstance implements SessionInstance {
       clearTimeout(this.backoff.timer);
       this.backoff.wake();
     }
+  }
+
+  get stoppedReason(): string | undefined {
+    return this.stopped?.message;
   }
 
   get available(): boolean {
