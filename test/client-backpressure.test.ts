@@ -124,3 +124,17 @@ t.test('send() resolves and leaves no listeners behind when the transport drains
   stream.end();
   t.equal(await reader, seq, 'every frame answered OK');
 });
+
+t.test('a send after end() is refused on its own: the frames sent before still get their results', async (t) => {
+  const a = await startTestAgent(t, { models: ['tiny'] });
+  const client = a.client();
+  const stream = await client.openStream({ model: 'tiny' });
+  for (let seq = 1; seq <= 3; seq++) await stream.send({ seq, inputs: { x } });
+  stream.end();
+  await t.rejects(stream.send({ seq: 4, inputs: { x } }), { code: grpc.status.FAILED_PRECONDITION, message: /send\(\) after end\(\)/ });
+  t.throws(() => stream.sendNoWait({ seq: 5, inputs: { x } }), { code: grpc.status.FAILED_PRECONDITION });
+  const got: number[] = [];
+  for await (const r of stream.results()) got.push(r.seq);
+  t.same(got, [1, 2, 3], 'the results of the frames sent before end() all arrive');
+  t.equal(client.awaitingResults, 0, 'the refused frames were never counted as awaited');
+});

@@ -77,6 +77,10 @@ function streamEndedError(status: grpc.StatusObject | undefined): grpc.ServiceEr
     : { code: grpc.status.UNAVAILABLE, details: 'the stream closed before the frame was sent', metadata: new grpc.Metadata() });
 }
 
+function sentAfterEnd(): grpc.ServiceError {
+  return statusError({ code: grpc.status.FAILED_PRECONDITION, details: 'send() after end(): the stream takes no more frames', metadata: new grpc.Metadata() });
+}
+
 type Duplex = grpc.ClientDuplexStream<object, { kind: string; opened?: Record<string, unknown>; result?: Record<string, unknown> }>;
 
 /**
@@ -88,6 +92,8 @@ export class SensorStreamHandle {
   private awaiting = 0;
   /** The stream's final status, once it arrived: nothing more can be sent. */
   private ended: grpc.StatusObject | undefined;
+  /** `end()` was called. */
+  private halfClosed = false;
 
   private constructor(private readonly call: Duplex, readonly opened: OpenedInfo, private readonly poller: ResultPoller) {
     // The stream's final status reaches readers through `results()`; a stream nobody reads must not crash.
@@ -136,6 +142,7 @@ export class SensorStreamHandle {
    */
   send(frame: FrameToSend): Promise<void> {
     if (this.ended) return Promise.reject(streamEndedError(this.ended));
+    if (this.halfClosed) return Promise.reject(sentAfterEnd());
     const ok = this.write(frame);
     if (ok) return Promise.resolve();
     return new Promise((resolve, reject) => {
@@ -161,6 +168,7 @@ export class SensorStreamHandle {
 
   /** Writes without waiting: for tests that flood the agent. Returns false when the transport is full. */
   sendNoWait(frame: FrameToSend): boolean {
+    if (this.halfClosed) throw sentAfterEnd();
     return this.write(frame);
   }
 
@@ -171,8 +179,12 @@ export class SensorStreamHandle {
     return ok;
   }
 
-  /** No more frames; results of frames already sent still arrive. */
+  /**
+   * No more frames; results of frames already sent still arrive. A send after this is refused
+   * (FAILED_PRECONDITION) without touching the stream: writing after the end would destroy it, results and all.
+   */
   end(): void {
+    this.halfClosed = true;
     this.call.end();
   }
 
