@@ -59,6 +59,9 @@ t.test('the unit: notify service with a watchdog, dedicated user, read-only syst
   t.equal(one('Service.ExecStart'), '/opt/edge-agent/bin/edge-agent serve --config /etc/edge-agent/agent.yaml');
   t.same(k.get('Service.Environment'), ['NODE_ENV=production', 'EDGE_AGENT_DATA_DIR=/var/lib/edge-agent']);
   t.equal(k.get('Service.PrivateDevices'), undefined, 'the GPU device nodes stay visible');
+  // Any device allow-list denies every other device; before systemd 252 ProtectClock= implied one (char-rtc).
+  t.equal(k.get('Service.DeviceAllow'), undefined, 'no device allow-list that would deny the GPU nodes');
+  t.equal(k.get('Service.ProtectClock'), undefined, 'no ProtectClock= (an implied DeviceAllow= on JetPack 5 and 6)');
   t.equal(k.get('Service.MemoryDenyWriteExecute'), undefined, "V8's JIT needs writable+executable pages");
   t.equal(one('Install.WantedBy'), 'multi-user.target');
 });
