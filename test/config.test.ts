@@ -52,6 +52,22 @@ t.test('config errors name the file, the key and the problem', async (t) => {
   }, 'every problem in the file is named at once, the first as the key');
   t.throws(() => loadConfig({ file: join(dir, 'missing.yaml') }), /missing\.yaml: cannot read config file: ENOENT/);
   t.throws(() => loadConfig({ overrides: { logLevel: 'loud' } }), /log\.level/);
+  writeFileSync(join(dir, 'empty.yaml'), 'log:\n  level: info\n');
+  t.throws(() => loadConfig({ file: join(dir, 'empty.yaml'), env: { EDGE_AGENT_LOG_LEVEL: 'loud' } }), /^environment EDGE_AGENT_LOG_LEVEL: log\.level: /,
+    'a bad value from the environment names the variable, not the file');
+  t.throws(() => loadConfig({ file: join(dir, 'empty.yaml'), overrides: { listen: ['nowhere'] } }), /^flag --listen: server\.listen\[0\]: /, 'and one from a flag names the flag');
+});
+
+t.test('without server.listen the unix socket is in the data dir, wherever that is', async (t) => {
+  const dir = tempDir(t);
+  const file = join(dir, 'etc', 'agent.yaml');
+  mkdirSync(join(dir, 'etc'));
+  writeFileSync(file, 'model_repository: models\n');
+  t.same(loadConfig({ file }).config.server.listen, ['127.0.0.1:50051', `unix:${join(dir, 'etc', 'var', 'edge-agent.sock')}`], 'the default data dir, beside the file');
+  const pinned = loadConfig({ file, env: { EDGE_AGENT_DATA_DIR: '/var/lib/edge-agent' } }).config;
+  t.same(pinned.server.listen, ['127.0.0.1:50051', 'unix:/var/lib/edge-agent/edge-agent.sock'], 'EDGE_AGENT_DATA_DIR moves the socket with it');
+  writeFileSync(file, 'server:\n  listen: ["unix:run/agent.sock"]\n');
+  t.same(loadConfig({ file, env: { EDGE_AGENT_DATA_DIR: '/var/lib/edge-agent' } }).config.server.listen, [`unix:${join(dir, 'etc', 'run', 'agent.sock')}`], 'a listen the file gives is kept');
 });
 
 t.test('model repository: versions, pinned version, bad config.yaml reported per model', async (t) => {

@@ -3,7 +3,7 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import { parseDocument } from 'yaml';
 import type { z } from 'zod';
 import { ConfigError } from '../errors.js';
-import { agentConfigSchema, type AgentConfig } from './schema.js';
+import { agentConfigSchema, DEFAULT_SOCKET_NAME, type AgentConfig } from './schema.js';
 
 /** Overrides from the command line; they win over the environment, which wins over the file. */
 export interface ConfigOverrides {
@@ -156,19 +156,33 @@ export function loadConfig(options: { file?: string; overrides?: ConfigOverrides
     fromOutside.add(key);
   }
   const o = options.overrides ?? {};
-  const flags: [string, unknown][] = [
-    ['model_repository', o.modelRepository],
-    ['data_dir', o.dataDir],
-    ['server.listen', o.listen && o.listen.length > 0 ? [...o.listen] : undefined],
-    ['log.level', o.logLevel],
+  const flags: [string, string, unknown][] = [
+    ['model_repository', '--model-repository', o.modelRepository],
+    ['data_dir', '--data-dir', o.dataDir],
+    ['server.listen', '--listen', o.listen && o.listen.length > 0 ? [...o.listen] : undefined],
+    ['log.level', '--log-level', o.logLevel],
   ];
-  for (const [key, value] of flags) {
+  /** Where a key set from outside the file came from, for errors: the variable or the flag, not the file. */
+  const origin = new Map<string, string>();
+  for (const [name, key] of Object.entries(ENV_KEYS)) if (fromOutside.has(key)) origin.set(key, `environment ${name}`);
+  for (const [key, flag, value] of flags) {
     if (value === undefined) continue;
     setPath(raw, key, value);
     fromOutside.add(key);
+    origin.set(key, `flag ${flag}`);
   }
+  const listenGiven = (raw.server as { listen?: unknown } | undefined)?.listen !== undefined;
 
   const result = agentConfigSchema.safeParse(raw);
-  if (!result.success) throw configErrorFrom(source, result.error);
-  return { config: deepFreeze(resolvePaths(result.data, fileBase, cwd, fromOutside)), source };
+  if (!result.success) {
+    const first = result.error.issues[0]?.path.map(String).join('.') ?? '';
+    const from = [...origin].find(([key]) => first === key || first.startsWith(`${key}.`));
+    throw configErrorFrom(from ? from[1] : source, result.error);
+  }
+  const config = resolvePaths(result.data, fileBase, cwd, fromOutside);
+  // The default socket lives in the data dir, wherever that ends up (EDGE_AGENT_DATA_DIR pins it under systemd),
+  // not beside the config file, which may be read-only (/etc).
+  const listen = listenGiven ? config.server.listen
+    : config.server.listen.map((a) => (a.startsWith('unix:') ? `unix:${resolve(config.data_dir, DEFAULT_SOCKET_NAME)}` : a));
+  return { config: deepFreeze({ ...config, server: { ...config.server, listen } }), source };
 }

@@ -6,7 +6,9 @@ import { telemetrySchema } from './telemetry-schema.js';
 export const EXECUTION_PROVIDERS = ['tensorrt', 'cuda', 'webgpu', 'cpu'] as const;
 export type ExecutionProviderName = (typeof EXECUTION_PROVIDERS)[number];
 
+/** Without `server.listen` anywhere, the unix socket is `<data_dir>/edge-agent.sock` (see loadConfig). */
 export const DEFAULT_LISTEN = ['127.0.0.1:50051', 'unix:var/edge-agent.sock'] as const;
+export const DEFAULT_SOCKET_NAME = 'edge-agent.sock';
 
 const listenAddress = z.string().refine((s) => /^unix:.+/.test(s) || /^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$/.test(s), {
   message: "expected 'host:port', '[v6addr]:port' or 'unix:/path'",
