@@ -89,8 +89,10 @@ export class Agent {
     const chooseVariant: VariantChooser = ({ provider, version, config: mc }) => {
       const available = readVariantReports(version.dir);
       const decision = decideVariant({ provider, available, requested: mc.variant, minCosine: mc.min_cosine });
-      const chosen = decision.variant !== 'fp32' && !version.variants[decision.variant] ? 'fp32' : decision.variant;
-      log.info({ dir: version.dir, provider, variant: chosen, reason: decision.reason, ignored: available.ignored }, 'variant chosen');
+      const missing = decision.variant !== 'fp32' && !version.variants[decision.variant];
+      const chosen = missing ? 'fp32' : decision.variant;
+      if (missing) log.warn({ dir: version.dir, provider, variant: chosen, reason: `${decision.reason}, but model.${decision.variant}.onnx is not in the version folder: serving fp32` }, 'variant chosen');
+      else log.info({ dir: version.dir, provider, variant: chosen, reason: decision.reason, ignored: available.ignored }, 'variant chosen');
       return chosen;
     };
     const activeVersions = new ActiveVersions(join(config.data_dir, 'active-versions.json'));
@@ -172,7 +174,9 @@ export class Agent {
     this.telemetry = new TelemetryService({
       config: config.telemetry,
       metrics: this.metrics,
-      outbox,
+      // Stand-alone (no `fleet:`), nothing would ever drain records: storing them only wore the flash and filled
+      // the disk toward the outbox bounds. /metrics and /v1/status read the metrics, not the outbox.
+      ...(config.fleet ? { outbox } : {}),
       deviceId,
       agentVersion: AGENT_VERSION,
       topicPrefix: config.fleet?.topic_prefix ?? 'edge',

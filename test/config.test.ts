@@ -86,6 +86,8 @@ t.test('model repository: versions, pinned version, bad config.yaml reported per
   mk('c/1/model.onnx');
   mk('c/config.yaml', 'max_batch_sise: 8\n');
   mk('d/1/readme.txt');
+  mk('d/2/model.int8.onnx');
+  mk('a/1234567890123456/model.onnx');
   const repo = new ModelRepository(root);
   const byName = Object.fromEntries(repo.scan().map((e) => [e.name, e]));
   t.same(byName.a?.versions.map((v) => v.version), [1, 3]);
@@ -93,7 +95,8 @@ t.test('model repository: versions, pinned version, bad config.yaml reported per
   t.same(Object.keys(byName.a?.versions[1]?.variants ?? {}).sort(), ['fp32', 'int8']);
   t.equal(byName.b?.servedVersion, 1, 'config pins version 1');
   t.match(byName.c?.configError, /c\/config\.yaml: max_batch_sise: unknown key/);
-  t.same(byName.d?.versions, [], 'a version folder without model.onnx is not a version');
+  t.same(byName.d?.versions, [], 'a version folder without model.onnx is not a version, even with a compressed variant in it');
+  t.notOk(byName.a?.versions.some((v) => v.version > 1e15), 'a 16-digit folder is no version (not exact as a number, not addressable by KServe)');
   t.throws(() => readModelConfig(join(root, 'c')), ConfigError);
   t.throws(() => new ModelRepository(join(root, 'nope')).scan(), /model_repository: cannot read/);
 });

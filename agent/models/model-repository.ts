@@ -63,14 +63,16 @@ export class ModelRepository {
     if (!isDir(dir)) return undefined;
     const versions: ModelVersionEntry[] = [];
     for (const v of readdirSync(dir)) {
-      if (!/^[1-9][0-9]{0,15}$/.test(v)) continue;
+      // At most 15 digits: every such number is exact in a JS number, and KServe's version field takes it.
+      if (!/^[1-9][0-9]{0,14}$/.test(v)) continue;
       const vdir = join(dir, v);
       if (!isDir(vdir)) continue;
       const variants: Partial<Record<'fp32' | 'int8' | 'fp16', string>> = {};
       for (const [variant, file] of [['fp32', MODEL_FILE], ['int8', 'model.int8.onnx'], ['fp16', 'model.fp16.onnx']] as const) {
         if (existsSync(join(vdir, file))) variants[variant] = join(vdir, file);
       }
-      if (Object.keys(variants).length > 0) versions.push({ version: Number(v), dir: vdir, variants });
+      // model.onnx makes a version (Triton's layout); compressed variants beside it are options, not a model alone.
+      if (variants.fp32) versions.push({ version: Number(v), dir: vdir, variants });
     }
     versions.sort((a, b) => a.version - b.version);
     let config: ModelConfig | undefined;
