@@ -34,6 +34,7 @@ t.test('config errors name the file, the key and the problem', async (t) => {
   const cases: [string, RegExp][] = [
     ['server:\n  max_message_bytes: lots\n', /agent\.yaml: server\.max_message_bytes: .*number/],
     ['server:\n  listen: ["nonsense"]\n', /server\.listen\[0\]: expected 'host:port'/],
+    ['server:\n  listen: ["127.0.0.1:99999"]\n', /server\.listen\[0\]: port out of range/],
     ['runtime:\n  execution_providers: [cpu, tpu]\n', /runtime\.execution_providers\[1\]/],
     ['runtime:\n  typo_key: 1\n', /runtime\.typo_key: unknown key 'typo_key'/],
     ['server: [\n', /YAML syntax error at line/],

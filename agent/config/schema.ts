@@ -12,7 +12,7 @@ export const DEFAULT_SOCKET_NAME = 'edge-agent.sock';
 
 const listenAddress = z.string().refine((s) => /^unix:.+/.test(s) || /^(\[[0-9a-fA-F:]+\]|[^:\s]+):\d{1,5}$/.test(s), {
   message: "expected 'host:port', '[v6addr]:port' or 'unix:/path'",
-});
+}).refine((s) => s.startsWith('unix:') || Number(s.slice(s.lastIndexOf(':') + 1)) <= 65535, { message: 'port out of range (0-65535)' });
 
 export const providerOptionsSchema = z.strictObject({
   device_id: z.number().int().min(0).default(0),
