@@ -186,8 +186,11 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       const reason = s.entry.configError ?? (s.entry.config?.version !== undefined ? `pinned version ${s.entry.config.version} is not on disk` : 'no version folder with a model.onnx');
       if (!s.active) { s.state = 'UNAVAILABLE'; s.reason = reason; }
       const err = new ModelLoadError(model, s.entry.dir, reason);
-      this.options.log.error({ model, path: s.entry.dir, err: err.message }, 'model failed to load');
-      this.options.observer?.onModelEvent?.({ type: 'model-failed', model, reason });
+      // The version attempted, when there is one (a pinned version not on disk), so telemetry reports the failure
+      // against it and not against the version that keeps serving.
+      const attempted = s.entry.config?.version;
+      this.options.log.error({ model, ...(attempted !== undefined ? { version: attempted } : {}), path: s.entry.dir, err: err.message }, 'model failed to load');
+      this.options.observer?.onModelEvent?.({ type: 'model-failed', model, ...(attempted !== undefined ? { version: attempted } : {}), reason });
       throw err;
     }
     await this.activateLoaded(s, ve.version);
@@ -265,7 +268,10 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
       if (previous && previous !== scheduler) {
         slot.others.add(previous);
-        void previous.close().finally(() => slot.others.delete(previous));
+        void previous.close().finally(() => {
+          slot.others.delete(previous);
+          this.reportRetired(slot, previous.model.version, m.version);
+        });
       }
     } catch (err) {
       if (!slot.active) { slot.state = 'UNAVAILABLE'; slot.reason = errorMessage(err); }
@@ -273,6 +279,17 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       this.options.observer?.onModelEvent?.({ type: 'model-failed', model, version, reason: errorMessage(err) });
       throw err;
     }
+  }
+
+  /**
+   * Tells observers that a version replaced by a switch no longer serves, once its last scheduler has answered
+   * everything it accepted (so no request of it is reported after this). Not while the same version serves
+   * again or still drains elsewhere (a reload of the same version), nor once the runtime is closing.
+   */
+  private reportRetired(slot: ModelSlot, version: number, replacedBy: number): void {
+    if (this.closing || slot.active?.model.version === version) return;
+    for (const o of slot.others) if (o.model.version === version) return;
+    this.options.observer?.onModelEvent?.({ type: 'model-unloaded', model: slot.entry.name, version, reason: `replaced by version ${replacedBy}` });
   }
 
   /**

@@ -103,6 +103,12 @@ export interface ExecutionRecord {
 export interface RuntimeObserver {
   onRequest?(outcome: RequestOutcome): void;
   onExecution?(record: ExecutionRecord): void;
+  /**
+   * `model-ready`: the version serves. `model-failed`: loading `version` (the one attempted; absent when there
+   * was none to attempt) failed; a version already serving keeps serving. `model-unloaded`: without a version,
+   * the whole model was unloaded; with one, that version was replaced by a switch and has answered everything
+   * it accepted (`reason` names the replacement).
+   */
   onModelEvent?(event: { type: 'model-ready' | 'model-failed' | 'model-unloaded'; model: string; version?: number; provider?: string; variant?: string; reason?: string }): void;
 }
 

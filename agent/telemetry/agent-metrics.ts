@@ -10,7 +10,26 @@ import {
 } from './latency-histogram.js';
 
 export type ModelEvent = Parameters<NonNullable<RuntimeObserver['onModelEvent']>>[0];
+/**
+ * `ready`: serving. `failed`: the version's load failed and it never served (reported once, then forgotten).
+ * `unloaded`: no longer served, because the model was unloaded or a switch replaced the version (reported once,
+ * then forgotten). `unknown`: requests seen before the runtime announced the version (a deployment validating).
+ */
 export type ModelTelemetryState = 'ready' | 'failed' | 'unloaded' | 'unknown';
+
+/** A model event as telemetry reports it (records' `model_events`). */
+export interface ModelEventReport {
+  /** ms since epoch (wall clock). */
+  readonly at: number;
+  readonly type: ModelEvent['type'];
+  readonly model: string;
+  /** The version loaded, attempted or retired; null when the runtime did not name one (unload of a whole model). */
+  readonly version: number | null;
+  readonly reason: string | null;
+}
+
+/** Model events kept per interval; later ones are counted, not kept (a model failing in a loop). */
+export const MAX_MODEL_EVENTS_PER_INTERVAL = 64;
 
 /** Everything measured about one model version since the agent started (plus its current interval). */
 export class ModelMetrics {
@@ -18,6 +37,8 @@ export class ModelMetrics {
   variant: string | undefined;
   state: ModelTelemetryState = 'unknown';
   reason: string | undefined;
+  /** No longer served: reported in the current interval once more, then dropped with its histograms. */
+  retiring = false;
   requests = 0;
   success = 0;
   errors = 0;
@@ -52,6 +73,8 @@ export interface ModelIntervalReport {
   readonly model: string;
   readonly version: number;
   readonly state: ModelTelemetryState;
+  /** Why the version failed or is no longer served (absent while it serves). */
+  readonly reason?: string;
   readonly provider: string | null;
   readonly variant: string | null;
   readonly requests: number;
@@ -80,6 +103,10 @@ export interface MetricsInterval {
   /** Length of the interval on the monotonic clock: rates and CPU % divide by it. */
   readonly seconds: number;
   readonly models: readonly ModelIntervalReport[];
+  /** Loads, failed loads and retirements during the interval, oldest first (at most MAX_MODEL_EVENTS_PER_INTERVAL). */
+  readonly model_events: readonly ModelEventReport[];
+  /** Events beyond that bound, counted only. */
+  readonly model_events_omitted: number;
   readonly streams: { readonly active: number; readonly opened: number };
   readonly process: ProcessUsage;
 }
@@ -106,6 +133,10 @@ export class AgentMetrics implements RuntimeObserver {
   private readonly byModel = new Map<string, Map<number, ModelMetrics>>();
   /** Provider/variant announced without a version: applied to versions seen later. */
   private readonly modelDefaults = new Map<string, { provider?: string; variant?: string }>();
+  /** Failed loads and reloads per model since start (a per-version count would outlive the versions). */
+  private readonly loadFailuresByModel = new Map<string, number>();
+  private events: ModelEventReport[] = [];
+  private eventsOmitted = 0;
   /** Prometheus bucket bounds of the latency and batch-size histograms. */
   readonly latencyBucketsUs: readonly number[];
   readonly batchSizeBuckets: readonly number[];
@@ -163,19 +194,70 @@ export class AgentMetrics implements RuntimeObserver {
     m.batch.record(record.batchSize);
   }
 
+  /**
+   * A version's state follows the runtime's events, with two rules that keep the figures true: a failed load
+   * or reload never changes a version that serves (the runtime keeps serving it; the failure is counted and
+   * listed in `model_events`), and a version that no longer serves (unloaded, replaced by a switch, or failed
+   * without ever serving) is reported once more and then forgotten, histograms freed.
+   */
   onModelEvent(event: ModelEvent): void {
-    const targets = event.version !== undefined
-      ? [this.metricsFor(event.model, event.version)]
-      : [...(this.byModel.get(event.model)?.values() ?? [])];
+    this.noteEvent(event);
     if (event.version === undefined && (event.provider !== undefined || event.variant !== undefined)) {
       this.modelDefaults.set(event.model, { provider: event.provider, variant: event.variant });
     }
-    for (const m of targets) {
-      if (event.provider !== undefined) m.provider = event.provider;
-      if (event.variant !== undefined) m.variant = event.variant;
-      m.state = event.type === 'model-ready' ? 'ready' : event.type === 'model-failed' ? 'failed' : 'unloaded';
-      m.reason = event.reason;
+    const known = this.byModel.get(event.model);
+    switch (event.type) {
+      case 'model-ready': {
+        // Unversioned: the runtime never sends one, but keep the old meaning (every version seen).
+        const targets = event.version !== undefined ? [this.metricsFor(event.model, event.version)] : [...(known?.values() ?? [])];
+        for (const m of targets) {
+          if (event.provider !== undefined) m.provider = event.provider;
+          if (event.variant !== undefined) m.variant = event.variant;
+          m.state = 'ready';
+          m.reason = undefined;
+          m.retiring = false;
+        }
+        break;
+      }
+      case 'model-failed': {
+        this.loadFailuresByModel.set(event.model, (this.loadFailuresByModel.get(event.model) ?? 0) + 1);
+        // Without a version there is nothing on disk to name; a version that serves keeps serving.
+        if (event.version === undefined) break;
+        const m = known?.get(event.version);
+        if (m?.state === 'ready') break;
+        const failed = m ?? this.metricsFor(event.model, event.version);
+        if (event.provider !== undefined) failed.provider = event.provider;
+        if (event.variant !== undefined) failed.variant = event.variant;
+        failed.state = 'failed';
+        failed.reason = event.reason;
+        failed.retiring = true;
+        break;
+      }
+      case 'model-unloaded': {
+        // Never creates an entry: an unload can arrive after the version was already reported gone.
+        const one = event.version !== undefined ? known?.get(event.version) : undefined;
+        const targets = event.version !== undefined ? (one ? [one] : []) : [...(known?.values() ?? [])];
+        for (const m of targets) {
+          m.state = 'unloaded';
+          m.reason = event.reason;
+          m.retiring = true;
+        }
+        break;
+      }
     }
+  }
+
+  /** Failed loads and reloads of the model since start (`edge_agent_model_load_failures_total`). */
+  loadFailures(): IterableIterator<[model: string, failures: number]> {
+    return this.loadFailuresByModel.entries();
+  }
+
+  private noteEvent(event: ModelEvent): void {
+    if (this.events.length >= MAX_MODEL_EVENTS_PER_INTERVAL) {
+      this.eventsOmitted += 1;
+      return;
+    }
+    this.events.push({ at: this.now(), type: event.type, model: event.model, version: event.version ?? null, reason: event.reason ?? null });
   }
 
   streamOpened(): void {
@@ -207,7 +289,7 @@ export class AgentMetrics implements RuntimeObserver {
 
   /**
    * Ends the current reporting interval: percentiles, counts and rates since the previous call. Versions that
-   * were unloaded are reported this once more and then forgotten.
+   * no longer serve (unloaded, replaced, failed without serving) are reported this once more and then forgotten.
    */
   closeInterval(): MetricsInterval {
     const endedAt = this.now();
@@ -221,6 +303,7 @@ export class AgentMetrics implements RuntimeObserver {
           model: m.model,
           version: m.version,
           state: m.state,
+          ...(m.state !== 'ready' && m.reason !== undefined ? { reason: m.reason } : {}),
           provider: m.provider ?? null,
           variant: m.variant ?? null,
           requests: m.requests - b.requests,
@@ -233,7 +316,7 @@ export class AgentMetrics implements RuntimeObserver {
           batch: m.batch.closeInterval(),
         });
         m.baseline = { requests: m.requests, success: m.success, errors: m.errors, dropped: m.dropped, deadlineMisses: m.deadlineMisses, inferences: m.inferences };
-        if (m.state === 'unloaded') {
+        if (m.retiring) {
           m.destroy();
           versions.delete(version);
         }
@@ -246,9 +329,13 @@ export class AgentMetrics implements RuntimeObserver {
       ended_at: endedAt,
       seconds,
       models,
+      model_events: this.events,
+      model_events_omitted: this.eventsOmitted,
       streams: { active: this.active, opened: this.opened },
       process: this.sampleProcess(),
     };
+    this.events = [];
+    this.eventsOmitted = 0;
     this.intervalStart = endedAt;
     this.intervalStartMono = endedAtMono;
     this.last = interval;

@@ -24,8 +24,46 @@ export interface RunToolOptions {
   readonly maxBytes?: number;
 }
 
-/** Runs a device tool once; never rejects, never leaves the process behind. */
-export function runTool(spawn: SpawnFn, command: string, args: readonly string[], options: RunToolOptions): Promise<ToolResult> {
+/** After SIGTERM, how long a tool gets before its process group is sent SIGKILL. */
+export const KILL_GRACE_MS = 1000;
+
+/**
+ * One device tool, run at most once at a time. A run that times out (or prints too much) is stopped: SIGTERM to
+ * its process group, SIGKILL to the group `KILL_GRACE_MS` later (a hung driver call can ignore SIGTERM). Until
+ * the previous child has exited, `run` starts nothing and answers "still running": a tool stuck in the kernel
+ * must not gain a sibling every interval.
+ */
+export class DeviceTool {
+  private child: ChildProcess | undefined;
+
+  constructor(private readonly spawn: SpawnFn, readonly command: string) {}
+
+  /** True while the last child started has not exited. */
+  get running(): boolean {
+    return this.child !== undefined;
+  }
+
+  /** Runs the tool once; never rejects. */
+  run(args: readonly string[], options: RunToolOptions): Promise<ToolResult> {
+    const previous = this.child;
+    if (previous) {
+      return Promise.resolve({ ok: false, missing: false, reason: `previous ${this.command} run still running (pid ${previous.pid ?? '?'}), not started again` });
+    }
+    return runTool(this.spawn, this.command, args, options, (child) => {
+      this.child = child;
+      const gone = (): void => { if (this.child === child) this.child = undefined; };
+      child.once('exit', gone);
+      // A spawn that failed (ENOENT) emits 'error' and never 'exit'.
+      child.once('error', () => { if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) gone(); });
+    });
+  }
+}
+
+/**
+ * Runs a device tool once; never rejects, stops what it started (see DeviceTool). `onSpawn` sees the child
+ * (to know when it has exited); prefer DeviceTool, which does not start a run while the last one is alive.
+ */
+export function runTool(spawn: SpawnFn, command: string, args: readonly string[], options: RunToolOptions, onSpawn?: (child: ChildProcess) => void): Promise<ToolResult> {
   const maxBytes = options.maxBytes ?? 256 * 1024;
   return new Promise<ToolResult>((resolve) => {
     let child: ChildProcess;
@@ -36,6 +74,7 @@ export function runTool(spawn: SpawnFn, command: string, args: readonly string[]
       resolve({ ok: false, missing: isMissing(err), reason: `${command}: ${err instanceof Error ? err.message : String(err)}` });
       return;
     }
+    onSpawn?.(child);
     let stdout = '';
     let stderr = '';
     let settled = false;
@@ -72,12 +111,28 @@ export function runTool(spawn: SpawnFn, command: string, args: readonly string[]
   });
 }
 
+/** SIGTERM to the tool's process group now, SIGKILL to it a little later (unref'd: it never holds the agent up). */
 function stop(child: ChildProcess): void {
+  signalGroup(child, 'SIGTERM');
+  const pid = child.pid;
+  if (pid === undefined) return;
+  setTimeout(() => {
+    // Also when the leader has exited: children it left in the group (a wrapper's tool) may ignore SIGTERM.
+    // Linux does not hand out a pid again while a group of that id has members; an empty group is ESRCH.
+    try {
+      process.kill(-pid, 'SIGKILL');
+    } catch {
+      // ESRCH: the whole group has exited.
+    }
+  }, KILL_GRACE_MS).unref();
+}
+
+function signalGroup(child: ChildProcess, signal: NodeJS.Signals): void {
   try {
-    if (child.pid !== undefined) process.kill(-child.pid, 'SIGTERM');
-    else child.kill('SIGTERM');
+    if (child.pid !== undefined) process.kill(-child.pid, signal);
+    else child.kill(signal);
   } catch {
-    child.kill('SIGTERM');
+    child.kill(signal);
   }
 }
 

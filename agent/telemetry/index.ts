@@ -1,5 +1,5 @@
-export { AgentMetrics, ModelMetrics } from './agent-metrics.js';
-export type { AgentMetricsOptions, MetricsInterval, ModelEvent, ModelIntervalReport, ModelTelemetryState, ProcessUsage } from './agent-metrics.js';
+export { AgentMetrics, ModelMetrics, MAX_MODEL_EVENTS_PER_INTERVAL } from './agent-metrics.js';
+export type { AgentMetricsOptions, MetricsInterval, ModelEvent, ModelEventReport, ModelIntervalReport, ModelTelemetryState, ProcessUsage } from './agent-metrics.js';
 export {
   LatencyRecorder,
   BatchSizeRecorder,

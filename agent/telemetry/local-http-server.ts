@@ -12,7 +12,18 @@ export interface LocalHttpServerOptions {
   readonly registry: Registry;
   readonly status: () => StatusReport | Promise<StatusReport>;
   readonly logger?: Logger;
+  /**
+   * A connection that sends nothing for this long is closed, whether it never sent a request, is idle between
+   * keep-alive requests, or stalls mid-request (default 30 s; Prometheus scrapes every 15 s or more and asks
+   * within milliseconds of connecting). The request headers must also be complete within it.
+   */
+  readonly idleTimeoutMs?: number;
+  /** Connections open at once; more are closed on arrival (default 64: a few scrapers and people, not a crowd). */
+  readonly maxConnections?: number;
 }
+
+export const DEFAULT_IDLE_TIMEOUT_MS = 30_000;
+export const DEFAULT_MAX_CONNECTIONS = 64;
 
 /** `GET /metrics` (Prometheus text exposition 0.0.4) and `GET /v1/status` (JSON) on a local listener. */
 export class LocalHttpServer {
@@ -34,7 +45,27 @@ export class LocalHttpServer {
     if (this.bound) return this.bound;
     const host = this.options.host ?? '127.0.0.1';
     const port = this.options.port ?? 8002;
-    const server = createServer((req, res) => { void this.handle(req, res); });
+    const idleMs = this.options.idleTimeoutMs ?? DEFAULT_IDLE_TIMEOUT_MS;
+    // Node's own bounds start with a request's first byte (headersTimeout) or after a response (keepAliveTimeout);
+    // the socket timeout also ends connections that never send one, which otherwise hold a descriptor for ever.
+    const server = createServer({
+      headersTimeout: idleMs,
+      requestTimeout: idleMs,
+      keepAliveTimeout: Math.min(5000, idleMs),
+      connectionsCheckingInterval: Math.max(10, Math.min(30_000, Math.floor(idleMs / 2))),
+    }, (req, res) => { void this.handle(req, res); });
+    // No 'timeout' listener on the server: Node destroys the silent socket.
+    server.setTimeout(idleMs);
+    server.maxConnections = this.options.maxConnections ?? DEFAULT_MAX_CONNECTIONS;
+    let dropped = 0;
+    let warnedAt = -Infinity;
+    server.on('drop', (data) => {
+      dropped += 1;
+      // A flood of connections must not become a flood of log lines: one a minute, with the count.
+      if (performance.now() - warnedAt < 60_000) return;
+      warnedAt = performance.now();
+      this.options.logger?.warn({ remote: data?.remoteAddress, max_connections: server.maxConnections, dropped_total: dropped }, 'telemetry HTTP listener at its connection limit: connections closed on arrival');
+    });
     await new Promise<void>((resolve, reject) => {
       server.once('error', (err: NodeJS.ErrnoException) => {
         reject(new Error(`telemetry HTTP listener on ${host}:${port}: ${err.code === 'EADDRINUSE' ? 'address already in use (telemetry.http.port)' : err.message}`, { cause: err }));

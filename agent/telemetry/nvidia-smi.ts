@@ -1,5 +1,5 @@
 import { spawn as nodeSpawn } from 'node:child_process';
-import { DeviceOutputError, runTool, type SpawnFn } from './device-tool.js';
+import { DeviceOutputError, DeviceTool, type SpawnFn } from './device-tool.js';
 
 /** One GPU's reading; a field the device does not report is absent. */
 export interface GpuReading {
@@ -56,16 +56,19 @@ export type CollectorResult<T> =
   | { readonly ok: true; readonly value: T }
   | { readonly ok: false; readonly missing: boolean; readonly reason: string };
 
-/** Runs nvidia-smi per reading. A device without it (ENOENT) is remembered and never asked again. */
+/**
+ * Runs nvidia-smi per reading, never two at once: while a hung run is still being killed, a reading says so
+ * instead. A device without it (ENOENT) is remembered and never asked again.
+ */
 export class NvidiaSmiCollector {
-  private readonly spawn: SpawnFn;
+  private readonly tool: DeviceTool;
   private readonly command: string;
   private readonly timeoutMs: number;
   private missing = false;
 
   constructor(options: CollectorOptions = {}) {
-    this.spawn = options.spawn ?? nodeSpawn;
     this.command = options.command ?? 'nvidia-smi';
+    this.tool = new DeviceTool(options.spawn ?? nodeSpawn, this.command);
     this.timeoutMs = options.timeoutMs ?? 2000;
   }
 
@@ -75,7 +78,7 @@ export class NvidiaSmiCollector {
 
   async read(): Promise<CollectorResult<GpuReading[]>> {
     if (this.missing) return { ok: false, missing: true, reason: `${this.command} not found` };
-    const res = await runTool(this.spawn, this.command, NVIDIA_SMI_ARGS, { timeoutMs: this.timeoutMs });
+    const res = await this.tool.run(NVIDIA_SMI_ARGS, { timeoutMs: this.timeoutMs });
     if (!res.ok) {
       if (res.missing) this.missing = true;
       return res;

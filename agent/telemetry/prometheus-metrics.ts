@@ -100,11 +100,20 @@ export function createPrometheusRegistry(sources: PrometheusSources): Registry {
   hist('edge_agent_batch_size', 'Requests per execution (session.run)', metrics.batchSizeBuckets, (m) => m.batch);
 
   registry.registerMetric(new Gauge<ModelLabel | 'provider' | 'variant' | 'state'>({
-    name: 'edge_agent_model_info', help: 'Served model versions: execution provider, file variant and state (value 1)',
+    name: 'edge_agent_model_info', help: 'Served model versions: execution provider, file variant and state (value 1); a version no longer served shows once as unloaded or failed, then goes',
     labelNames: ['model', 'version', 'provider', 'variant', 'state'], registers: [],
     collect() {
       this.reset();
       for (const m of models()) this.set({ ...labelsOf(m), provider: m.provider ?? '', variant: m.variant ?? '', state: m.state }, 1);
+    },
+  }));
+  // Per model, not per version: a version whose load failed is listed once and forgotten, its failures are not.
+  registry.registerMetric(new Counter<'model'>({
+    name: 'edge_agent_model_load_failures_total', help: 'Failed loads and reloads of the model (a version that keeps serving is still listed as ready)',
+    labelNames: ['model'], registers: [],
+    collect() {
+      this.reset();
+      for (const [model, failures] of metrics.loadFailures()) this.inc({ model }, failures);
     },
   }));
   registry.registerMetric(new Gauge({

@@ -34,7 +34,7 @@ export interface StatusSnapshot {
   readonly fleet: FleetStatus | null;
 }
 
-export type ModelFigures = Omit<ModelIntervalReport, 'model' | 'version' | 'state' | 'provider' | 'variant'>;
+export type ModelFigures = Omit<ModelIntervalReport, 'model' | 'version' | 'state' | 'reason' | 'provider' | 'variant'>;
 
 /** The JSON body of `GET /v1/status` (what `edge-agent status --json` prints). */
 export interface StatusReport {
@@ -86,7 +86,7 @@ export function buildStatusReport(s: StatusReportSources): StatusReport {
       const f = figures.get(`${m.name}\u0000${m.version}`);
       let own: ModelFigures | null = null;
       if (f) {
-        const { model: _m, version: _v, state: _s, provider: _p, variant: _va, ...rest } = f;
+        const { model: _m, version: _v, state: _s, reason: _r, provider: _p, variant: _va, ...rest } = f;
         own = rest;
       }
       return {

@@ -1,5 +1,5 @@
 import { spawn as nodeSpawn } from 'node:child_process';
-import { DeviceOutputError, runTool, type SpawnFn } from './device-tool.js';
+import { DeviceOutputError, DeviceTool, type SpawnFn } from './device-tool.js';
 import type { CollectorOptions, CollectorResult, GpuReading } from './nvidia-smi.js';
 
 export interface CpuCoreReading {
@@ -101,18 +101,19 @@ export function tegrastatsGpu(reading: TegrastatsReading): GpuReading {
 }
 
 /**
- * Starts tegrastats for one line per reading (it prints forever otherwise) and stops it. A device without
- * tegrastats is remembered and never asked again.
+ * Starts tegrastats for one line per reading (it prints forever otherwise) and stops it; never two at once (a
+ * reading while the last one is still being stopped says so). A device without tegrastats is remembered and
+ * never asked again.
  */
 export class TegrastatsCollector {
-  private readonly spawn: SpawnFn;
+  private readonly tool: DeviceTool;
   private readonly command: string;
   private readonly timeoutMs: number;
   private missing = false;
 
   constructor(options: CollectorOptions = {}) {
-    this.spawn = options.spawn ?? nodeSpawn;
     this.command = options.command ?? 'tegrastats';
+    this.tool = new DeviceTool(options.spawn ?? nodeSpawn, this.command);
     this.timeoutMs = options.timeoutMs ?? 3000;
   }
 
@@ -122,7 +123,7 @@ export class TegrastatsCollector {
 
   async read(): Promise<CollectorResult<TegrastatsReading>> {
     if (this.missing) return { ok: false, missing: true, reason: `${this.command} not found` };
-    const res = await runTool(this.spawn, this.command, ['--interval', '500'], { timeoutMs: this.timeoutMs, firstLineOnly: true });
+    const res = await this.tool.run(['--interval', '500'], { timeoutMs: this.timeoutMs, firstLineOnly: true });
     if (!res.ok) {
       if (res.missing) this.missing = true;
       return res;

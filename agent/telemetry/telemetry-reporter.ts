@@ -1,6 +1,6 @@
 import type { Logger } from '../logger.js';
 import type { Outbox, OutboxStamp, OutboxStats } from '../store/outbox.js';
-import type { AgentMetrics, ModelIntervalReport, MetricsInterval } from './agent-metrics.js';
+import type { AgentMetrics, ModelEventReport, ModelIntervalReport, MetricsInterval } from './agent-metrics.js';
 import type { DeviceMonitor, DeviceReadings } from './device-monitor.js';
 
 export interface OutboxSummary {
@@ -40,6 +40,10 @@ export interface TelemetryRecord {
     readonly outbox: OutboxSummary | null;
   };
   readonly models: readonly ModelIntervalReport[];
+  /** Loads, failed loads and retirements of model versions during the interval, oldest first. */
+  readonly model_events: readonly (Omit<ModelEventReport, 'at'> & { readonly ts: string })[];
+  /** Events beyond the per-interval bound, counted only. */
+  readonly model_events_omitted: number;
   readonly device: DeviceReadings | null;
 }
 
@@ -183,6 +187,8 @@ export class TelemetryReporter {
         outbox: summarizeOutbox(outbox.stats(), now),
       },
       models: interval.models,
+      model_events: interval.model_events.map(({ at, ...e }) => ({ ts: new Date(at).toISOString(), ...e })),
+      model_events_omitted: interval.model_events_omitted,
       device,
     };
   }
