@@ -1,10 +1,10 @@
 #!/usr/bin/env node
-import { Command, Option } from 'commander';
+import { Command, InvalidArgumentError, Option } from 'commander';
 import { loadConfig } from './config/index.js';
 import { EdgeAgentError, errorMessage } from './errors.js';
 import { createLogger } from './logger.js';
 import { Agent, AGENT_VERSION } from './main.js';
-import { runOptimize, type CalibrationMethod } from './compress/index.js';
+import { parseImageSize, runOptimize, type CalibrationMethod, type ImageSize, type Normalization } from './compress/index.js';
 import { agentStatusLine, SystemdNotifier } from './systemd/index.js';
 import { runStatusCommand } from './telemetry/index.js';
 import { applyHeapGrowingPercent } from './v8-heap.js';
@@ -110,9 +110,20 @@ export function buildCli(): Command {
     .option('--exclude <nodes>', 'comma-separated node names kept in fp32 in the int8 variant')
     .option('--auto-exclude', 'keep the layers that hurt accuracy most in fp32 until the bound holds')
     .addOption(new Option('--method <method>', 'activation range calibration').choices(['percentile', 'minmax', 'mse']).default('percentile'))
-    .option('--min-cosine <x>', 'accuracy bound (output cosine vs fp32, held-out inputs)', Number, 0.99)
-    .option('--normalize <how>', 'image normalisation: unit | symmetric | imagenet | raw', 'unit')
-    .action(async (model: string, opts: { calibration: string; out?: string; formats: string; exclude?: string; autoExclude?: boolean; method: string; minCosine: number; normalize: string }) => {
+    .option('--min-cosine <x>', 'accuracy bound in (0, 1] (output cosine vs fp32, held-out inputs)', (value: string): number => {
+      const x = Number(value);
+      if (value.trim() === '' || !(x > 0 && x <= 1)) throw new InvalidArgumentError('expected a number in (0, 1], e.g. 0.99');
+      return x;
+    }, 0.99)
+    .addOption(new Option('--normalize <how>', 'image normalisation').choices(['unit', 'symmetric', 'imagenet', 'raw']).default('unit'))
+    .option('--size <HxW>', 'image tensor size where the model\'s height/width are dynamic, e.g. 48x320 (default 320x320)', (value: string) => {
+      try {
+        return parseImageSize(value);
+      } catch (err) {
+        throw new InvalidArgumentError(errorMessage(err));
+      }
+    })
+    .action(async (model: string, opts: { calibration: string; out?: string; formats: string; exclude?: string; autoExclude?: boolean; method: string; minCosine: number; normalize: Normalization; size?: ImageSize }) => {
       const list = (s: string | undefined): string[] => (s ? s.split(',').map((x) => x.trim()).filter(Boolean) : []);
       const result = await runOptimize({
         model,
@@ -123,7 +134,7 @@ export function buildCli(): Command {
         autoExclude: opts.autoExclude === true,
         method: opts.method as CalibrationMethod,
         minCosine: opts.minCosine,
-        image: { normalize: opts.normalize as 'unit' },
+        image: { normalize: opts.normalize, ...(opts.size ? { size: opts.size } : {}) },
         log: (line) => process.stderr.write(`${line}\n`),
       });
       process.stdout.write(`${result.table}\nreport: ${result.reportFile}\n`);

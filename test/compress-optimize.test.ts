@@ -112,6 +112,8 @@ t.test('auto picks per provider and refuses variants that fail the bound', async
     variant, file: `model.${variant}.onnx`, sha256: 'x', sizeBytes: 1, provider: extra.provider ?? 'cpu', passes: true,
     accuracy: { samples: 10, cosine, minSampleCosine: cosine, maxAbsError: 0.1, outputs: [], ...(extra.top1 !== undefined ? { top1Agreement: extra.top1 } : {}) },
     latencyMs: { fp32: 2, variant: 2 / (extra.speedup ?? 2), speedup: extra.speedup ?? 2, runs: 10 },
+    // A CPU measurement of fp16 counts for GPUs only with the range check (the CPU computes most fp16 in fp32).
+    ...(variant === 'fp16' ? { fp16Range: { checked: true as const, limit: 32752, samples: 10, maxAbsInFloat16: 1, keptFloat32: [] } } : {}),
   });
   const good = { int8: report('int8', 0.995), fp16: report('fp16', 0.9999) };
   t.equal(chooseVariant({ provider: 'cpu', available: good, requested: 'auto' }), 'int8');

@@ -25,9 +25,23 @@ export interface Sample {
 
 export type Normalization = 'unit' | 'symmetric' | 'imagenet' | 'raw';
 
+export const NORMALIZATIONS: readonly Normalization[] = ['unit', 'symmetric', 'imagenet', 'raw'];
+
+/** Height × width of the tensors images are resized to. */
+export interface ImageSize {
+  readonly height: number;
+  readonly width: number;
+}
+
+/** Where a model's image height/width are dynamic and no size is given. */
+export const DEFAULT_IMAGE_SIZE: ImageSize = { height: 320, width: 320 };
+
 export interface ImageOptions {
-  /** Target height/width where the model's are dynamic; default 320. */
-  readonly size?: number;
+  /**
+   * Height/width of the image tensors where the model's are dynamic (a number: square); default 320×320.
+   * Where the model fixes an axis, a size that differs on it is refused.
+   */
+  readonly size?: number | ImageSize;
   /** unit: [0,1]; symmetric: [-1,1]; imagenet: (x/255 − mean)/std; raw: 0…255. Default unit. */
   readonly normalize?: Normalization;
   /** Crops per image besides the full frame (centre, then corners); default 5. */
@@ -164,16 +178,59 @@ export function imageToTensor(img: RgbImage, box: Box, layout: 'NCHW' | 'NHWC', 
   return out;
 }
 
+/** A size option as height × width; throws InvalidInputError for anything but positive whole numbers. */
+export function imageSize(size: number | ImageSize | undefined): ImageSize | undefined {
+  if (size === undefined) return undefined;
+  const s = typeof size === 'number' ? { height: size, width: size } : size;
+  const ok = (v: number): boolean => Number.isInteger(v) && v > 0 && v <= 16384;
+  if (!ok(s.height) || !ok(s.width)) throw new InvalidInputError(`image size ${s.height}x${s.width} is not a size in pixels (whole numbers 1…16384)`);
+  return s;
+}
+
+/** Parses `HxW` (e.g. `48x320`) or `N` (square), as `--size` takes it. */
+export function parseImageSize(text: string): ImageSize {
+  const m = /^\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?$/.exec(text);
+  if (!m) throw new InvalidInputError(`size '${text}' is not HxW (e.g. 224x224 or 48x320)`);
+  return imageSize({ height: Number(m[1]), width: Number(m[2] ?? m[1]) })!;
+}
+
+export interface ImageLayout {
+  readonly layout: 'NCHW' | 'NHWC';
+  readonly channels: 1 | 3;
+  readonly height: number;
+  readonly width: number;
+  /** The axes the model leaves dynamic, filled from the size option or the default. */
+  readonly filled: readonly ('height' | 'width')[];
+  /** Whether the filled axes took DEFAULT_IMAGE_SIZE because no size was given. */
+  readonly defaultSize: boolean;
+}
+
 /** How an image model's single input is laid out, or a reason why images cannot feed it. */
-export function imageLayout(input: ModelInputSpec, size: number): { layout: 'NCHW' | 'NHWC'; channels: 1 | 3; height: number; width: number } {
+export function imageLayout(input: ModelInputSpec, size?: number | ImageSize): ImageLayout {
   if (input.elemType !== DataType.FLOAT) {
     throw new InvalidInputError(`input '${input.name}' is ${dataTypeName(input.elemType)}; images can only feed a float32 input`);
   }
   const d = input.dims;
   if (d.length !== 4) throw new InvalidInputError(`input '${input.name}' has rank ${d.length}; images need a rank-4 image input (NCHW or NHWC)`);
-  const fix = (v: number): number => (v > 0 ? v : size);
-  if (d[1] === 3 || d[1] === 1) return { layout: 'NCHW', channels: d[1] as 1 | 3, height: fix(d[2]!), width: fix(d[3]!) };
-  if (d[3] === 3 || d[3] === 1) return { layout: 'NHWC', channels: d[3] as 1 | 3, height: fix(d[1]!), width: fix(d[2]!) };
+  const given = imageSize(size);
+  const want = given ?? DEFAULT_IMAGE_SIZE;
+  const filled: ('height' | 'width')[] = [];
+  const fix = (v: number, axis: 'height' | 'width'): number => {
+    if (v > 0) {
+      if (given && given[axis] !== v) {
+        throw new InvalidInputError(`input '${input.name}' [${d.join(',')}] has a fixed ${axis} of ${v}; the size ${given.height}x${given.width} does not fit it`);
+      }
+      return v;
+    }
+    filled.push(axis);
+    return want[axis];
+  };
+  const done = (layout: 'NCHW' | 'NHWC', channels: 1 | 3, h: number, w: number): ImageLayout => {
+    const height = fix(h, 'height'), width = fix(w, 'width');
+    return { layout, channels, height, width, filled, defaultSize: filled.length > 0 && !given };
+  };
+  if (d[1] === 3 || d[1] === 1) return done('NCHW', d[1] as 1 | 3, d[2]!, d[3]!);
+  if (d[3] === 3 || d[3] === 1) return done('NHWC', d[3] as 1 | 3, d[1]!, d[2]!);
   throw new InvalidInputError(`input '${input.name}' [${d.join(',')}] has no channel axis of 1 or 3; images cannot feed it`);
 }
 
@@ -237,12 +294,32 @@ function npySamples(arr: NpyArray, input: ModelInputSpec, file: string): ort.Ten
   }
   const per = sampleShape.reduce((a, b) => a * b, 1);
   const n = arr.shape.length === rank ? arr.shape[0]! : 1;
+  const bad = firstNonFinite(arr);
+  if (bad !== undefined) {
+    throw new InvalidInputError(`${file}: sample ${Math.floor(bad.index / Math.max(1, per))} holds ${bad.value} (element ${bad.index}); calibration inputs must be finite numbers`);
+  }
   const out: ort.Tensor[] = [];
   for (let s = 0; s < n; s++) {
     const data = arr.data.slice(s * per, (s + 1) * per);
     out.push(new ort.Tensor(arr.dtype as 'float32', data as Float32Array, [1, ...sampleShape]));
   }
   return out;
+}
+
+/** The first NaN or ±Inf of a float array, or undefined; it would poison every range calibrated from it. */
+function firstNonFinite(arr: NpyArray): { index: number; value: string } | undefined {
+  const d = arr.data;
+  if (arr.dtype === 'float16') {
+    for (let i = 0; i < d.length; i++) {
+      const bits = (d as Uint16Array)[i]!;
+      if ((bits & 0x7c00) === 0x7c00) return { index: i, value: bits & 0x3ff ? 'NaN' : bits & 0x8000 ? '-Infinity' : 'Infinity' };
+    }
+    return undefined;
+  }
+  if (arr.dtype !== 'float32' && arr.dtype !== 'float64') return undefined;
+  const f = d as Float32Array | Float64Array;
+  for (let i = 0; i < f.length; i++) if (!Number.isFinite(f[i]!)) return { index: i, value: String(f[i]) };
+  return undefined;
 }
 
 // ---------------------------------------------------------------- loading
@@ -310,13 +387,17 @@ async function imageSamples(files: readonly string[], inputs: readonly ModelInpu
     throw new InvalidInputError(`images can feed a model with one image input; this model has ${inputs.length} inputs (${inputs.map((i) => i.name).join(', ')})`);
   }
   const input = inputs[0]!;
-  const { layout, channels, height, width } = imageLayout(input, options.size ?? 320);
+  const normalize = options.normalize ?? 'unit';
+  if (!NORMALIZATIONS.includes(normalize)) {
+    throw new InvalidInputError(`image normalisation '${String(normalize)}' is not one of ${NORMALIZATIONS.join(', ')}`);
+  }
+  const { layout, channels, height, width } = imageLayout(input, options.size);
   const shape: Dim[] = layout === 'NCHW' ? [1, channels, height, width] : [1, height, width, channels];
   const samples: Sample[] = [];
   for (const file of files) {
     const img = await decodeImage(file);
     for (const box of cropBoxes(img.width, img.height, options.crops ?? 5)) {
-      const data = imageToTensor(img, box, layout, channels, height, width, options.normalize ?? 'unit');
+      const data = imageToTensor(img, box, layout, channels, height, width, normalize);
       samples.push({ source: file, feeds: { [input.name]: new ort.Tensor('float32', data, shape as number[]) } });
     }
   }

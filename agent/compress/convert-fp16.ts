@@ -2,7 +2,7 @@ import { indexGraph, inferElemTypes, requireGraph, uniqueNamer } from './graph-a
 import { cloneModel } from './prepare-graph.js';
 import {
   attr, DataType, getAttribute, makeAttribute, makeNode, makeTensor, tensorDims, tensorToFloat32, toFloat16Array,
-  type ModelProto, type NodeProto, type TensorProto,
+  type IGraphProto, type INodeProto, type ModelProto, type NodeProto, type TensorProto,
 } from './onnx-graph.js';
 
 /**
@@ -15,6 +15,40 @@ import {
 const FLOAT32_INPUTS: Readonly<Record<string, readonly number[]>> = { Resize: [1, 2], Upsample: [1] };
 /** Ops run in float32 between Casts: no half-precision kernels, or range/precision too narrow in fp16. */
 const FLOAT32_OPS: ReadonlySet<string> = new Set(['Range', 'NonMaxSuppression', 'RandomNormal', 'RandomUniform', 'RandomNormalLike', 'RandomUniformLike', 'CumSum']);
+/**
+ * Control flow stays float32 with its subgraphs untouched: their declared inputs and outputs are float32, and
+ * converting them would mean retyping every subgraph. Outer tensors a subgraph reads by name get a float32 copy.
+ */
+const CONTROL_FLOW_OPS: ReadonlySet<string> = new Set(['If', 'Loop', 'Scan']);
+
+/** Names a subgraph (and the subgraphs inside it) reads but does not define: the outer-scope tensors it uses. */
+function outerNames(graph: IGraphProto): Set<string> {
+  const defined = new Set<string>([
+    ...(graph.input ?? []).map((v) => v.name ?? ''),
+    ...(graph.initializer ?? []).map((t) => t.name ?? ''),
+    ...(graph.node ?? []).flatMap((n) => n.output ?? []),
+  ]);
+  const used = new Set<string>();
+  for (const n of graph.node ?? []) {
+    for (const x of n.input ?? []) if (x) used.add(x);
+    for (const sub of subgraphs(n)) for (const x of outerNames(sub)) used.add(x);
+  }
+  for (const o of graph.output ?? []) if (o.name) used.add(o.name);
+  return new Set([...used].filter((x) => !defined.has(x)));
+}
+
+function subgraphs(node: INodeProto): IGraphProto[] {
+  return (node.attribute ?? []).flatMap((a) => [...(a.g ? [a.g] : []), ...(a.graphs ?? [])]);
+}
+
+/** Renames reads of outer tensor `from` to `to` inside a subgraph and its nested subgraphs. */
+function renameOuter(graph: IGraphProto, from: string, to: string): void {
+  for (const n of graph.node ?? []) {
+    n.input = (n.input ?? []).map((x) => (x === from ? to : x));
+    for (const sub of subgraphs(n)) renameOuter(sub, from, to);
+  }
+  for (const o of graph.output ?? []) if (o.name === from) o.name = to;
+}
 
 export interface Fp16Options {
   /** Node names to keep in float32 (between Casts). */
@@ -29,7 +63,7 @@ export function convertFloat16(source: ModelProto, options: Fp16Options = {}): M
   const fresh = uniqueNamer(graph);
   const keep = new Set(options.keepFloat32 ?? []);
   const isFloat = (t: string | undefined | null): boolean => !!t && types.get(t) === DataType.FLOAT;
-  const blocked = (n: NodeProto): boolean => FLOAT32_OPS.has(n.opType ?? '') || keep.has(n.name ?? '');
+  const blocked = (n: NodeProto): boolean => FLOAT32_OPS.has(n.opType ?? '') || CONTROL_FLOW_OPS.has(n.opType ?? '') || keep.has(n.name ?? '');
   const fp32Slot = (n: NodeProto, i: number): boolean => blocked(n) || (FLOAT32_INPUTS[n.opType ?? ''] ?? []).includes(i);
 
   // Initializers read only at float32 slots stay float32; every other float initializer becomes float16.
@@ -77,9 +111,23 @@ export function convertFloat16(source: ModelProto, options: Fp16Options = {}): M
         if (!c) { c = cast(renamedOutputs.get(x) ?? x, DataType.FLOAT, out); as32.set(x, c); }
         return c;
       }
-      if (!wants32 && isFloat(x) && (graphInputs.has(x) || blockedOutput(x))) return as16.get(x) ?? x;
+      if (!wants32 && isFloat(x) && blockedOutput(x)) {
+        // Cast where a half-precision reader needs it, so a float32 output nobody reads in fp16 costs nothing.
+        let c = as16.get(x);
+        if (!c) { c = cast(x, DataType.FLOAT16, out); as16.set(x, c); }
+        return c;
+      }
+      if (!wants32 && isFloat(x) && graphInputs.has(x)) return as16.get(x) ?? x;
       return renamedOutputs.get(x) ?? x;
     });
+    if (CONTROL_FLOW_OPS.has(node.opType ?? '')) {
+      for (const x of [...new Set(subgraphs(node).flatMap((g) => [...outerNames(g)]))]) {
+        if (!half(x) || blockedOutput(x)) continue;
+        let c = as32.get(x);
+        if (!c) { c = cast(renamedOutputs.get(x) ?? x, DataType.FLOAT, out); as32.set(x, c); }
+        for (const g of subgraphs(node)) renameOuter(g, x, c);
+      }
+    }
     if (node.opType === 'Cast' && !blocked(node) && Number(getAttribute(node, 'to')?.i ?? 0) === DataType.FLOAT) {
       getAttribute(node, 'to')!.i = DataType.FLOAT16;
     }
@@ -101,9 +149,6 @@ export function convertFloat16(source: ModelProto, options: Fp16Options = {}): M
       }
     }
     out.push(node);
-    for (const o of node.output) {
-      if (blocked(node) && isFloat(o)) as16.set(o, cast(o, DataType.FLOAT16, out));
-    }
     for (const [o, inner] of renamedOutputs) {
       if (node.output.includes(inner)) out.push(makeNode('Cast', [inner], [o], { to: attr.int(DataType.FLOAT) }, fresh(`${o}_Cast`)));
     }

@@ -56,7 +56,8 @@ export async function createSession(model: Uint8Array, provider = 'cpu'): Promis
 export async function runAll(session: ort.InferenceSession, samples: readonly Feeds[]): Promise<RunOutputs[]> {
   const all: RunOutputs[] = [];
   for (const feeds of samples) {
-    const out = await session.run(feeds);
+    // The error comes back in the rejection; onnxruntime's own log line would only print it twice.
+    const out = await session.run(feeds, { logSeverityLevel: 4 });
     const values: Record<string, OutputValues> = {};
     for (const name of session.outputNames) values[name] = { dims: [...out[name]!.dims], data: toFloat32(out[name]!) };
     all.push(values);

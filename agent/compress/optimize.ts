@@ -1,18 +1,23 @@
-import { existsSync, mkdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants as fsConstants, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { InvalidInputError } from '../errors.js';
 import { calibrateRanges, type CalibrationMethod, type Feeds } from './calibrate.js';
-import { loadSamples, splitHeldOut, subsample, type ImageOptions, type ModelInputSpec, type Sample } from './calibration-data.js';
+import {
+  imageLayout, imageSize, loadSamples, NORMALIZATIONS, splitHeldOut, subsample, type ImageOptions, type ModelInputSpec, type Sample,
+} from './calibration-data.js';
 import { convertFloat16 } from './convert-fp16.js';
+import { checkFloat16Range } from './fp16-range.js';
 import { compareOutputs, createSession, medianLatencies, runAll, type Accuracy, type RunOutputs } from './evaluate.js';
 import { modelInputs, requireGraph } from './graph-analysis.js';
 import { OpsetUpgradeError } from './opset-upgrade.js';
-import { decodeModel, encodeModel, DataType, valueInfoShape, type ModelProto } from './onnx-graph.js';
+import { decodeModel, encodeModel, DataType, valueInfoShape, type IGraphProto, type ModelProto } from './onnx-graph.js';
 import { cloneModel, prepareModel } from './prepare-graph.js';
 import { equalizeCrossLayer } from './cross-layer-equalization.js';
 import { calibrationTensors, planQuantization, quantizeInt8, type QuantizationPlan } from './quantize-int8.js';
-import { REPORT_SUFFIX, sha256Hex, type CompressedVariant, type ModelReport, type VariantReport } from './variant-report.js';
+import {
+  parseReport, REPORT_SUFFIX, sha256Hex, stringifyReport, variantFileMismatch, type CompressedVariant, type ModelReport, type VariantReport,
+} from './variant-report.js';
 
 /** Options of `edge-agent optimize MODEL.onnx --calibration DIR|FILE …`, already parsed. */
 export interface OptimizeOptions {
@@ -57,6 +62,8 @@ export interface OptimizeResult {
 }
 
 const ALL_FORMATS: readonly CompressedVariant[] = ['int8', 'fp16'];
+/** A sample's source when it was read from an image (npy rows carry '#row' or end in .npy). */
+const IMAGE_SOURCE = /\.(png|jpe?g|ppm|pgm|pnm)$/i;
 
 function inputSpecs(model: ModelProto): ModelInputSpec[] {
   return modelInputs(requireGraph(model)).map((v) => {
@@ -71,7 +78,8 @@ function readOnnx(file: string): { bytes: Uint8Array; model: ModelProto } {
   try {
     return { bytes, model: decodeModel(bytes) };
   } catch (err) {
-    throw new InvalidInputError(`${file} is not an ONNX model: ${(err as Error).message}`, { cause: err });
+    const message = (err as Error).message;
+    throw new InvalidInputError(`${file} is ${message.startsWith('not an ONNX model') ? message : `not an ONNX model: ${message}`}`, { cause: err });
   }
 }
 
@@ -79,27 +87,141 @@ function hasFloatWeights(model: ModelProto): boolean {
   return requireGraph(model).initializer.some((t) => t.dataType === DataType.FLOAT && (t.dims ?? []).length > 0);
 }
 
+/** Why a model has no float32 weight initializers to compress: where its weights are instead. */
+function noWeightsReason(file: string, model: ModelProto): string {
+  const graph = requireGraph(model);
+  const inSubgraphs: string[] = [];
+  let subgraphFloats = 0;
+  const visit = (g: IGraphProto, owner: string): void => {
+    for (const n of g.node ?? []) {
+      if (owner && n.opType === 'Constant') subgraphFloats++;
+      for (const a of n.attribute ?? []) {
+        for (const sub of [...(a.g ? [a.g] : []), ...(a.graphs ?? [])]) {
+          const here = `${n.opType} ${n.name || '?'}`;
+          subgraphFloats += (sub.initializer ?? []).filter((t) => t.dataType === DataType.FLOAT && (t.dims ?? []).length > 0).length;
+          if (!inSubgraphs.includes(here)) inSubgraphs.push(here);
+          visit(sub, here);
+        }
+      }
+    }
+  };
+  visit(graph, '');
+  if (subgraphFloats > 0) {
+    return `${file} has no float32 weights in its main graph to compress: its ${subgraphFloats} constant(s) sit inside the subgraphs of ${inSubgraphs.slice(0, 3).join(', ')}${inSubgraphs.length > 3 ? ', …' : ''}, which optimize does not rewrite`;
+  }
+  const types = new Set(graph.initializer.map((t) => t.dataType));
+  const quantized = types.has(DataType.INT8) || types.has(DataType.UINT8) || graph.node.some((n) => /^(QuantizeLinear|DequantizeLinear|QLinear|DynamicQuantize|MatMulInteger|ConvInteger)/.test(n.opType ?? ''));
+  if (quantized) return `${file} has no float32 weights to compress: it is already quantized (int8/uint8 weights or Quantize/DequantizeLinear nodes)`;
+  if (types.has(DataType.FLOAT16)) return `${file} has no float32 weights to compress: its weights are already half precision`;
+  return `${file} has no float32 weights to compress: no float32 initializer of rank ≥ 1 (weights fed as graph inputs or computed at run time are not compressed)`;
+}
+
+/** Refuses option values that would make every measurement meaningless (NaN bounds, NaN inputs). */
+function validateOptions(options: OptimizeOptions): void {
+  const inRange = (name: string, v: number | undefined, ok: (x: number) => boolean, what: string): void => {
+    if (v !== undefined && !(typeof v === 'number' && ok(v))) throw new InvalidInputError(`${name} must be ${what}, got ${String(v)}`);
+  };
+  inRange('minCosine (--min-cosine)', options.minCosine, (x) => x > 0 && x <= 1, 'a number in (0, 1]');
+  inRange('minTop1', options.minTop1, (x) => x >= 0 && x <= 1, 'a number in [0, 1]');
+  inRange('percentile', options.percentile, (x) => x > 0 && x <= 100, 'a number in (0, 100]');
+  inRange('heldOutFraction', options.heldOutFraction, (x) => x > 0 && x < 1, 'a number in (0, 1)');
+  inRange('maxCalibrationSamples', options.maxCalibrationSamples, (x) => Number.isInteger(x) && x >= 1, 'a whole number ≥ 1');
+  inRange('latencyRuns', options.latencyRuns, (x) => Number.isInteger(x) && x >= 1, 'a whole number ≥ 1');
+  inRange('image crops', options.image?.crops, (x) => Number.isInteger(x) && x >= 0, 'a whole number ≥ 0');
+  const methods: readonly CalibrationMethod[] = ['percentile', 'minmax', 'mse'];
+  if (options.method !== undefined && !methods.includes(options.method)) {
+    throw new InvalidInputError(`calibration method '${String(options.method)}' is not one of ${methods.join(', ')}`);
+  }
+  const normalize = options.image?.normalize;
+  if (normalize !== undefined && !NORMALIZATIONS.includes(normalize)) {
+    throw new InvalidInputError(`image normalisation '${String(normalize)}' is not one of ${NORMALIZATIONS.join(', ')}`);
+  }
+  imageSize(options.image?.size);
+}
+
+/** The output folder, created and writable, checked before any calibration or timing work is spent. */
+function writableOutDir(outDir: string): void {
+  try {
+    mkdirSync(outDir, { recursive: true });
+    if (!statSync(outDir).isDirectory()) throw new Error('not a directory');
+    accessSync(outDir, fsConstants.W_OK);
+  } catch (err) {
+    throw new InvalidInputError(`output folder ${outDir} is not a writable directory (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, { cause: err });
+  }
+}
+
+/** Writes a file through a temporary name and a rename, so a reader never sees it half written. */
+function writeAtomically(file: string, data: string | Uint8Array): void {
+  const tmp = `${file}.${process.pid}.tmp`;
+  try {
+    writeFileSync(tmp, data);
+    renameSync(tmp, file);
+  } catch (err) {
+    rmSync(tmp, { force: true });
+    throw err;
+  }
+}
+
+/**
+ * Entries of the report already in `reportFile` worth keeping on a run that rebuilds only some formats: those
+ * written for the same fp32 model whose variant file is still the one they measured.
+ */
+function previousEntries(reportFile: string, outDir: string, modelSha: string, rebuilt: readonly CompressedVariant[], log: (line: string) => void): {
+  entries: Partial<Record<CompressedVariant, VariantReport>>; notes: string[];
+} {
+  const entries: Partial<Record<CompressedVariant, VariantReport>> = {};
+  const notes: string[] = [];
+  if (!existsSync(reportFile) || ALL_FORMATS.every((f) => rebuilt.includes(f))) return { entries, notes };
+  let previous: ReturnType<typeof parseReport>;
+  try {
+    previous = parseReport(readFileSync(reportFile, 'utf8'));
+  } catch (err) {
+    log(`previous report ${reportFile} not kept: ${(err as Error).message}`);
+    return { entries, notes };
+  }
+  if (previous.report.model.sha256 !== modelSha) {
+    log(`previous report ${reportFile} not kept: it was written for another fp32 model`);
+    return { entries, notes };
+  }
+  for (const v of ALL_FORMATS) {
+    if (rebuilt.includes(v)) continue;
+    const entry = previous.report.variants[v];
+    if (!entry) continue;
+    const why = variantFileMismatch(outDir, entry);
+    if (why) { log(`previous ${v} entry not kept: ${why}`); continue; }
+    entries[v] = { ...entry, measuredAt: entry.measuredAt ?? previous.report.createdAt };
+    notes.push(`${v}: entry kept from the report of ${entries[v].measuredAt} (${entry.file} unchanged)`);
+  }
+  for (const m of previous.invalid) log(`previous report: ${m}`);
+  return { entries, notes };
+}
+
 export async function runOptimize(options: OptimizeOptions): Promise<OptimizeResult> {
   const log = options.log ?? (() => {});
   const formats = options.formats && options.formats.length > 0 ? [...new Set(options.formats)] : [...ALL_FORMATS];
   for (const f of formats) if (!ALL_FORMATS.includes(f)) throw new InvalidInputError(`unknown format '${f}'; use int8 and/or fp16`);
+  validateOptions(options);
   const minCosine = options.minCosine ?? 0.99;
   const minTop1 = options.minTop1 ?? 0.99;
   const provider = options.provider ?? 'cpu';
   const modelFile = resolve(options.model);
   const { bytes: fp32Bytes, model: source } = readOnnx(modelFile);
+  const outDir = resolve(options.out ?? dirname(modelFile));
+  writableOutDir(outDir);
 
   let prepared: ReturnType<typeof prepareModel>;
   try {
-    prepared = prepareModel(source);
+    // Only int8 needs opset ≥ 13 (per-channel QDQ); an fp16-only run leaves the opset as it is.
+    prepared = prepareModel(source, { upgradeOpset: formats.includes('int8') });
   } catch (err) {
-    if (err instanceof OpsetUpgradeError) throw new InvalidInputError(`${modelFile}: ${err.message}`, { cause: err });
+    if (err instanceof OpsetUpgradeError) {
+      const hint = formats.includes('fp16') ? '; int8 needs opset 13 — --formats fp16 does not upgrade' : '';
+      throw new InvalidInputError(`${modelFile}: ${err.message}${hint}`, { cause: err });
+    }
     throw err;
   }
   const model = prepared.model;
-  if (!hasFloatWeights(model)) {
-    throw new InvalidInputError(`${modelFile} has no float32 weights to compress (is it already quantized or half precision?)`);
-  }
+  if (!hasFloatWeights(model)) throw new InvalidInputError(noWeightsReason(modelFile, model));
   const fullPlan = planQuantization(model, { exclude: options.exclude ?? [] });
   if (formats.includes('int8') && fullPlan.compute.length === 0 && fullPlan.excluded.length === 0) {
     throw new InvalidInputError(`${modelFile} has no Conv, MatMul or Gemm with float32 weights to quantize to int8`);
@@ -118,12 +240,21 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
   const sources = (s: readonly Sample[]): number => new Set(s.map((x) => x.source)).size;
   log(`samples: ${calibration.length} for calibration (${sources(split.calibration)} sources), ${split.heldOut.length} held out (${sources(split.heldOut)} sources)`);
 
-  const fp32Session = await createSession(fp32Bytes, provider);
+  let fp32Session: ort.InferenceSession;
+  try {
+    fp32Session = await createSession(fp32Bytes, provider);
+  } catch (err) {
+    throw new InvalidInputError(`onnxruntime cannot load ${modelFile} on ${provider}: ${(err as Error).message}`, { cause: err });
+  }
   const heldOutFeeds = split.heldOut.map((s) => s.feeds);
-  const reference = await runAll(fp32Session, heldOutFeeds);
+  let reference: RunOutputs[];
+  try {
+    reference = await runAll(fp32Session, heldOutFeeds);
+  } catch (err) {
+    await fp32Session.release();
+    throw new InvalidInputError(`${modelFile} fails on the calibration inputs (${describeFeeds(heldOutFeeds[0] ?? {})})${samples.some((x) => IMAGE_SOURCE.test(x.source)) ? imageSizeHint(inputs, options) : ''}: ${(err as Error).message}`, { cause: err });
+  }
 
-  const outDir = resolve(options.out ?? dirname(modelFile));
-  mkdirSync(outDir, { recursive: true });
   const base = basename(modelFile).replace(/\.onnx$/i, '');
   const files: string[] = [];
   const variants: Partial<Record<CompressedVariant, VariantReport>> = {};
@@ -151,7 +282,7 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
     }
     const q = quantizeInt8(int8Source, ranges, plan);
     const bytes = encodeModel(q.model);
-    const session = await createSession(bytes, provider);
+    const session = await variantSession('int8', bytes, provider);
     const accuracy = compareOutputs(reference, await runAll(session, heldOutFeeds));
     built.int8 = {
       bytes, session, accuracy, extra: {
@@ -164,19 +295,35 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
     };
   }
   if (formats.includes('fp16')) {
-    const bytes = encodeModel(convertFloat16(model));
-    const session = await createSession(bytes, provider);
+    let range: Awaited<ReturnType<typeof checkFloat16Range>>;
+    try {
+      range = await checkFloat16Range(model, [...calibration, ...split.heldOut].map((s) => s.feeds));
+    } catch (err) {
+      throw new Error(`fp16: the range check could not read the model's float tensors, so no fp16 variant is certified (try --formats int8): ${(err as Error).message}`, { cause: err });
+    }
+    const kept = range.check.keptFloat32;
+    log(`fp16: range check on ${range.check.samples} samples: ${kept.length === 0
+      ? `every tensor within ±${range.check.limit} (largest ${range.check.maxAbsInFloat16.toPrecision(3)})`
+      : `${kept.length} tensor(s) beyond ±${range.check.limit} kept in float32: ${kept.slice(0, 5).map((k) => `${k.tensor} (${k.maxAbs.toPrecision(3)})`).join(', ')}${kept.length > 5 ? ', …' : ''}`}`);
+    const bytes = encodeModel(convertFloat16(model, { keepFloat32: range.keepNodes }));
+    const session = await variantSession('fp16', bytes, provider);
     const accuracy = compareOutputs(reference, await runAll(session, heldOutFeeds));
-    built.fp16 = { bytes, session, accuracy, extra: {} };
+    built.fp16 = { bytes, session, accuracy, extra: { fp16Range: { ...range.check, keptFloat32: kept.map((k) => ({ ...k, nodes: [...k.nodes] })) } } };
   }
 
   const sessions: Record<string, ort.InferenceSession> = { fp32: fp32Session };
   for (const [v, b] of Object.entries(built)) sessions[v] = b.session;
   const runs = options.latencyRuns ?? 50;
   const latency = await medianLatencies(sessions, heldOutFeeds[0]!, runs);
+  const createdAt = new Date().toISOString();
+  const reportFile = join(outDir, `${base}${REPORT_SUFFIX}`);
+  const modelSha = sha256Hex(fp32Bytes);
+  const previous = previousEntries(reportFile, outDir, modelSha, formats, log);
+  Object.assign(variants, previous.entries);
+  notes.push(...previous.notes);
   for (const [v, b] of Object.entries(built) as [CompressedVariant, NonNullable<(typeof built)[CompressedVariant]>][]) {
     const file = `${base}.${v}.onnx`;
-    writeFileSync(join(outDir, file), b.bytes);
+    writeAtomically(join(outDir, file), b.bytes);
     files.push(join(outDir, file));
     variants[v] = {
       variant: v, file, sha256: sha256Hex(b.bytes), sizeBytes: b.bytes.length, provider,
@@ -184,24 +331,51 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
       latencyMs: { fp32: latency.fp32!, variant: latency[v]!, speedup: latency.fp32! / latency[v]!, runs },
       passes: passesBound(b.accuracy, minCosine, minTop1),
       ...b.extra,
+      measuredAt: createdAt,
     };
   }
   for (const s of Object.values(sessions)) await s.release();
 
   const report: ModelReport = {
     formatVersion: 1,
-    model: { file: basename(modelFile), sha256: sha256Hex(fp32Bytes), sizeBytes: fp32Bytes.length },
-    createdAt: new Date().toISOString(),
+    model: { file: basename(modelFile), sha256: modelSha, sizeBytes: fp32Bytes.length },
+    createdAt,
     onnxruntime: ort.env.versions.node ?? ort.env.versions.common,
     minCosine,
     heldOut: { samples: split.heldOut.length, sources: sources(split.heldOut) },
     notes,
     variants,
   };
-  const reportFile = join(outDir, `${base}${REPORT_SUFFIX}`);
-  writeFileSync(reportFile, `${JSON.stringify(report, null, 2)}\n`);
+  writeAtomically(reportFile, stringifyReport(report));
   files.push(reportFile);
   return { report, reportFile, files, table: formatReportTable(report) };
+}
+
+/** A session for a variant just built; a graph onnxruntime refuses is a defect of this compressor, said so. */
+async function variantSession(variant: CompressedVariant, bytes: Uint8Array, provider: string): Promise<ort.InferenceSession> {
+  try {
+    return await createSession(bytes, provider);
+  } catch (err) {
+    throw new Error(`the ${variant} variant built from this model does not load in onnxruntime (a limitation of optimize; try --formats ${variant === 'int8' ? 'fp16' : 'int8'}): ${(err as Error).message}`, { cause: err });
+  }
+}
+
+/** Input shapes of one sample, for error messages: `x [1,3,320,320]`. */
+function describeFeeds(feeds: Feeds): string {
+  return Object.entries(feeds).map(([name, t]) => `${name} [${t.dims.join(',')}]`).join(', ');
+}
+
+/** For a model fed images whose height/width are dynamic: which size filled them, and how to change it. */
+function imageSizeHint(inputs: readonly ModelInputSpec[], options: OptimizeOptions): string {
+  if (inputs.length !== 1) return '';
+  let layout: ReturnType<typeof imageLayout>;
+  try {
+    layout = imageLayout(inputs[0]!, options.image?.size);
+  } catch {
+    return '';
+  }
+  if (layout.filled.length === 0) return '';
+  return `; images fill its dynamic ${layout.filled.join(' and ')} with ${layout.height}x${layout.width}${layout.defaultSize ? ' (the default)' : ''}: pass --size HxW (image.size) with the size it needs, or .npy samples`;
 }
 
 function passesBound(a: Accuracy, minCosine: number, minTop1: number): boolean {
@@ -276,7 +450,9 @@ export async function autoExclude(
 export function formatReportTable(report: ModelReport): string {
   const rows: string[][] = [['variant', 'size', 'latency ms', 'speedup', 'cosine', 'min cosine', 'max abs err', 'top-1', 'passes']];
   const mb = (n: number): string => `${(n / 1e6).toFixed(2)} MB`;
-  const first = Object.values(report.variants)[0];
+  // fp32's latency from an entry measured in this run, not one carried over from an earlier report.
+  const entries = Object.values(report.variants).filter((v): v is VariantReport => !!v);
+  const first = entries.find((v) => v.measuredAt === report.createdAt) ?? entries[0];
   rows.push(['fp32', mb(report.model.sizeBytes), first ? first.latencyMs.fp32.toFixed(3) : '-', '1.00x', '1', '1', '0', '-', '-']);
   for (const r of Object.values(report.variants)) {
     if (!r) continue;
@@ -293,5 +469,9 @@ export function formatReportTable(report: ModelReport): string {
   lines.push(`held-out: ${report.heldOut.samples} samples from ${report.heldOut.sources} sources; latency: median of ${first?.latencyMs.runs ?? 0} runs on ${provider}; bound: cosine ≥ ${report.minCosine}`);
   const kept = report.variants.int8?.layers?.keptFloat ?? [];
   if (kept.length > 0) lines.push(`int8 layers kept in float: ${kept.join(', ')}`);
+  const range = report.variants.fp16?.fp16Range;
+  if (range && range.keptFloat32.length > 0) {
+    lines.push(`fp16 tensors beyond ±${range.limit} kept in float32: ${range.keptFloat32.map((k) => `${k.tensor} (max |x| ${k.maxAbs.toPrecision(3)})`).join(', ')}`);
+  }
   return lines.join('\n');
 }

@@ -19,23 +19,33 @@ export function cloneModel(model: ModelProto): ModelProto {
   return decodeModel(encodeModel(model));
 }
 
+export interface PrepareOptions {
+  /**
+   * Raise the opset to QDQ_MIN_OPSET (what int8 needs) and fuse hard-swish (opset 14); default true. An
+   * fp16-only run leaves the opset alone: fp16 needs no new op, and an upgrade could only add ways to fail.
+   */
+  readonly upgradeOpset?: boolean;
+}
+
 /**
  * Normalises a float model before compression: Constant nodes become initializers, the opset is raised to
- * ≥ 13, Conv→BatchNormalization pairs are folded into the Conv's weights (so the int8 Conv carries the
- * batch-norm scale, as a deployed graph would after onnxruntime's own fusion), and every node gets a name.
+ * ≥ 13 (unless options.upgradeOpset is false), Conv→BatchNormalization pairs are folded into the Conv's weights
+ * (so the int8 Conv carries the batch-norm scale, as a deployed graph would after onnxruntime's own fusion),
+ * and every node gets a name.
  */
-export function prepareModel(source: ModelProto): PreparedModel {
+export function prepareModel(source: ModelProto, options: PrepareOptions = {}): PreparedModel {
+  const upgrade = options.upgradeOpset ?? true;
   const model = cloneModel(source);
   const graph = requireGraph(model);
   const notes: string[] = [];
   const hoisted = hoistConstants(graph);
   if (hoisted > 0) notes.push(`${hoisted} Constant nodes moved to initializers`);
-  notes.push(...upgradeOpset(model, QDQ_MIN_OPSET));
+  if (upgrade) notes.push(...upgradeOpset(model, QDQ_MIN_OPSET));
   const folded = foldBatchNorms(model);
   if (folded > 0) notes.push(`${folded} BatchNormalization nodes folded into Conv weights`);
   const affine = foldAffineIntoConvs(model);
   if (affine > 0) notes.push(`${affine} constant Mul/Add nodes after a Conv folded into its weights and bias`);
-  const hardSwish = fuseHardSwish(model);
+  const hardSwish = upgrade || defaultOpsetVersion(model) >= 14 ? fuseHardSwish(model) : 0;
   if (hardSwish > 0) notes.push(`${hardSwish} Add→Clip→Mul→Div chains fused into HardSwish (opset 14)`);
   const scaled = foldScaleIntoNextConvs(model);
   if (scaled > 0) notes.push(`${scaled} scalar Mul nodes before a Conv folded into its weights`);
