@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { Command, InvalidArgumentError, Option } from 'commander';
+import { Command, CommanderError, InvalidArgumentError, Option } from 'commander';
 import { loadConfig } from './config/index.js';
 import { EdgeAgentError, errorMessage } from './errors.js';
 import { createLogger } from './logger.js';
@@ -81,7 +81,9 @@ async function serve(opts: { config?: string; modelRepository?: string; listen?:
 export function buildCli(): Command {
   const program = new Command('edge-agent')
     .description('Low-latency inference daemon for edge devices: gRPC sensor streams and KServe v2 over ONNX Runtime.')
-    .version(AGENT_VERSION);
+    .version(AGENT_VERSION)
+    // Usage errors exit 2 like config errors (systemd and scripts tell them from runtime failures), not commander's 1.
+    .exitOverride();
   program
     .command('serve')
     .description('load the model repository and serve gRPC (native streams, KServe v2, health)')
@@ -143,6 +145,8 @@ export function buildCli(): Command {
 }
 
 buildCli().parseAsync(process.argv).catch((err: unknown) => {
+  // commander has printed its own line (usage errors) or the help/version text already.
+  if (err instanceof CommanderError) process.exit(err.exitCode === 0 ? 0 : 2);
   // Config and startup errors: one clear line, non-zero exit, before anything listens.
   process.stderr.write(`edge-agent: ${err instanceof EdgeAgentError ? err.message : errorMessage(err)}\n`);
   process.exit(2);

@@ -35,6 +35,10 @@ t.test('a bad config exits non-zero naming the file and key, before anything lis
   const run3 = startCli(['serve', '--help']);
   t.equal((await run3.exited).code, 0);
   t.match(run3.stdout(), /--model-repository <dir>/);
+
+  const run4 = startCli(['serve', '--log-level', 'loud']);
+  t.equal((await run4.exited).code, 2, 'a bad flag exits 2, like a bad config');
+  t.match(run4.stderr(), /argument 'loud' is invalid/);
 });
 
 t.test('SIGTERM: health NOT_SERVING, accepted frames answered, exit 0', async (t) => {
