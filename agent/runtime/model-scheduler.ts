@@ -6,6 +6,7 @@ import type { Logger } from '../logger.js';
 import { gatherAlongAxis, scatterAlongAxis, stackBytes } from './batch-assembly.js';
 import { validateRequest } from './request-validation.js';
 import type { FeedTensor, SessionInstance } from './session-instance.js';
+import { RecentSources } from './recent-sources.js';
 import { SequenceStore } from './sequence-store.js';
 import { allocate, elementCount, pendingBytes, tensorBytes, type Tensor, type TensorData, type TensorSpec } from './tensor.js';
 import type {
@@ -66,13 +67,6 @@ interface Instance {
 
 const NS_PER_US = 1000;
 
-/**
- * A source (stream, or unary request) that submitted this recently still feeds the model (at least; the
- * window also spans the last two runs). With more than one, a synchronous instance waits one event-loop turn
- * before forming its batch (see `pump`).
- */
-const ACTIVE_SOURCE_WINDOW_MS = 20;
-
 function zeroStats(): { count: number; ns: number } {
   return { count: 0, ns: 0 };
 }
@@ -98,8 +92,7 @@ export class ModelScheduler {
   private deadlineAt = Infinity;
   private closing: Promise<void> | undefined;
   private dispatchImmediate: NodeJS.Immediate | undefined;
-  /** Sources (streams, unary requests) by when they last submitted, pruned to recent ones. */
-  private readonly sourcesSeen = new Map<object | string, number>();
+  private readonly sources = new RecentSources();
   private lastExecutionMs = 0;
   private readonly stats = {
     lastInference: 0, inferenceCount: 0, executionCount: 0,
@@ -174,8 +167,7 @@ export class ModelScheduler {
       // A request without a source or stream is a source of its own; a fresh key, so the map holds no request
       // (or its tensors).
       const source = request.source ?? key ?? {};
-      this.sourcesSeen.delete(source); // re-inserted last: the map stays ordered oldest first
-      this.sourcesSeen.set(source, pending.enqueuedAt);
+      this.sources.submitted(source, pending.enqueuedAt);
       this.pump();
     });
   }
@@ -318,18 +310,8 @@ export class ModelScheduler {
     this.deadlineTimer.unref();
   }
 
-  /**
-   * Sources that submitted within the last two runs (and the queue delay): the frames a batch may still
-   * expect. A frame waits for a fuller batch only while some of them have nothing in it yet — a lone stream,
-   * or streams all already in the batch, never wait out `max_queue_delay_us` for frames nobody will send.
-   */
   private activeSources(now: number): number {
-    const since = now - Math.max(ACTIVE_SOURCE_WINDOW_MS, 2 * this.lastExecutionMs + this.batching.maxQueueDelayUs / 1000);
-    for (const [source, at] of this.sourcesSeen) {
-      if (at >= since) break;
-      this.sourcesSeen.delete(source);
-    }
-    return this.sourcesSeen.size;
+    return this.sources.active(now, this.lastExecutionMs, this.batching.maxQueueDelayUs);
   }
 
   private async execute(instance: Instance, batch: Pending[]): Promise<void> {
