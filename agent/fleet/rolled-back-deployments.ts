@@ -1,5 +1,4 @@
-import { existsSync, readFileSync } from 'node:fs';
-import { writeFileDurably } from '../store/index.js';
+import { readJsonObjectFile, writeFileDurably } from '../store/index.js';
 
 /** Entries kept: enough for every retained manifest a device could still be sent; the oldest go first. */
 const MAX_ENTRIES = 512;
@@ -21,17 +20,10 @@ export class RolledBackDeployments {
   private entries: Record<string, RolledBackDeployment> = {};
 
   constructor(readonly file: string) {
-    if (!existsSync(file)) return;
-    try {
-      const parsed = JSON.parse(readFileSync(file, 'utf8')) as unknown;
-      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) {
-        for (const [id, v] of Object.entries(parsed as Record<string, unknown>)) {
-          const e = v as Partial<RolledBackDeployment> | null;
-          if (e && typeof e.model === 'string' && Number.isSafeInteger(e.version)) this.entries[id] = { model: e.model, version: e.version as number, at: typeof e.at === 'number' ? e.at : 0 };
-        }
-      }
-    } catch {
-      // Unreadable: the database still knows (this file only matters once the database was lost as well).
+    // Absent or unreadable: the database still knows (this file only matters once the database was lost as well).
+    for (const [id, v] of Object.entries(readJsonObjectFile(file) ?? {})) {
+      const e = v as Partial<RolledBackDeployment> | null;
+      if (e && typeof e.model === 'string' && Number.isSafeInteger(e.version)) this.entries[id] = { model: e.model, version: e.version as number, at: typeof e.at === 'number' ? e.at : 0 };
     }
   }
 

@@ -1,5 +1,4 @@
-import { existsSync, readFileSync } from 'node:fs';
-import { writeFileDurably } from '../store/index.js';
+import { readJsonObjectFile, writeFileDurably } from '../store/index.js';
 
 /**
  * The version each model serves after a fleet activation, kept in one small JSON file under the data dir and
@@ -10,15 +9,8 @@ export class ActiveVersions {
   private versions: Record<string, number> = {};
 
   constructor(readonly file: string) {
-    if (!existsSync(file)) return;
-    try {
-      const parsed = JSON.parse(readFileSync(file, 'utf8')) as unknown;
-      if (parsed && typeof parsed === 'object' && !Array.isArray(parsed)) {
-        for (const [k, v] of Object.entries(parsed)) if (Number.isSafeInteger(v) && (v as number) > 0) this.versions[k] = v as number;
-      }
-    } catch {
-      // Unreadable: serve the repository's own choice (highest or pinned); the next activation rewrites it.
-    }
+    // Absent or unreadable: serve the repository's own choice (highest or pinned); the next activation rewrites it.
+    for (const [k, v] of Object.entries(readJsonObjectFile(file) ?? {})) if (Number.isSafeInteger(v) && (v as number) > 0) this.versions[k] = v as number;
   }
 
   get(model: string): number | undefined {
