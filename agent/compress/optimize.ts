@@ -1,7 +1,8 @@
-import { accessSync, constants as fsConstants, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { accessSync, constants as fsConstants, existsSync, mkdirSync, readFileSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { InvalidInputError } from '../errors.js';
+import { writeFileDurably } from '../store/index.js';
 import { calibrateRanges, type CalibrationMethod, type Feeds } from './calibrate.js';
 import {
   imageLayout, imageSize, loadSamples, NORMALIZATIONS, splitHeldOut, subsample, type ImageOptions, type ModelInputSpec, type Sample,
@@ -147,18 +148,6 @@ function writableOutDir(outDir: string): void {
     accessSync(outDir, fsConstants.W_OK);
   } catch (err) {
     throw new InvalidInputError(`output folder ${outDir} is not a writable directory (${(err as NodeJS.ErrnoException).code ?? (err as Error).message})`, { cause: err });
-  }
-}
-
-/** Writes a file through a temporary name and a rename, so a reader never sees it half written. */
-function writeAtomically(file: string, data: string | Uint8Array): void {
-  const tmp = `${file}.${process.pid}.tmp`;
-  try {
-    writeFileSync(tmp, data);
-    renameSync(tmp, file);
-  } catch (err) {
-    rmSync(tmp, { force: true });
-    throw err;
   }
 }
 
@@ -323,7 +312,7 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
   notes.push(...previous.notes);
   for (const [v, b] of Object.entries(built) as [CompressedVariant, NonNullable<(typeof built)[CompressedVariant]>][]) {
     const file = `${base}.${v}.onnx`;
-    writeAtomically(join(outDir, file), b.bytes);
+    writeFileDurably(join(outDir, file), b.bytes);
     files.push(join(outDir, file));
     variants[v] = {
       variant: v, file, sha256: sha256Hex(b.bytes), sizeBytes: b.bytes.length, provider,
@@ -346,7 +335,7 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
     notes,
     variants,
   };
-  writeAtomically(reportFile, stringifyReport(report));
+  writeFileDurably(reportFile, stringifyReport(report));
   files.push(reportFile);
   return { report, reportFile, files, table: formatReportTable(report) };
 }
