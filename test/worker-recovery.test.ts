@@ -162,13 +162,22 @@ t.test('a model whose worker cannot be reopened: frames fail fast, restarts stop
   await t.resolves(instance.release(), 'release resolves');
 });
 
-t.test('runtime: with instance_count 2, frames after a worker dies are answered correctly and unload/close complete', async (t) => {
-  const repo = copyDemoRepo(t, ['tiny']);
-  writeFileSync(join(repo, 'tiny', 'config.yaml'), 'max_batch_size: 32\ninstance_count: 2\n');
+/**
+ * A runtime serving one demo model from two worker instances, `n` seeded random frames of `shape`, and what a
+ * direct onnxruntime run of the model file returns for each of them.
+ */
+async function twoWorkers(t: Parameters<typeof startRuntime>[0], model: string, input: string, shape: number[], n: number, seed: number) {
+  const repo = copyDemoRepo(t, [model]);
+  writeFileSync(join(repo, model, 'config.yaml'), 'max_batch_size: 32\ninstance_count: 2\n');
   const rt = await startRuntime(t, repo, { execution: 'worker' });
-  const rnd = seeded(15);
-  const xs = Array.from({ length: 20 }, () => randomTensor([1, 1024], rnd));
-  const want = await direct(join(repo, 'tiny', '1', 'model.onnx'), 'x', xs);
+  const rnd = seeded(seed);
+  const xs = Array.from({ length: n }, () => randomTensor(shape, rnd));
+  const path = join(repo, model, '1', 'model.onnx');
+  return { rt, xs, path, want: await direct(path, input, xs) };
+}
+
+t.test('runtime: with instance_count 2, frames after a worker dies are answered correctly and unload/close complete', async (t) => {
+  const { rt, xs, want } = await twoWorkers(t, 'tiny', 'x', [1, 1024], 20, 15);
 
   await workerOf(instancesOf(rt, 'tiny')[0] as SessionInstance).terminate();
   for (let i = 0; i < xs.length; i++) {
@@ -182,12 +191,7 @@ t.test('runtime: with instance_count 2, frames after a worker dies are answered 
 });
 
 t.test('runtime: frames in flight on dying workers are answered UNAVAILABLE, later frames are served', async (t) => {
-  const repo = copyDemoRepo(t, ['classifier']);
-  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'max_batch_size: 32\ninstance_count: 2\n');
-  const rt = await startRuntime(t, repo, { execution: 'worker' });
-  const rnd = seeded(16);
-  const xs = Array.from({ length: 24 }, () => randomTensor([1, 3, 112, 112], rnd));
-  const want = await direct(join(repo, 'classifier', '1', 'model.onnx'), 'image', xs);
+  const { rt, xs, want } = await twoWorkers(t, 'classifier', 'image', [1, 3, 112, 112], 24, 16);
 
   for (const instance of instancesOf(rt, 'classifier')) crashOnNextBatch(instance);
   const settled = await Promise.allSettled(xs.slice(0, 16).map((x) => rt.submit('classifier', undefined, { inputs: { image: x } })));
@@ -203,13 +207,7 @@ t.test('runtime: frames in flight on dying workers are answered UNAVAILABLE, lat
 });
 
 t.test('runtime: an instance whose worker cannot restart is passed over; with none serving, frames fail at once', async (t) => {
-  const repo = copyDemoRepo(t, ['tiny']);
-  writeFileSync(join(repo, 'tiny', 'config.yaml'), 'max_batch_size: 32\ninstance_count: 2\n');
-  const rt = await startRuntime(t, repo, { execution: 'worker' });
-  const rnd = seeded(17);
-  const xs = Array.from({ length: 10 }, () => randomTensor([1, 1024], rnd));
-  const path = join(repo, 'tiny', '1', 'model.onnx');
-  const want = await direct(path, 'x', xs);
+  const { rt, xs, path, want } = await twoWorkers(t, 'tiny', 'x', [1, 1024], 10, 17);
   writeFileSync(path, 'no longer an onnx model'); // a thread that dies now cannot reopen the model
   const [first, second] = instancesOf(rt, 'tiny') as [SessionInstance, SessionInstance];
   const unavailable = async (instance: SessionInstance): Promise<void> => {
