@@ -143,9 +143,9 @@ export function parseVersion(version: string, what: string): number | undefined 
 
 /**
  * Turns one ModelInferRequest into the runtime's request. `deadline` (performance.now() clock, ms) is the
- * transport deadline, if any; a `timeout` parameter (µs) can shorten it.
+ * transport deadline, if any; a `timeout` parameter (µs) can shorten it. `source` is who sent it, for batching.
  */
-export function decodeInferRequest(msg: ModelInferRequestMessage, deadline?: number): DecodedInferRequest {
+export function decodeInferRequest(msg: ModelInferRequestMessage, deadline?: number, source?: object | string): DecodedInferRequest {
   if (msg.model_name === '') throw new InvalidInputError('model_name is empty');
   const version = parseVersion(msg.model_version, `model '${msg.model_name}'`);
   const raw = msg.raw_input_contents ?? [];
@@ -189,6 +189,7 @@ export function decodeInferRequest(msg: ModelInferRequestMessage, deadline?: num
   if (requestedOutputs !== undefined) request.outputs = requestedOutputs;
   if (sequence !== undefined) request.sequence = sequence;
   if (effectiveDeadline !== undefined) request.deadline = effectiveDeadline;
+  if (source !== undefined) request.source = source;
   return {
     model: msg.model_name,
     version,

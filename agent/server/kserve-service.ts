@@ -132,8 +132,8 @@ export function createKServeService(
   let drainedAll: Promise<void> | undefined;
 
   async function infer(msg: ModelInferRequestMessage, deadline: number | undefined, source: object | string): Promise<ModelInferResponseMessage> {
-    const decoded = decodeInferRequest(msg, deadline);
-    const result = await runtime.submit(decoded.model, decoded.version, { ...decoded.request, source });
+    const decoded = decodeInferRequest(msg, deadline, source);
+    const result = await runtime.submit(decoded.model, decoded.version, decoded.request);
     return encodeInferResponse(result, decoded.id, decoded.requestedOutputs, decoded.typedResponse);
   }
 
