@@ -99,7 +99,7 @@ function probeUnixSocket(path: string): Promise<'listening' | 'stale' | NodeJS.E
   });
 }
 
-/** A fresh name next to `path` to bind under before renaming into place; undefined if none fits sun_path. */
+/** A fresh name next to `path` to bind under before linking into place; undefined if none fits sun_path. */
 function stagingPath(path: string): string | undefined {
   const tag = randomBytes(4).toString('hex');
   return [join(dirname(path), `.${basename(path)}.${tag}`), join(dirname(path), `.${tag}`)].find((p) => Buffer.byteLength(p) <= UNIX_PATH_MAX);
@@ -177,7 +177,7 @@ export class GrpcListeners {
     if (!staging && stale) rmSync(path, { force: true });
     const bindPath = staging ?? path;
     await this.bind(`unix:${bindPath}`, grpc.ServerCredentials.createInsecure(), address);
-    // Mode and owner before the rename: the socket appears at its path with them.
+    // Mode and owner before the link: the socket appears at its path with them.
     chmodSync(bindPath, this.o.unixSocketMode);
     if (this.o.unixSocketOwner !== undefined || this.o.unixSocketGroup !== undefined) {
       const uid = this.o.unixSocketOwner !== undefined ? resolveId('passwd', this.o.unixSocketOwner, this.o.configSource, 'server.unix_socket_owner') : -1;
