@@ -1,4 +1,6 @@
 import t from 'tap';
+import * as grpc from '@grpc/grpc-js';
+import * as protoLoader from '@grpc/proto-loader';
 import { cpSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Writable } from 'node:stream';
@@ -6,9 +8,11 @@ import type { Worker } from 'node:worker_threads';
 import * as ort from 'onnxruntime-node';
 import { runtimeSchema } from '../agent/config/schema.js';
 import { createLogger } from '../agent/logger.js';
-import type { InferenceRuntime, Tensor } from '../agent/runtime/index.js';
+import type { InferenceRuntime, RuntimeObserver, Tensor } from '../agent/runtime/index.js';
+import { PROTO_DIR } from '../agent/server/proto-path.js';
 import type { SessionRequest } from '../agent/runtime/session-factory.js';
 import { createInstance, type FeedTensor, type InstanceOptions, type SessionInstance } from '../agent/runtime/session-instance.js';
+import { startTestAgent } from './helpers/agent.js';
 import { DEMO_REPO, copyDemoRepo, startRuntime, tempDir } from './helpers/runtime.js';
 import { mulberry32 as seeded } from '../scripts/demo-models.js';
 
@@ -230,16 +234,56 @@ t.test('runtime: an instance whose worker cannot restart is passed over; with no
 
 t.test('runtime: once every instance stopped restarting its worker, the model reports UNAVAILABLE with the reason; a reload brings it back', async (t) => {
   const repo = copyDemoRepo(t, ['tiny']);
-  const rt = await startRuntime(t, repo, { execution: 'worker', worker_restart_delays_ms: [0, 10] });
+  const events: Parameters<NonNullable<RuntimeObserver['onModelEvent']>>[0][] = [];
+  const rt = await startRuntime(t, repo, { execution: 'worker', worker_restart_delays_ms: [0, 10] }, { onModelEvent: (e) => events.push(e) });
   const path = join(repo, 'tiny', '1', 'model.onnx');
   const good = readFileSync(path);
   writeFileSync(path, 'no longer an onnx model');
+  events.length = 0;
   await workerOf(instancesOf(rt, 'tiny')[0] as SessionInstance).terminate();
   while (rt.modelInfo('tiny').state === 'READY') await new Promise((r) => setTimeout(r, 5));
   t.match(rt.modelInfo('tiny'), { state: 'UNAVAILABLE', reason: /stopped restarting it until the model is reloaded/ }, 'health, ModelReady and /v1/status see it down, with why');
+  t.match(events, [{ type: 'model-unavailable', model: 'tiny', version: 1, reason: /stopped restarting it until the model is reloaded/ }],
+    'observers are told once, as it happens (telemetry model events, health watchers)');
   writeFileSync(path, good);
   await rt.loadModel('tiny');
   t.equal(rt.modelInfo('tiny').state, 'READY', 'a reload serves again');
+  t.match(events.at(-1), { type: 'model-ready', model: 'tiny', version: 1 }, 'and says so');
   const res = await rt.submit('tiny', undefined, { inputs: { x: randomTensor([1, 1024], seeded(18)) } });
   t.same(res.outputs.y?.shape, [1, 16]);
+});
+
+t.test('agent: a gRPC health Watch of a model hears NOT_SERVING when its last worker gives up, and SERVING after a reload', async (t) => {
+  const a = await startTestAgent(t, { models: ['tiny'], config: { runtime: { execution: 'worker', worker_restart_delays_ms: [0, 10] } } });
+  const pkg = grpc.loadPackageDefinition(protoLoader.loadSync(join(PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'), { keepCase: true, enums: String, defaults: true })) as unknown as {
+    grpc: { health: { v1: { Health: grpc.ServiceClientConstructor } } };
+  };
+  const client = new pkg.grpc.health.v1.Health(a.tcp, grpc.credentials.createInsecure()) as unknown as grpc.Client & { Watch(req: { service: string }): grpc.ClientReadableStream<{ status: string }> };
+  const watch = client.Watch({ service: 'tiny' });
+  t.teardown(() => { watch.cancel(); client.close(); });
+  const heard: string[] = [];
+  const waiters: (() => void)[] = [];
+  watch.on('data', (m: { status: string }) => { heard.push(m.status); for (const w of waiters.splice(0)) w(); });
+  watch.on('error', () => undefined); // the cancel at teardown
+  const hear = async (n: number): Promise<void> => { while (heard.length < n) await new Promise<void>((r) => waiters.push(r)); };
+  await hear(1);
+  t.same(heard, ['SERVING'], 'the watch starts SERVING');
+
+  const path = join(a.repo, 'tiny', '1', 'model.onnx');
+  const good = readFileSync(path);
+  writeFileSync(path, 'no longer an onnx model');
+  await workerOf(instancesOf(a.agent.runtime, 'tiny')[0] as SessionInstance).terminate();
+  await hear(2);
+  t.same(heard, ['SERVING', 'NOT_SERVING'], 'pushed NOT_SERVING without anyone asking');
+  t.equal(a.agent.runtime.modelInfo('tiny').state, 'UNAVAILABLE', 'the model is down');
+  const down = a.agent.metrics.closeInterval();
+  t.match(down.model_events.at(-1), { type: 'model-unavailable', model: 'tiny', version: 1, reason: /stopped restarting it/ }, 'telemetry records the event');
+  t.match(down.models.find((m) => m.model === 'tiny'), { version: 1, state: 'unavailable', reason: /stopped restarting it/ }, 'and reports the version unavailable, with why');
+  t.match(a.agent.metrics.closeInterval().models.find((m) => m.model === 'tiny'), { state: 'unavailable' }, 'until it is reloaded (not forgotten)');
+
+  writeFileSync(path, good);
+  await a.agent.runtime.loadModel('tiny');
+  await hear(3);
+  t.same(heard, ['SERVING', 'NOT_SERVING', 'SERVING'], 'and SERVING again once reloaded');
+  t.match(a.agent.metrics.closeInterval().models.find((m) => m.model === 'tiny'), { state: 'ready' }, 'telemetry: ready again');
 });

@@ -229,15 +229,20 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     try {
       const cfg = this.options.config;
       options.onPhase?.('loading');
+      // Set once this version's scheduler exists; an instance can only give up after that (its first restart
+      // follows a death while serving).
+      let installed: ModelScheduler | undefined;
       const outcome = await loadModelVersion(slot.entry, ve, {
         providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution: cfg.execution, inlineMaxRunUs: cfg.inline_max_run_us, inlineMaxOpenMs: cfg.inline_max_open_ms,
         workerRestartDelaysMs: cfg.worker_restart_delays_ms,
+        onInstanceStopped: () => { if (installed) this.instanceStopped(slot, installed); },
         ...(cfg.graph_cache ? { cacheDir: join(this.options.dataDir, 'cache') } : {}),
       }, this.options.log, this.options.chooseVariant);
       const scheduler = new ModelScheduler(outcome.model, {
         maxQueue: cfg.max_queue, sequenceIdleTimeoutMs: cfg.sequence_idle_timeout_s * 1000, maxSequences: cfg.max_sequences,
         refuseNonFinite: cfg.non_finite_inputs === 'refuse', maxTensorBytes: cfg.max_tensor_bytes, observer: this.options.observer, log: this.options.log,
       });
+      installed = scheduler;
       // close() may have begun while this version loaded (or validated): release it rather than install it.
       const refuseIfClosing = async (): Promise<void> => {
         if (!this.closing) return;
@@ -279,6 +284,18 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       this.options.observer?.onModelEvent?.({ type: 'model-failed', model, version, reason: errorMessage(err) });
       throw err;
     }
+  }
+
+  /**
+   * A worker instance gave up restarting its thread. Once none of the serving version's instances will run
+   * again the model no longer serves: observers (health watchers, telemetry's model events) are told now,
+   * not when someone next asks.
+   */
+  private instanceStopped(slot: ModelSlot, scheduler: ModelScheduler): void {
+    const reason = scheduler.failure;
+    if (this.closing || slot.active !== scheduler || reason === undefined) return;
+    this.options.log.error({ model: slot.entry.name, version: scheduler.model.version, reason }, 'model unavailable: no inference instance will run again until it is reloaded');
+    this.options.observer?.onModelEvent?.({ type: 'model-unavailable', model: slot.entry.name, version: scheduler.model.version, reason });
   }
 
   /**

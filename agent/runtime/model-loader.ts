@@ -26,6 +26,8 @@ export interface LoaderDefaults {
   readonly inlineMaxOpenMs: number;
   /** Waits before each restart of a worker thread that died (runtime.worker_restart_delays_ms). */
   readonly workerRestartDelaysMs?: readonly number[];
+  /** Told when one of this load's worker instances gives up restarting its thread. */
+  readonly onInstanceStopped?: () => void;
 }
 
 /** Picks the file variant to serve. `auto` prefers what the variant selector allows (see compress/). */
@@ -184,6 +186,7 @@ export async function loadModelVersion(
   // A worker instance logs its thread's death and restarts under the model's name.
   const openInstance = (req: SessionRequest, mode: ExecutionMode): Promise<SessionInstance> => createInstance(req, mode, {
     log: log.child({ model: entry.name }), ...(defaults.workerRestartDelaysMs ? { respawnDelaysMs: defaults.workerRestartDelaysMs } : {}),
+    ...(defaults.onInstanceStopped ? { onStopped: defaults.onInstanceStopped } : {}),
   });
   try {
     // The first instance decides the provider; the variant is chosen for that provider, then every instance opens it.

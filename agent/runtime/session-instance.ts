@@ -169,11 +169,13 @@ class WorkerInstance implements SessionInstance {
 
   private readonly log: Logger | undefined;
   private readonly respawnDelaysMs: readonly number[];
+  private readonly onStopped: ((reason: string) => void) | undefined;
 
   private constructor(private readonly request: SessionRequest, first: SpawnedWorker, options: InstanceOptions) {
     this.info = first.info;
     this.log = options.log;
     this.respawnDelaysMs = options.respawnDelaysMs ?? RESPAWN_DELAYS_MS;
+    this.onStopped = options.onStopped;
     this.attach(first.worker);
   }
 
@@ -230,8 +232,10 @@ class WorkerInstance implements SessionInstance {
     const model = this.request.model;
     while (!this.stopped) {
       if (this.failures > this.respawnDelaysMs.length) {
-        this.stop(new UnavailableError(`model '${model}': ${this.lastFailure}; after ${this.failures} failures in a row with no run succeeding, this instance stopped restarting it until the model is reloaded`));
+        const gaveUp = new UnavailableError(`model '${model}': ${this.lastFailure}; after ${this.failures} failures in a row with no run succeeding, this instance stopped restarting it until the model is reloaded`);
+        this.stop(gaveUp);
         this.log?.error({ model, failures_in_a_row: this.failures, reason: this.lastFailure }, 'inference worker keeps failing: instance stopped restarting it');
+        this.onStopped?.(gaveUp.message);
         return;
       }
       const delay = this.respawnDelaysMs[this.failures - 1] ?? 0;
@@ -354,6 +358,8 @@ export interface InstanceOptions {
   readonly log?: Logger;
   /** A worker instance's restart backoff; RESPAWN_DELAYS_MS unless given. */
   readonly respawnDelaysMs?: readonly number[];
+  /** Called once when a worker instance gives up restarting its thread (not when it is released). */
+  readonly onStopped?: (reason: string) => void;
 }
 
 /** Creates one instance of a model: in a worker thread or on the event loop. */

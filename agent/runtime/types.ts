@@ -109,7 +109,7 @@ export interface RuntimeObserver {
    * the whole model was unloaded; with one, that version was replaced by a switch and has answered everything
    * it accepted (`reason` names the replacement).
    */
-  onModelEvent?(event: { type: 'model-ready' | 'model-failed' | 'model-unloaded'; model: string; version?: number; provider?: string; variant?: string; reason?: string }): void;
+  onModelEvent?(event: { type: 'model-ready' | 'model-failed' | 'model-unavailable' | 'model-unloaded'; model: string; version?: number; provider?: string; variant?: string; reason?: string }): void;
 }
 
 /** Triton-style cumulative statistics of one model version (durations in nanoseconds). */

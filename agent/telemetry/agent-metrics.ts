@@ -13,9 +13,11 @@ export type ModelEvent = Parameters<NonNullable<RuntimeObserver['onModelEvent']>
 /**
  * `ready`: serving. `failed`: the version's load failed and it never served (reported once, then forgotten).
  * `unloaded`: no longer served, because the model was unloaded or a switch replaced the version (reported once,
- * then forgotten). `unknown`: requests seen before the runtime announced the version (a deployment validating).
+ * then forgotten). `unavailable`: loaded, but none of its instances will run again (their worker threads kept
+ * dying) until it is reloaded; reported until then. `unknown`: requests seen before the runtime announced the
+ * version (a deployment validating).
  */
-export type ModelTelemetryState = 'ready' | 'failed' | 'unloaded' | 'unknown';
+export type ModelTelemetryState = 'ready' | 'failed' | 'unavailable' | 'unloaded' | 'unknown';
 
 /** A model event as telemetry reports it (records' `model_events`). */
 export interface ModelEventReport {
@@ -231,6 +233,15 @@ export class AgentMetrics implements RuntimeObserver {
         failed.state = 'failed';
         failed.reason = event.reason;
         failed.retiring = true;
+        break;
+      }
+      case 'model-unavailable': {
+        // Still loaded: not retiring, a reload (model-ready) brings it back.
+        const m = event.version !== undefined ? known?.get(event.version) : undefined;
+        if (m) {
+          m.state = 'unavailable';
+          m.reason = event.reason;
+        }
         break;
       }
       case 'model-unloaded': {
