@@ -78,6 +78,14 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
 
   t.ok(r.rss && [r.rss.ready_kb, r.rss.before_kb, r.rss.after_kb, r.rss.growth_pct, r.rss.fps].every(finite) && r.rss.frames > 0, 'RSS before and after');
   t.ok(r.rss.samples_kb.length >= 4 && r.rss.samples_kb.every(finite), 'RSS sampled through the run');
+  // Both collected readings come from the agent's inspector: a full collection cannot leave more live heap than
+  // the process's whole RSS, and a heap of a loaded agent is more than a few MB.
+  for (const k of ['before', 'after'] as const) {
+    const rss = r.rss[`collected_${k}_kb`];
+    const heap = r.rss[`heap_used_${k}_kb`];
+    t.ok(finite(rss) && finite(heap) && heap > 1024 && heap < rss, `RSS and live heap after a full collection, ${k} the frames (${heap} of ${rss} kB)`);
+  }
+  t.equal(r.rss.growth_pct, Math.round(((r.rss.collected_after_kb - r.rss.collected_before_kb) / r.rss.collected_before_kb) * 1000) / 10, 'growth is judged on the collected readings');
   const c = r.cold_start;
   t.ok(c && finite(c.empty.median_ms) && finite(c.cached.median_ms) && finite(c.saved_ms) && finite(c.bare_first_result_ms), 'cold start, empty and cached data dir');
   t.ok(c.empty.runs_ms.length >= 1 && c.cached.runs_ms.length === c.empty.runs_ms.length, 'cold-start repetitions of each kind');

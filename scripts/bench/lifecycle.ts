@@ -5,6 +5,7 @@ import { performance } from 'node:perf_hooks';
 import { agentConfigSchema } from '../../agent/config/index.js';
 import { createSession } from '../../agent/runtime/index.js';
 import { bareFirstResultMs, EQUAL_REL, outputsDiff, type BenchProvider, type Outputs } from './bare.js';
+import { fullCollection, INSPECT_FLAG, inspectorUrl } from './inspector.js';
 import { firstResultAt, nativeFlood } from './load.js';
 import { startAgent, type AgentSpec } from './processes.js';
 import type { ColdStartResult, ColdStartRuns, RssResult } from './report.js';
@@ -16,18 +17,22 @@ export type AgentBase = Omit<AgentSpec, 'repo' | 'execution' | 'dataDir'>;
 
 /**
  * RSS of a long run: a fresh agent with the tiny model, 8 native streams with 8 frames in flight each; a
- * warm-up, then `frames` frames in 20 chunks with an RSS reading after each.
+ * warm-up, then `frames` frames in 20 chunks with an RSS reading after each. The growth is judged on two
+ * readings taken after a full collection (through the agent's inspector), before and after the frames: the
+ * chunk readings in between follow V8's deferred collections and are reported beside it.
  */
 export async function measureRss(repo: string, agentBase: AgentBase, frames: number, log: (line: string) => void): Promise<RssResult> {
   const tiny = workload('tiny');
   tiny.install(repo, true);
-  const agent = await startAgent({ ...agentBase, repo }, performance.now());
+  const agent = await startAgent({ ...agentBase, repo, nodeArgs: [...(agentBase.nodeArgs ?? []), INSPECT_FLAG] }, performance.now());
   try {
+    const inspector = inspectorUrl(agent.server);
     const readyKb = agent.server.rssKb();
     const warmup = Math.min(50_000, Math.max(1000, Math.round(frames / 4)));
     log(`RSS: ${warmup} warm-up frames, then ${frames} in 20 chunks`);
     await nativeFlood(agent.unix, 'tiny', tiny.inputs, 8, 8, warmup);
     const beforeKb = agent.server.rssKb();
+    const collectedBefore = await fullCollection(agent.server, inspector);
     // V8's heap breathes with each collection, so two single readings can differ by 10% with no leak:
     // the row samples after every chunk and compares the first and last quarters' medians.
     const chunk = Math.ceil(frames / 20);
@@ -40,15 +45,20 @@ export async function measureRss(repo: string, agentBase: AgentBase, frames: num
       samples.push(agent.server.rssKb());
     }
     const fps = round1(done / ((performance.now() - t1) / 1000));
+    const collectedAfter = await fullCollection(agent.server, inspector);
     const q = Math.max(1, Math.floor(samples.length / 4));
     const first = median(samples.slice(0, q));
     const last = median(samples.slice(-q));
     const afterKb = samples[samples.length - 1] as number;
+    const pct = (a: number, b: number): number => round1(((b - a) / a) * 100);
     return {
       frames: done, fps, ready_kb: readyKb, before_kb: beforeKb, after_kb: afterKb, warmup_frames: warmup,
       samples_kb: samples, first_quarter_kb: first, last_quarter_kb: last,
-      growth_pct: round1(((last - first) / first) * 100),
-      raw_growth_pct: round1(((afterKb - beforeKb) / beforeKb) * 100),
+      quarter_growth_pct: pct(first, last),
+      raw_growth_pct: pct(beforeKb, afterKb),
+      collected_before_kb: collectedBefore.rssKb, collected_after_kb: collectedAfter.rssKb,
+      heap_used_before_kb: collectedBefore.heapUsedKb, heap_used_after_kb: collectedAfter.heapUsedKb,
+      growth_pct: pct(collectedBefore.rssKb, collectedAfter.rssKb),
     };
   } finally {
     await agent.stop();

@@ -103,10 +103,18 @@ export interface RssResult {
   readonly samples_kb: number[];
   readonly first_quarter_kb: number;
   readonly last_quarter_kb: number;
-  /** Last quarter's median over the first quarter's (robust to the GC's sawtooth). */
-  readonly growth_pct: number;
-  /** Last reading over the reading after warm-up. */
+  /** Last quarter's median over the first quarter's: where V8's deferred collections stand, not only growth. */
+  readonly quarter_growth_pct: number;
+  /** Last reading over the reading after warm-up, neither after a collection. */
   readonly raw_growth_pct: number;
+  /** RSS after a full collection, after the warm-up and after the frames. */
+  readonly collected_before_kb: number;
+  readonly collected_after_kb: number;
+  /** The JS heap's live objects at those two readings. */
+  readonly heap_used_before_kb: number;
+  readonly heap_used_after_kb: number;
+  /** collected_after_kb over collected_before_kb: what the process kept from the frames. */
+  readonly growth_pct: number;
 }
 
 export interface ColdStartRuns {
@@ -232,7 +240,8 @@ export function renderReport(r: BenchReport): string {
     const s = r.rss;
     out.push('', `RSS (tiny, 8 native streams × 8 in flight): ready ${s.ready_kb} kB; after ${s.warmup_frames} warm-up frames ${s.before_kb} kB; then ${s.frames} frames at ${fmt(s.fps)} frames/s:`);
     out.push(`  every ${Math.round(s.frames / s.samples_kb.length)} frames (kB): ${s.samples_kb.join(' ')}`);
-    out.push(`  first-quarter median ${s.first_quarter_kb} kB → last-quarter median ${s.last_quarter_kb} kB: growth ${fmt(s.growth_pct)}% (last reading vs after warm-up: ${fmt(s.raw_growth_pct)}%)`);
+    out.push(`  first-quarter median ${s.first_quarter_kb} kB → last-quarter median ${s.last_quarter_kb} kB: ${fmt(s.quarter_growth_pct)}% (last reading vs after warm-up: ${fmt(s.raw_growth_pct)}%), as V8 defers full collections`);
+    out.push(`  after a full collection: RSS ${s.collected_before_kb} → ${s.collected_after_kb} kB, growth ${fmt(s.growth_pct)}%; live JS heap ${s.heap_used_before_kb} → ${s.heap_used_after_kb} kB`);
   }
   if (r.cold_start) {
     const c = r.cold_start;
