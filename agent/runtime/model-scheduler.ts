@@ -4,6 +4,7 @@ import {
 } from '../errors.js';
 import type { Logger } from '../logger.js';
 import { gatherAlongAxis, scatterAlongAxis, stackBytes } from './batch-assembly.js';
+import { ModelStatisticsRecorder } from './model-statistics.js';
 import { validateRequest } from './request-validation.js';
 import type { FeedTensor, SessionInstance } from './session-instance.js';
 import { RecentSources } from './recent-sources.js';
@@ -65,12 +66,6 @@ interface Instance {
   busy: boolean;
 }
 
-const NS_PER_US = 1000;
-
-function zeroStats(): { count: number; ns: number } {
-  return { count: 0, ns: 0 };
-}
-
 /**
  * Queue, dynamic batcher and instance pool of one model version. Frames from every stream and API meet here:
  * compatible frames (same non-batch shapes) are stacked into one `session.run` on an idle instance, and the
@@ -94,11 +89,7 @@ export class ModelScheduler {
   private dispatchImmediate: NodeJS.Immediate | undefined;
   private readonly sources = new RecentSources();
   private lastExecutionMs = 0;
-  private readonly stats = {
-    lastInference: 0, inferenceCount: 0, executionCount: 0,
-    success: zeroStats(), fail: zeroStats(), queue: zeroStats(),
-    computeInput: zeroStats(), computeInfer: zeroStats(), computeOutput: zeroStats(),
-  };
+  private readonly stats: ModelStatisticsRecorder;
   /** Batching knobs that a config reload may change while frames flow. */
   private batching: { maxQueueDelayUs: number; preferredBatchSizes: readonly number[] };
   /** Set when a batched run's output could not be split by rows: the model then never stacks frames. */
@@ -108,6 +99,7 @@ export class ModelScheduler {
 
   constructor(readonly model: LoadedModel, private readonly options: SchedulerOptions) {
     this.instances = model.instances.map((session) => ({ session, busy: false }));
+    this.stats = new ModelStatisticsRecorder(model.name, model.version);
     this.sequences = new SequenceStore({ idleTimeoutMs: options.sequenceIdleTimeoutMs, maxSequences: options.maxSequences });
     this.batching = { maxQueueDelayUs: model.maxQueueDelayUs, preferredBatchSizes: model.preferredBatchSizes };
     this.outputNames = model.outputs.map((o) => o.name);
@@ -150,7 +142,7 @@ export class ModelScheduler {
       if (request.sequence && this.stateful) this.sequences.admit(request.sequence);
     } catch (err) {
       this.report({ status: 'ERROR' });
-      this.stats.fail.count++;
+      this.stats.failed();
       return Promise.reject(err);
     }
     return new Promise<InferenceResult>((resolve, reject) => {
@@ -183,7 +175,7 @@ export class ModelScheduler {
     const seq = p.request.sequence;
     if (seq && this.stateful) this.sequences.abandon(seq.id);
     this.report({ status });
-    if (status !== 'DROPPED') this.stats.fail.count++;
+    if (status !== 'DROPPED') this.stats.failed();
     p.reject(err);
     this.notifyDrained();
   }
@@ -387,15 +379,7 @@ export class ModelScheduler {
       const done = performance.now();
       const inferUs = (runEnd - runStart) * 1000;
       this.lastExecutionMs = done - startedAt;
-      this.stats.executionCount++;
-      this.stats.inferenceCount += totalRows;
-      this.stats.lastInference = Date.now();
-      this.stats.computeInput.ns += (runStart - startedAt) * 1e6;
-      this.stats.computeInfer.ns += inferUs * NS_PER_US;
-      this.stats.computeOutput.ns += (done - runEnd) * 1e6;
-      this.stats.computeInput.count++;
-      this.stats.computeInfer.count++;
-      this.stats.computeOutput.count++;
+      this.stats.execution(totalRows, startedAt, runStart, runEnd, done);
       this.options.observer?.onExecution?.({ model: m.name, version: m.version, batchSize: batch.length, inferUs });
       for (let i = 0; i < batch.length; i++) {
         const p = batch[i] as Pending;
@@ -407,10 +391,7 @@ export class ModelScheduler {
           outputs = subset;
         }
         const timings = { queueUs: (startedAt - p.enqueuedAt) * 1000, inferUs, totalUs: (done - p.enqueuedAt) * 1000 };
-        this.stats.success.count++;
-        this.stats.success.ns += timings.totalUs * NS_PER_US;
-        this.stats.queue.count++;
-        this.stats.queue.ns += timings.queueUs * NS_PER_US;
+        this.stats.succeeded(startedAt - p.enqueuedAt, done - p.enqueuedAt);
         this.report({ status: 'OK', timings });
         p.resolve({ model: m.name, version: m.version, outputs, timings, batchSize: batch.length });
       }
@@ -427,7 +408,7 @@ export class ModelScheduler {
       } else {
         const failure = err instanceof EdgeAgentError ? err : new InternalError(`onnxruntime failed on model '${m.name}': ${errorMessage(err)}`, { cause: err });
         for (const p of batch) {
-          this.stats.fail.count++;
+          this.stats.failed();
           this.report({ status: 'ERROR' });
           p.reject(failure);
         }
@@ -495,13 +476,7 @@ export class ModelScheduler {
   }
 
   statistics(): ModelStatistics {
-    const s = this.stats;
-    return {
-      name: this.model.name, version: this.model.version, lastInference: s.lastInference,
-      inferenceCount: s.inferenceCount, executionCount: s.executionCount,
-      success: { ...s.success }, fail: { ...s.fail }, queue: { ...s.queue },
-      computeInput: { ...s.computeInput }, computeInfer: { ...s.computeInfer }, computeOutput: { ...s.computeOutput },
-    };
+    return this.stats.snapshot();
   }
 }
 
