@@ -1,4 +1,4 @@
-import { readFileSync, readdirSync, unlinkSync } from 'node:fs';
+import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import type { FleetConfig } from '../config/fleet-schema.js';
 import { ConfigError, errorMessage } from '../errors.js';
@@ -8,6 +8,7 @@ import { CommandHandler, type CommandRejectionStats } from './command-handler.js
 import type { DeploymentTarget } from './deployment-target.js';
 import { DeploymentRunner, StoppingError, SupersededError, type RunPhase } from './deployment-runner.js';
 import { sha256File } from './file-io.js';
+import { cleanDownloads, syncRegistry } from './fleet-housekeeping.js';
 import type { FleetLogger } from './fleet-logger.js';
 import { HttpRangeFetcher } from './http-range-fetcher.js';
 import { identify, ManifestRejection, verifyManifest, type DeploymentManifest, type ManifestLimits } from './manifest.js';
@@ -149,8 +150,8 @@ export class FleetAgent {
       publishState: () => this.publishState(),
       replyLimits: { replyBurst: config.rejected_commands.reply_burst, replyIntervalMs: config.rejected_commands.reply_interval_s * 1000 },
     });
-    await this.syncRegistry();
-    await this.cleanDownloads();
+    await syncRegistry(this.fleetStore, this.options.target, this.options.logger, this.options.databaseRecovered === true);
+    if (this.downloader) await cleanDownloads(this.fleetStore, this.downloader);
     for (const rec of await this.store.journal.unfinished()) {
       const manifest = this.parseStored(rec);
       if (!manifest) continue;
@@ -456,67 +457,5 @@ export class FleetAgent {
       }
     });
     this.stateChanged();
-  }
-
-  /**
-   * Makes the registry agree with the repository: versions on disk it does not know are hashed and added
-   * (everything, after a corrupt database was set aside), versions it lists that are gone are marked deleted.
-   */
-  private async syncRegistry(): Promise<void> {
-    const { target, logger } = this.options;
-    const registry = this.fleetStore.registry;
-    const rebuilding = this.options.databaseRecovered === true;
-    let added = 0;
-    for (const model of target.listModels()) {
-      const v = target.modelVersions(model);
-      const known = new Map((await registry.entries(model)).map((e) => [e.version, e]));
-      for (const ver of v.onDisk) {
-        const entry = known.get(ver);
-        const state = ver === v.active ? 'active' : 'installed';
-        if (entry && entry.state !== 'deleted' && entry.state !== 'rolled_back') {
-          if (entry.state !== state) await registry.setState(model, ver, state);
-          continue;
-        }
-        const path = target.versionPath(model, ver);
-        try {
-          await registry.upsert({ model, version: ver, sha256: await sha256File(path), path, state });
-          added += 1;
-        } catch (err) {
-          logger.warn({ model, version: ver, path, err: errorMessage(err) }, 'fleet: could not hash a model version on disk');
-        }
-      }
-      for (const [ver, entry] of known) {
-        if (!v.onDisk.includes(ver) && (entry.state === 'active' || entry.state === 'installed')) await registry.setState(model, ver, 'deleted');
-      }
-    }
-    if (rebuilding) logger.warn({ versions: added }, 'fleet: database was corrupt and set aside; model registry rebuilt from the model repository on disk');
-  }
-
-  /** Removes partial downloads no unfinished deployment needs. */
-  private async cleanDownloads(): Promise<void> {
-    const store = this.fleetStore;
-    const needed = new Set<string>();
-    for (const rec of await store.journal.unfinished()) {
-      try {
-        needed.add((JSON.parse(rec.manifest) as { artifact?: { sha256?: string } }).artifact?.sha256 ?? '');
-      } catch {
-        // A stored manifest that is not JSON is failed by parseStored.
-      }
-    }
-    for (const d of await store.chunks.downloads()) if (!needed.has(d.sha256)) await this.downloader?.discard(d.sha256);
-    const dir = this.downloader?.dir;
-    if (!dir) return;
-    for (const f of readdirSync(dir)) {
-      // `<sha256>.part` is a partial download (kept while a deployment needs it); `<sha256>.<deployment>.claim` is a
-      // deployment's link to a verified one, made again by the deployment that resumes, so never kept.
-      const part = /^([0-9a-f]{64})\.part$/.exec(f);
-      if (!part || !needed.has(part[1] ?? '')) {
-        try {
-          unlinkSync(join(dir, f));
-        } catch {
-          // Gone already.
-        }
-      }
-    }
   }
 }
