@@ -45,7 +45,9 @@ export interface DeploymentTarget {
    * Moves a verified, fsynced file into `<repo>/<model>/<version>/model.onnx` atomically (temp dir, fsync,
    * rename), keeping `config` (the model's config.yaml for this version) with the version: it must not reach
    * what the serving version reads before this version's activation succeeds. The file at `artifactPath` is
-   * consumed.
+   * consumed. A copy onto another filesystem is refused when that filesystem has too little free space for it,
+   * and a full disk while the version is written leaves nothing of the version behind: either way the rejection
+   * names the repository, and the repository is as it was.
    */
   install(model: string, version: number, artifactPath: string, config?: Readonly<Record<string, unknown>>): Promise<void>;
   /**

@@ -1,13 +1,14 @@
-import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmdirSync, rmSync, statfsSync, statSync, unlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { stringify } from 'yaml';
-import { InvalidInputError } from '../errors.js';
+import { errorMessage, InvalidInputError } from '../errors.js';
 import { MODEL_CONFIG_FILE, MODEL_FILE, type ActiveVersions, type ModelRepository } from '../models/index.js';
 import {
   allocate, elementCount, isDType, viewBytes, type InferenceRequest, type InferenceResult, type InferenceRuntime, type LoadedModel, type RuntimeObserver, type Tensor, type TensorData,
 } from '../runtime/index.js';
 import { fsyncPath, writeFileDurably } from '../store/index.js';
 import type { ActivationPhase, DeploymentTarget, JsonTensor, ModelVersions, ValidationSpec, VersionHealth } from './deployment-target.js';
+import { isDiskFull } from './file-io.js';
 
 /** Recent latencies kept per version for the health window's p99 (a window, not the whole history). */
 const HEALTH_WINDOW = 4096;
@@ -47,6 +48,17 @@ function readText(path: string): string | null {
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') return null;
     throw err;
+  }
+}
+
+/**
+ * The model repository's filesystem cannot take a version: refused before copying (too little space), or full
+ * while the version was written. Either way nothing of the version is left in the repository.
+ */
+export class RepositoryFullError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = 'RepositoryFullError';
   }
 }
 
@@ -127,36 +139,75 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
 
   async install(model: string, version: number, artifactPath: string, config?: Readonly<Record<string, unknown>>): Promise<void> {
     const dir = join(this.repository.root, model);
-    mkdirSync(dir, { recursive: true });
     const final = join(dir, String(version));
     if (existsSync(final)) throw new Error(`version ${version} of '${model}' already exists in the repository`);
+    const newModel = !existsSync(dir);
     // A dot-folder is invisible to the repository scan until the rename makes the version appear whole.
     const tmp = join(dir, `.installing-${version}`);
-    rmSync(tmp, { recursive: true, force: true });
-    mkdirSync(tmp);
+    try {
+      try {
+        mkdirSync(dir, { recursive: true });
+        rmSync(tmp, { recursive: true, force: true });
+        mkdirSync(tmp);
+        this.writeVersion(tmp, model, version, artifactPath, config ? stringify(config) : undefined);
+      } catch (err) {
+        if (!isDiskFull(err)) throw err;
+        throw new RepositoryFullError(`disk full while installing version ${version} of '${model}' in the model repository at ${this.repository.root} (${errorMessage(err)}); the partial version was removed, free space there and deploy again`);
+      }
+      // Until now the repository served the highest version unless a fleet activation was recorded. Record the
+      // serving one before the new version appears, or a restart before its activation finishes (kill -9 while
+      // loading) would serve the new, unvalidated version instead of the old one.
+      const serving = this.modelVersions(model).active;
+      if (serving !== undefined && this.active.get(model) !== serving) this.active.set(model, serving);
+      renameSync(tmp, final);
+    } catch (err) {
+      // A partial version would keep the repository's disk full (the serving version's config writes share it).
+      // Only this install's own folders go: the temp folder, and the model's folder if this install created it.
+      try {
+        rmSync(tmp, { recursive: true, force: true });
+        if (newModel) rmdirSync(dir);
+      } catch {
+        // Left for the next install of this version, which clears its temp folder first.
+      }
+      throw err;
+    }
+    fsyncPath(dir);
+  }
+
+  /** Fills the (temp) version folder: the model file, moved or copied, and the version's config; all fsynced. */
+  private writeVersion(tmp: string, model: string, version: number, artifactPath: string, configText: string | undefined): void {
     const file = join(tmp, MODEL_FILE);
     try {
       renameSync(artifactPath, file);
     } catch {
+      // EXDEV: on a device the repository usually has a partition of its own, apart from the data dir.
+      this.checkFreeSpace(tmp, model, version, statSync(artifactPath).size, configText);
       copyFileSync(artifactPath, file);
       unlinkSync(artifactPath);
     }
     fsyncPath(file);
     // The config travels inside the version's folder, so it appears (and is deleted) with the version and never
     // touches the config.yaml the serving version reads; activation puts it in place.
-    if (config) {
+    if (configText !== undefined) {
       const cfgFile = join(tmp, VERSION_CONFIG_FILE);
-      writeFileSync(cfgFile, stringify(config));
+      writeFileSync(cfgFile, configText);
       fsyncPath(cfgFile);
     }
     fsyncPath(tmp);
-    // Until now the repository served the highest version unless a fleet activation was recorded. Record the
-    // serving one before the new version appears, or a restart before its activation finishes (kill -9 while
-    // loading) would serve the new, unvalidated version instead of the old one.
-    const serving = this.modelVersions(model).active;
-    if (serving !== undefined && this.active.get(model) !== serving) this.active.set(model, serving);
-    renameSync(tmp, final);
-    fsyncPath(dir);
+  }
+
+  /** Refuses a copy that cannot fit on the repository's filesystem, before a byte of it is written. */
+  private checkFreeSpace(tmp: string, model: string, version: number, modelBytes: number, configText: string | undefined): void {
+    const fs = statfsSync(tmp);
+    const free = fs.bavail * fs.bsize;
+    const configBytes = configText === undefined ? 0 : Buffer.byteLength(configText);
+    // Files take whole blocks; a filesystem's own metadata (indirect or extent blocks) is not counted, so a copy
+    // that only just fits may still run out of space, which install handles.
+    const blocks = (n: number): number => Math.ceil(n / fs.bsize) * fs.bsize;
+    const needed = blocks(modelBytes) + blocks(configBytes);
+    if (needed > free) {
+      throw new RepositoryFullError(`disk space: version ${version} of '${model}' needs ${needed} bytes (${MODEL_FILE} ${modelBytes}, ${VERSION_CONFIG_FILE} ${configBytes}) but the model repository at ${this.repository.root} has ${free} bytes free; free space there and deploy again`);
+    }
   }
 
   /**
