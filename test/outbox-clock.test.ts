@@ -1,13 +1,15 @@
 import t from 'tap';
 import { join } from 'node:path';
 import { Database } from '../agent/store/database.js';
+import { MemoryOutbox } from '../agent/store/outbox-memory.js';
 import { SqliteOutbox } from '../agent/store/outbox-sqlite.js';
-import type { OutboxMessage, OutboxOptions } from '../agent/store/outbox.js';
+import type { Outbox, OutboxMessage, OutboxOptions } from '../agent/store/outbox.js';
 import { tempDir } from './helpers/runtime.js';
 
 /**
  * Max age and the sync interval against wall-clock steps (NTP setting a clock that booted unset, `date -s`).
  * Both clocks are test clocks: `wall` is what Date.now would say, `mono` what performance.now would say.
+ * The step handling lives in the shared ledger: the tests that need no restart run against both outboxes.
  */
 
 const SECOND = 1000;
@@ -38,65 +40,98 @@ function telemetry(n: number): OutboxMessage {
   return { kind: 'telemetry', topic: 'edge/devices/d/telemetry', payload: (s) => JSON.stringify({ n, seq: s.seq, dropped: s.dropped }) };
 }
 
-async function openOutbox(t: { teardown(fn: () => void | Promise<void>): void }, file: string, options: OutboxOptions): Promise<{ db: Database; outbox: SqliteOutbox }> {
+type Tap = { teardown(fn: () => void | Promise<void>): void };
+
+async function openOutbox(t: Tap, file: string, options: OutboxOptions): Promise<{ db: Database; outbox: SqliteOutbox }> {
   const db = await Database.open(file);
   t.teardown(() => db.close().catch(() => undefined));
   return { db, outbox: await SqliteOutbox.open(db, options) };
 }
 
+/** Opens a fresh outbox of one implementation. */
+type OpenFresh = (t: Tap, options: OutboxOptions) => Promise<Outbox>;
+
+const IMPLEMENTATIONS: readonly { readonly name: string; readonly open: OpenFresh }[] = [
+  { name: 'SqliteOutbox', open: async (t, options) => (await openOutbox(t, join(tempDir(t), 'edge-agent.db'), options)).outbox },
+  { name: 'MemoryOutbox', open: async (_t, options) => new MemoryOutbox(options) },
+];
+
 /** One record every 10 s for an hour (360 records), offline. */
-async function offlineHour(outbox: SqliteOutbox, clocks: Clocks): Promise<void> {
+async function offlineHour(outbox: Outbox, clocks: Clocks): Promise<void> {
   for (let n = 0; n < 360; n += 1) {
     await outbox.enqueue(telemetry(n));
     clocks.advance(10 * SECOND);
   }
 }
 
-t.test('a forward clock step does not age the backlog; monotonic age still evicts old entries', async (t) => {
-  const clocks = new Clocks(BOOT_WALL);
-  const { outbox } = await openOutbox(t, join(tempDir(t), 'edge-agent.db'), clocks.options({ bounds: { maxAgeMs: 90 * MINUTE } }));
-  await offlineHour(outbox, clocks);
-  t.equal(outbox.stats().rows, 360);
+for (const { name, open } of IMPLEMENTATIONS) {
+  t.test(`${name}: a forward clock step does not age the backlog; monotonic age still evicts old entries`, async (t) => {
+    const clocks = new Clocks(BOOT_WALL);
+    const outbox = await open(t, clocks.options({ bounds: { maxAgeMs: 90 * MINUTE } }));
+    await offlineHour(outbox, clocks);
+    t.equal(outbox.stats().rows, 360);
 
-  clocks.wall += HOUR; // the clock steps forward an hour; no time passed
-  await outbox.enqueue(telemetry(360));
-  t.equal(outbox.stats().rows, 361, 'nothing dropped: the oldest entry is 1 h old, not 2 h');
-  t.equal(outbox.stats().droppedTotal, 0);
-  const first = (await outbox.peek(0, 1))[0]!;
-  t.equal(first.createdAt, BOOT_WALL + HOUR, 'the stored time moved with the step: it is 1 h before the corrected now');
-  t.equal(outbox.stats().oldestCreatedAt, BOOT_WALL + HOUR);
+    clocks.wall += HOUR; // the clock steps forward an hour; no time passed
+    await outbox.enqueue(telemetry(360));
+    t.equal(outbox.stats().rows, 361, 'nothing dropped: the oldest entry is 1 h old, not 2 h');
+    t.equal(outbox.stats().droppedTotal, 0);
+    const first = (await outbox.peek(0, 1))[0]!;
+    t.equal(first.createdAt, BOOT_WALL + HOUR, 'the stored time moved with the step: it is 1 h before the corrected now');
+    t.equal(outbox.stats().oldestCreatedAt, BOOT_WALL + HOUR);
 
-  clocks.advance(45 * MINUTE); // the first 15 minutes of the backlog are now 90 minutes old and more
-  const next = await outbox.enqueue(telemetry(361));
-  t.equal(outbox.stats().droppedTotal, 90, 'records 0..89 (older than 90 min of elapsed time) are dropped');
-  t.equal(outbox.stats().rows, 361 - 90 + 1);
-  t.equal(JSON.parse(next!.payload.toString())['dropped'], 90, 'and reported');
-  const kept = await outbox.peek(0, 1);
-  t.equal(JSON.parse(kept[0]!.payload.toString())['n'], 90, 'the oldest kept is exactly 90 minutes old');
-});
+    clocks.advance(45 * MINUTE); // the first 15 minutes of the backlog are now 90 minutes old and more
+    const next = await outbox.enqueue(telemetry(361));
+    t.equal(outbox.stats().droppedTotal, 90, 'records 0..89 (older than 90 min of elapsed time) are dropped');
+    t.equal(outbox.stats().rows, 361 - 90 + 1);
+    t.equal(JSON.parse(next!.payload.toString())['dropped'], 90, 'and reported');
+    const kept = await outbox.peek(0, 1);
+    t.equal(JSON.parse(kept[0]!.payload.toString())['n'], 90, 'the oldest kept is exactly 90 minutes old');
+  });
 
-t.test('a clock set from an unset RTC to the real date keeps the whole offline backlog (7-day default)', async (t) => {
-  const clocks = new Clocks(BOOT_WALL);
-  const { outbox } = await openOutbox(t, join(tempDir(t), 'edge-agent.db'), clocks.options());
-  await offlineHour(outbox, clocks);
-  clocks.wall = NTP_WALL;
-  const e = await outbox.enqueue(telemetry(360));
-  t.equal(outbox.stats().rows, 361, 'the 26-year step drops nothing');
-  t.equal(JSON.parse(e!.payload.toString())['dropped'], 0);
-  t.equal(outbox.stats().oldestCreatedAt, NTP_WALL - HOUR, 'the backlog now carries the corrected times');
-});
+  t.test(`${name}: a clock set from an unset RTC to the real date keeps the whole offline backlog (7-day default)`, async (t) => {
+    const clocks = new Clocks(BOOT_WALL);
+    const outbox = await open(t, clocks.options());
+    await offlineHour(outbox, clocks);
+    clocks.wall = NTP_WALL;
+    const e = await outbox.enqueue(telemetry(360));
+    t.equal(outbox.stats().rows, 361, 'the 26-year step drops nothing');
+    t.equal(JSON.parse(e!.payload.toString())['dropped'], 0);
+    t.equal(outbox.stats().oldestCreatedAt, NTP_WALL - HOUR, 'the backlog now carries the corrected times');
+  });
 
-t.test('a backward clock step does not keep old entries longer', async (t) => {
-  const clocks = new Clocks(NTP_WALL);
-  const { outbox } = await openOutbox(t, join(tempDir(t), 'edge-agent.db'), clocks.options({ bounds: { maxAgeMs: 90 * MINUTE } }));
-  await offlineHour(outbox, clocks);
-  clocks.wall -= HOUR;
-  await outbox.enqueue(telemetry(360));
-  t.equal(outbox.stats().droppedTotal, 0);
-  clocks.advance(31 * MINUTE); // records 0..5 are more than 90 minutes old (wall time says 31..91 minutes)
-  await outbox.enqueue(telemetry(361));
-  t.equal(outbox.stats().droppedTotal, 6, 'aged by elapsed time, not by the stepped-back wall clock');
-});
+  t.test(`${name}: a backward clock step does not keep old entries longer`, async (t) => {
+    const clocks = new Clocks(NTP_WALL);
+    const outbox = await open(t, clocks.options({ bounds: { maxAgeMs: 90 * MINUTE } }));
+    await offlineHour(outbox, clocks);
+    clocks.wall -= HOUR;
+    await outbox.enqueue(telemetry(360));
+    t.equal(outbox.stats().droppedTotal, 0);
+    clocks.advance(31 * MINUTE); // records 0..5 are more than 90 minutes old (wall time says 31..91 minutes)
+    await outbox.enqueue(telemetry(361));
+    t.equal(outbox.stats().droppedTotal, 6, 'aged by elapsed time, not by the stepped-back wall clock');
+  });
+
+  t.test(`${name}: a payload renderer that throws at a step leaves the step for the next enqueue`, async (t) => {
+    const clocks = new Clocks(BOOT_WALL);
+    const outbox = await open(t, clocks.options({ bounds: { maxAgeMs: 90 * MINUTE } }));
+    await offlineHour(outbox, clocks);
+    clocks.wall = NTP_WALL;
+    await t.rejects(outbox.enqueue({ kind: 'telemetry', topic: 't', payload: () => { throw new Error('render failed'); } }), /render failed/);
+    t.equal(outbox.stats().oldestCreatedAt, BOOT_WALL, 'the shift was undone with the failed enqueue');
+    await outbox.enqueue(telemetry(360));
+    t.equal(outbox.stats().oldestCreatedAt, NTP_WALL - HOUR, 'the next enqueue shifts by the same step, once');
+    t.equal(outbox.stats().droppedTotal, 0);
+  });
+
+  t.test(`${name}: without a monotonic clock option a test clock moves both: no steps are seen`, async (t) => {
+    let wall = 1_000_000;
+    const outbox = await open(t, { now: () => wall, bounds: { maxAgeMs: MINUTE } });
+    await outbox.enqueue(telemetry(0));
+    wall += 2 * MINUTE;
+    await outbox.enqueue(telemetry(1));
+    t.equal(outbox.stats().droppedTotal, 1, 'the moved clock aged the entry');
+  });
+}
 
 t.test('a step is stored with the entries: after a restart in the corrected clock the backlog keeps its age', async (t) => {
   const clocks = new Clocks(BOOT_WALL);
@@ -162,13 +197,4 @@ t.test('the sync interval runs on elapsed time: a backward step does not postpon
   clocks.advance(61 * SECOND);
   await outbox.enqueue(telemetry(1));
   t.equal(outbox.syncs, 1, 'a checkpoint 61 s later, although the wall clock went back an hour');
-});
-
-t.test('without a monotonic clock option a test clock moves both: no steps are seen', async (t) => {
-  let wall = 1_000_000;
-  const { outbox } = await openOutbox(t, join(tempDir(t), 'edge-agent.db'), { now: () => wall, bounds: { maxAgeMs: MINUTE } });
-  await outbox.enqueue(telemetry(0));
-  wall += 2 * MINUTE;
-  await outbox.enqueue(telemetry(1));
-  t.equal(outbox.stats().droppedTotal, 1, 'the moved clock aged the entry');
 });

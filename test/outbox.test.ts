@@ -37,6 +37,18 @@ function deploymentStatus(id: string, state: string): OutboxMessage {
   };
 }
 
+function commandResult(id: string): OutboxMessage {
+  return {
+    kind: 'command-result',
+    topic: `edge/devices/d1/commands/${id}/result`,
+    payload: (s) => JSON.stringify({ seq: s.seq, command_id: id, ok: true }),
+  };
+}
+
+function state(n: number): OutboxMessage {
+  return { kind: 'state', topic: 'edge/devices/d1/state', retain: true, payload: (s) => JSON.stringify({ seq: s.seq, n }) };
+}
+
 function json(entry: OutboxEntry): Record<string, unknown> {
   return JSON.parse(entry.payload.toString('utf8')) as Record<string, unknown>;
 }
@@ -238,6 +250,53 @@ function outboxContract(t: Tap, name: string, makeHarness: () => Promise<OutboxH
       await t.rejects(ob.enqueue(telemetry()), /closed/);
     });
 
+    t.test('class reads: protected entries after one cursor, droppable ones after another, each in id order', async (t) => {
+      const ob = await h.open();
+      const put = [
+        await ob.enqueue(telemetry({ n: 1 })),
+        await ob.enqueue(commandResult('c1')),
+        await ob.enqueue(telemetry({ n: 2 })),
+        await ob.enqueue(state(1)),
+        await ob.enqueue(deploymentStatus('dep1', 'accepted')),
+        await ob.enqueue(telemetry({ n: 3 })),
+        await ob.enqueue(commandResult('c2')),
+      ].map((e) => e!);
+      const ids = (kinds: string[]): number[] => put.filter((e) => kinds.includes(e.kind)).map((e) => e.id);
+      const protectedIds = ids(['command-result', 'deployment-status']);
+      const droppableIds = ids(['telemetry', 'state']);
+      t.same((await ob.peek(0, 100, 'protected')).map((e) => e.id), protectedIds, 'command results and deployment statuses, in id order');
+      t.same((await ob.peek(0, 100, 'droppable')).map((e) => e.id), droppableIds, 'telemetry and other droppable kinds, in id order');
+      t.same((await ob.peek(0, 100)).map((e) => e.id), put.map((e) => e.id), 'without a class: everything, as before');
+      t.same((await ob.peek(protectedIds[0]!, 1, 'protected')).map((e) => e.id), [protectedIds[1]], 'pages after the class cursor');
+      t.same((await ob.peek(protectedIds[0]!, 100, 'droppable')).map((e) => e.id), droppableIds.filter((id) => id > protectedIds[0]!));
+      t.same((await ob.peek(droppableIds[1]!, 2, 'droppable')).map((e) => e.id), droppableIds.slice(2, 4));
+      t.same(await ob.peek(0, 0, 'protected'), []);
+      t.same(await ob.peek(protectedIds.at(-1)!, 10, 'protected'), [], 'nothing after the last protected id');
+      const cr = (await ob.peek(0, 1, 'protected'))[0]!;
+      t.same([cr.kind, cr.seq, cr.topic, cr.retain, json(cr)['command_id']], ['command-result', 1, 'edge/devices/d1/commands/c1/result', false, 'c1'], 'the whole entry');
+      await ob.remove([protectedIds[0]!, droppableIds[0]!]);
+      t.same((await ob.peek(0, 100, 'protected')).map((e) => e.id), protectedIds.slice(1), 'removed entries are gone from the class read');
+      t.same((await ob.peek(0, 100, 'droppable')).map((e) => e.id), droppableIds.slice(1));
+      await t.rejects(ob.peek(0, 10, 'urgent' as never), { name: 'TypeError', message: /outbox read class must be 'protected' or 'droppable', got "urgent"/ });
+      await ob.close();
+    });
+
+    t.test('class reads follow the configured protected kinds', async (t) => {
+      const ob = await h.open({ protectedKinds: ['state'] });
+      await ob.enqueue(deploymentStatus('dep1', 'accepted'));
+      await ob.enqueue(state(1));
+      await ob.enqueue(telemetry());
+      t.same((await ob.peek(0, 10, 'protected')).map((e) => e.kind), ['state']);
+      t.same((await ob.peek(0, 10, 'droppable')).map((e) => e.kind), ['deployment-status', 'telemetry']);
+      await ob.close();
+      const none = await h.open({ protectedKinds: [] });
+      await none.enqueue(commandResult('c1'));
+      t.same(await none.peek(0, 10, 'protected'), [], 'no protected kinds: the protected class is empty');
+      t.ok((await none.peek(0, 10, 'droppable')).some((e) => e.kind === 'command-result'), 'a command result is droppable then');
+      t.equal((await none.peek(0, 10, 'droppable')).length, (await none.peek(0, 10)).length, 'and the droppable class is everything');
+      await none.close();
+    });
+
     t.test('durable: entries, sequence numbers and pending drops survive a reopen', async (t) => {
       if (!h.reopen) {
         t.pass('not a durable implementation');
@@ -262,6 +321,8 @@ function outboxContract(t: Tap, name: string, makeHarness: () => Promise<OutboxH
       t.equal(json(next!)['dropped'], statsBefore.pendingDrops, 'drops pending at shutdown are reported after it');
       const st = await again.enqueue(deploymentStatus('dep1', 'active'));
       t.equal(st!.seq, 2);
+      t.same((await again.peek(0, 10, 'protected')).map((e) => e.id), [st!.id], 'class reads work on the rebuilt bookkeeping');
+      t.same((await again.peek(0, 10, 'droppable')).map((e) => e.id), [next!.id]);
       await again.close();
     });
   });

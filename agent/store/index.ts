@@ -5,5 +5,5 @@ export type { ChunkMap, DeploymentJournal, ModelRegistry, DeploymentRecord, Depl
 export { MemoryOutbox } from './outbox-memory.js';
 export { SqliteOutbox, OUTBOX_MIGRATIONS } from './outbox-sqlite.js';
 export { DEFAULT_OUTBOX_BOUNDS, DEFAULT_PROTECTED_KINDS } from './outbox.js';
-export type { Outbox, OutboxBounds, OutboxEntry, OutboxKind, OutboxMessage, OutboxOptions, OutboxStamp, OutboxStats } from './outbox.js';
+export type { Outbox, OutboxBounds, OutboxClass, OutboxEntry, OutboxKind, OutboxMessage, OutboxOptions, OutboxStamp, OutboxStats } from './outbox.js';
 export { fsyncPath, readJsonObjectFile, writeFileDurably } from './durable-file.js';

@@ -7,13 +7,17 @@ import {
   SerialQueue,
   WallClockSteps,
   DEFAULT_PROTECTED_KINDS,
+  assertOutboxClass,
   resolveBounds,
+  resolveClocks,
   type Outbox,
   type EnqueuePlan,
+  type OutboxClass,
   type OutboxEntry,
   type OutboxMessage,
   type OutboxOptions,
   type OutboxStats,
+  type PlannedEnqueue,
 } from './outbox.js';
 
 export const OUTBOX_MIGRATIONS: readonly Migration[] = [
@@ -97,11 +101,10 @@ export class SqliteOutbox implements Outbox {
    */
   static async open(db: Database, options: OutboxOptions = {}): Promise<SqliteOutbox> {
     const bounds = resolveBounds(options.bounds);
-    const now = options.now ?? Date.now;
-    const monotonic = options.monotonicNow ?? (options.now ? options.now : () => performance.now());
+    const { wall, monotonic } = resolveClocks(options);
     try {
       await db.migrate('outbox', OUTBOX_MIGRATIONS);
-      const clock = new WallClockSteps(now, monotonic);
+      const clock = new WallClockSteps(wall, monotonic);
       const openedAt = clock.read().now;
       await db.transaction(async () => {
         await db.run("UPDATE outbox_counters SET value = CASE WHEN value = 0 THEN ? ELSE value + 1 END WHERE name = 'epoch'", [firstEpoch()]);
@@ -121,7 +124,7 @@ export class SqliteOutbox implements Outbox {
         if (c.name === 'pending_drops') ledger.pendingDrops = c.value;
         else if (c.name === 'dropped_total') ledger.droppedTotal = c.value;
       }
-      return new SqliteOutbox(db, ledger, clock, monotonic, options.syncIntervalMs ?? 60_000, new Set(options.protectedKinds ?? DEFAULT_PROTECTED_KINDS));
+      return new SqliteOutbox(db, ledger, clock, monotonic, options.syncIntervalMs ?? 60_000, new Set(ledger.protectedKindList));
     } catch (err) {
       throw databaseOpenError(db.file, err);
     }
@@ -135,20 +138,17 @@ export class SqliteOutbox implements Outbox {
   enqueue(message: OutboxMessage): Promise<OutboxEntry | undefined> {
     return this.queue.run(async () => {
       this.assertOpen();
-      const reading = this.clock.read();
-      if (reading.step !== 0) this.ledger.rebase(reading.step);
-      let plan: EnqueuePlan;
+      const planned: PlannedEnqueue = this.ledger.planAt(message, this.clock);
+      const { plan } = planned;
       let id: number;
       try {
-        plan = this.ledger.plan(message, reading.now);
-        id = await this.write(plan, reading.step);
+        id = await this.write(plan, planned.reading.step);
       } catch (err) {
         // Nothing was written: the next enqueue sees the same step again.
-        if (reading.step !== 0) this.ledger.rebase(-reading.step);
+        this.ledger.abandon(planned);
         throw err;
       }
-      if (reading.step !== 0) this.clock.accept(reading);
-      this.ledger.apply(plan, id);
+      this.ledger.commit(planned, this.clock, id);
       await this.syncIfDue(this.protectedKinds.has(plan.kind));
       if (!plan.insert) return undefined;
       const entry: OutboxEntry = { id, kind: plan.kind, seq: plan.stamp.seq, topic: plan.topic, payload: plan.payload, retain: plan.retain, createdAt: plan.createdAt };
@@ -177,14 +177,29 @@ export class SqliteOutbox implements Outbox {
     });
   }
 
-  peek(afterId: number, limit: number): Promise<OutboxEntry[]> {
+  /**
+   * The protected class is read by the ids the ledger holds (a few rows, no scan of the backlog behind the
+   * cursor, and no query at all when none is pending); the droppable class by a range scan that skips them.
+   */
+  peek(afterId: number, limit: number, only?: OutboxClass): Promise<OutboxEntry[]> {
     return this.queue.run(async () => {
       this.assertOpen();
+      assertOutboxClass(only);
       if (limit <= 0) return [];
-      const rows = await this.db.all<StoredRow>(
-        'SELECT id, kind, seq, topic, payload, retain, created_at FROM outbox WHERE id > ? ORDER BY id LIMIT ?',
-        [afterId, Math.floor(limit)],
-      );
+      const columns = 'SELECT id, kind, seq, topic, payload, retain, created_at FROM outbox';
+      let rows: StoredRow[];
+      if (only === 'protected') {
+        const ids: SqlValue[] = this.ledger.protectedIdsAfter(afterId, Math.floor(limit));
+        rows = ids.length === 0 ? [] : await this.db.all<StoredRow>(`${columns} WHERE id IN (${ids.map(() => '?').join(',')}) ORDER BY id`, ids);
+      } else if (only === 'droppable' && this.protectedKinds.size > 0) {
+        const kinds: SqlValue[] = [...this.protectedKinds];
+        rows = await this.db.all<StoredRow>(
+          `${columns} WHERE id > ? AND kind NOT IN (${kinds.map(() => '?').join(',')}) ORDER BY id LIMIT ?`,
+          [afterId, ...kinds, Math.floor(limit)],
+        );
+      } else {
+        rows = await this.db.all<StoredRow>(`${columns} WHERE id > ? ORDER BY id LIMIT ?`, [afterId, Math.floor(limit)]);
+      }
       return rows.map((r) => ({ id: r.id, kind: r.kind, seq: r.seq, topic: r.topic, payload: r.payload, retain: r.retain === 1, createdAt: r.created_at }));
     });
   }

@@ -39,7 +39,10 @@ export interface OutboxMessage {
 }
 
 export interface OutboxEntry {
-  /** Insertion order across all kinds; the publisher sends in this order. */
+  /**
+   * Insertion order across all kinds. The publisher sends each class (`OutboxClass`) in this order, the
+   * protected class ahead of the droppable one.
+   */
   readonly id: number;
   readonly kind: OutboxKind;
   readonly seq: number;
@@ -71,6 +74,21 @@ export const DEFAULT_OUTBOX_BOUNDS: OutboxBounds = {
  */
 export const DEFAULT_PROTECTED_KINDS: readonly OutboxKind[] = ['deployment-status', 'command-result'];
 
+/**
+ * The two classes a read can ask for: `protected` (the configured protected kinds: never dropped, few, and
+ * someone is waiting for them, so the publisher sends them ahead of a backlog) and `droppable` (everything else).
+ */
+export type OutboxClass = 'protected' | 'droppable';
+
+export const OUTBOX_CLASSES: readonly OutboxClass[] = ['protected', 'droppable'];
+
+/** Rejects a read class that is not one of `OUTBOX_CLASSES` (a caller's bug, named, rather than an empty read). */
+export function assertOutboxClass(only: unknown): asserts only is OutboxClass | undefined {
+  if (only !== undefined && !OUTBOX_CLASSES.includes(only as OutboxClass)) {
+    throw new TypeError(`outbox read class must be ${OUTBOX_CLASSES.map((c) => `'${c}'`).join(' or ')}, got ${JSON.stringify(only) ?? String(only)}`);
+  }
+}
+
 export interface OutboxOptions {
   readonly bounds?: Partial<OutboxBounds>;
   readonly protectedKinds?: readonly OutboxKind[];
@@ -78,10 +96,10 @@ export interface OutboxOptions {
   readonly now?: () => number;
   /**
    * Monotonic clock (ms, any origin) that measures time within a run: entries' ages for `maxAgeMs` and the
-   * sync interval. A wall-clock step (the wall clock moving away from it by more than 1 s) shifts the stored
-   * `created_at` of every entry by the step, so a step never ages (or rejuvenates) the backlog. SQLite
-   * outbox only. Default performance.now; when only `now` is given, `now` itself (a test clock that moves
-   * both, without steps).
+   * sync interval (SQLite). A wall-clock step (the wall clock moving away from it by more than 1 s) shifts the
+   * `created_at` of every entry by the step (stored too, in SQLite), so a step never ages (or rejuvenates) the
+   * backlog. Default performance.now; when only `now` is given, `now` itself (a test clock that moves both,
+   * without steps).
    */
   readonly monotonicNow?: () => number;
   /**
@@ -109,8 +127,11 @@ export interface OutboxStats {
 export interface Outbox {
   /** Stores the message (dropping what the bounds require first); resolves once it is durable. */
   enqueue(message: OutboxMessage): Promise<OutboxEntry | undefined>;
-  /** Entries with id > afterId, oldest first. */
-  peek(afterId: number, limit: number): Promise<OutboxEntry[]>;
+  /**
+   * Entries with id > afterId, oldest first; with `only`, the entries of that class alone (a reader that
+   * sends the protected class first keeps one cursor per class). An unknown class rejects with a TypeError.
+   */
+  peek(afterId: number, limit: number, only?: OutboxClass): Promise<OutboxEntry[]>;
   /** Removes entries the broker acknowledged; unknown ids are ignored. */
   remove(ids: readonly number[]): Promise<void>;
   stats(): OutboxStats;
@@ -198,6 +219,19 @@ export class WallClockSteps {
   }
 }
 
+/** The wall and monotonic clocks an outbox runs on (see `OutboxOptions.now` and `monotonicNow`). */
+export function resolveClocks(options: OutboxOptions): { readonly wall: () => number; readonly monotonic: () => number } {
+  const wall = options.now ?? Date.now;
+  const monotonic = options.monotonicNow ?? (options.now ? options.now : () => performance.now());
+  return { wall, monotonic };
+}
+
+/** An enqueue planned at one clock reading, not yet written. */
+export interface PlannedEnqueue {
+  readonly plan: EnqueuePlan;
+  readonly reading: ClockReading;
+}
+
 export function resolveBounds(bounds: Partial<OutboxBounds> | undefined): OutboxBounds {
   const b = { ...DEFAULT_OUTBOX_BOUNDS, ...bounds };
   for (const [key, value] of Object.entries(b)) {
@@ -224,6 +258,28 @@ export class OutboxLedger {
 
   constructor(readonly bounds: OutboxBounds, protectedKinds: readonly OutboxKind[], public epoch: number) {
     this.protectedKinds = new Set(protectedKinds);
+  }
+
+  /** The read class of a kind: protected kinds are never dropped and are sent first. */
+  classOfKind(kind: OutboxKind): OutboxClass {
+    return this.protectedKinds.has(kind) ? 'protected' : 'droppable';
+  }
+
+  /** The protected kinds, for a store that filters by kind itself. */
+  get protectedKindList(): readonly OutboxKind[] {
+    return [...this.protectedKinds];
+  }
+
+  /** Ids of protected entries after `afterId`, ascending: protected entries are few, so this is a short walk. */
+  protectedIdsAfter(afterId: number, limit: number): number[] {
+    const ids: number[] = [];
+    if (limit <= 0) return ids;
+    for (const id of this.protectedRows.keys()) {
+      if (id <= afterId) continue;
+      ids.push(id);
+      if (ids.length >= limit) break;
+    }
+    return ids;
   }
 
   private classOf(kind: OutboxKind): Map<number, LedgerRow> {
@@ -348,6 +404,35 @@ export class OutboxLedger {
       pendingDrops,
       droppedTotal: this.droppedTotal + evicted.size + (insert ? 0 : 1),
     };
+  }
+
+  /**
+   * Plans `message` at the clock's current reading. A wall-clock step since the last committed enqueue first
+   * shifts every entry's `createdAt` by the step, so max age counts elapsed (monotonic) time; the store writes
+   * the same shift with the entry (`reading.step`). If planning throws, the shift is undone here; if the
+   * write fails, `abandon` undoes it, and the next enqueue sees the same step again. Both implementations
+   * enqueue through `planAt`/`commit`/`abandon`, so they treat clock steps alike.
+   */
+  planAt(message: OutboxMessage, clock: WallClockSteps): PlannedEnqueue {
+    const reading = clock.read();
+    if (reading.step !== 0) this.rebase(reading.step);
+    try {
+      return { plan: this.plan(message, reading.now), reading };
+    } catch (err) {
+      if (reading.step !== 0) this.rebase(-reading.step);
+      throw err;
+    }
+  }
+
+  /** Undoes a planned enqueue's clock shift after its write failed (nothing was written). */
+  abandon(planned: PlannedEnqueue): void {
+    if (planned.reading.step !== 0) this.rebase(-planned.reading.step);
+  }
+
+  /** Applies a planned enqueue whose write committed; its clock reading becomes the reference for the next step. */
+  commit(planned: PlannedEnqueue, clock: WallClockSteps, id: number): LedgerRow | undefined {
+    if (planned.reading.step !== 0) clock.accept(planned.reading);
+    return this.apply(planned.plan, id);
   }
 
   /** Applies a plan whose writes committed; `id` is the new entry's id (ignored when it was not inserted). */

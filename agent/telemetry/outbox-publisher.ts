@@ -1,6 +1,6 @@
 import type { MqttClient } from 'mqtt';
 import type { Logger } from '../logger.js';
-import type { Outbox, OutboxEntry } from '../store/outbox.js';
+import type { Outbox, OutboxClass, OutboxEntry } from '../store/outbox.js';
 
 export interface OutboxPublisherOptions {
   /** Owned by the fleet code (connect, reconnect, end); the publisher only publishes and listens. */
@@ -30,11 +30,17 @@ export interface PublisherStats {
 
 const MAX_BACKOFF_MS = 30_000;
 
+/** Read order: protected entries (command results, deployment statuses) overtake the droppable backlog. */
+const CLASSES_BY_PRIORITY: readonly OutboxClass[] = ['protected', 'droppable'];
+
 /**
- * Drains the outbox to MQTT in order, QoS 1: an entry leaves the outbox only after its PUBACK. Up to
- * `maxInFlight` entries are unacknowledged at once. When the connection closes, the entries still in flight
- * are published again from the outbox after the next connect (mqtt.js may resend its own copies too: a
- * receiver can see duplicates, recognisable by `seq`, never a gap). The rate is bounded by a token bucket.
+ * Drains the outbox to MQTT, QoS 1: an entry leaves the outbox only after its PUBACK. Each class is sent in
+ * id order, the protected class first: a command result enqueued behind hours of telemetry goes out with the
+ * next token, not after the backlog (receivers order by the per-kind `seq`, so reordering across kinds is
+ * invisible to them). Up to `maxInFlight` entries (both classes together) are unacknowledged at once. When the
+ * connection closes, the entries still in flight are published again from the outbox after the next connect
+ * (mqtt.js may resend its own copies too: a receiver can see duplicates, recognisable by `seq`, never a gap).
+ * The rate is bounded by a token bucket that both classes spend.
  */
 export class OutboxPublisher {
   private readonly client: MqttClient;
@@ -43,17 +49,21 @@ export class OutboxPublisher {
   private readonly maxInFlight: number;
   private readonly logger: Logger | undefined;
   private readonly baseBackoffMs: number;
-  /** Highest id handed to the client in the current connection generation. */
-  private cursor = 0;
-  private highestPublished = 0;
+  /**
+   * Per class: highest id handed to the client in the current connection generation. One cursor per class,
+   * because a protected entry overtakes droppable ones with lower ids: a single cursor past it would skip them.
+   */
+  private readonly cursor: Record<OutboxClass, number> = { protected: 0, droppable: 0 };
+  private readonly highestPublished: Record<OutboxClass, number> = { protected: 0, droppable: 0 };
   /** Bumped when the connection closes: callbacks of older generations no longer steer the cursor. */
   private generation = 0;
-  /** Bumped whenever the cursor moves back, so a read that was in progress is not used past it. */
+  /** Bumped whenever a cursor moves back, so a read that was in progress is not used past it. */
   private rewinds = 0;
-  private readonly inFlight = new Set<number>();
+  /** Entry id → its class (which cursor to rewind if it is not acknowledged). */
+  private readonly inFlight = new Map<number, OutboxClass>();
   /** Acknowledged, removal from the outbox not committed yet: never published again. */
   private readonly acked = new Set<number>();
-  private ackBatch: number[] = [];
+  private ackBatch: { readonly id: number; readonly cls: OutboxClass }[] = [];
   private ackFlush: Promise<void> = Promise.resolve();
   private ackScheduled = false;
   private tokens: number;
@@ -135,19 +145,24 @@ export class OutboxPublisher {
 
   private connectionLost(): void {
     if (this.inFlight.size > 0) {
-      let lowest = Infinity;
-      for (const id of this.inFlight) if (id < lowest) lowest = id;
-      this.rewind(lowest);
+      this.rewindToLowest(this.inFlight);
       this.inFlight.clear();
       this.notifyIdle();
     }
     this.generation += 1;
   }
 
-  /** The next read starts at `id` again. */
-  private rewind(id: number): void {
-    this.cursor = Math.min(this.cursor, id - 1);
+  /** The next read of class `cls` starts at `id` again. */
+  private rewind(cls: OutboxClass, id: number): void {
+    this.cursor[cls] = Math.min(this.cursor[cls], id - 1);
     this.rewinds += 1;
+  }
+
+  /** Rewinds each class to the lowest of its ids among `entries`. */
+  private rewindToLowest(entries: Iterable<readonly [number, OutboxClass]>): void {
+    const lowest: Record<OutboxClass, number> = { protected: Infinity, droppable: Infinity };
+    for (const [id, cls] of entries) lowest[cls] = Math.min(lowest[cls], id);
+    for (const cls of CLASSES_BY_PRIORITY) if (lowest[cls] !== Infinity) this.rewind(cls, lowest[cls]);
   }
 
   private takeTokens(): number {
@@ -203,34 +218,45 @@ export class OutboxPublisher {
       const generation = this.generation;
       const rewinds = this.rewinds;
       const want = Math.min(free, allowance);
-      const entries = (await this.outbox.peek(this.cursor, want + this.acked.size)).filter((e) => !this.acked.has(e.id)).slice(0, want);
+      // Protected entries first; the droppable class fills what is left of this round's allowance.
+      const batch: { readonly entry: OutboxEntry; readonly cls: OutboxClass }[] = [];
+      for (const cls of CLASSES_BY_PRIORITY) {
+        const room = want - batch.length;
+        if (room <= 0) break;
+        const read = await this.outbox.peek(this.cursor[cls], room + this.acked.size, cls);
+        for (const entry of read) {
+          if (batch.length >= want) break;
+          if (!this.acked.has(entry.id)) batch.push({ entry, cls });
+        }
+        if (generation !== this.generation || rewinds !== this.rewinds) break;
+      }
       if (generation !== this.generation || rewinds !== this.rewinds || !this.running) continue;
-      if (entries.length === 0) return;
-      for (const entry of entries) {
+      if (batch.length === 0) return;
+      for (const { entry, cls } of batch) {
         if (!this.client.connected || generation !== this.generation) break;
-        this.publish(entry, generation);
+        this.publish(entry, cls, generation);
       }
     }
   }
 
-  private publish(entry: OutboxEntry, generation: number): void {
-    this.inFlight.add(entry.id);
-    this.cursor = entry.id;
+  private publish(entry: OutboxEntry, cls: OutboxClass, generation: number): void {
+    this.inFlight.set(entry.id, cls);
+    this.cursor[cls] = entry.id;
     this.tokens -= 1;
     this.counts.published += 1;
-    if (entry.id <= this.highestPublished) this.counts.republished += 1;
-    else this.highestPublished = entry.id;
-    this.client.publish(entry.topic, entry.payload, { qos: 1, retain: entry.retain }, (err) => this.settled(entry, generation, err));
+    if (entry.id <= this.highestPublished[cls]) this.counts.republished += 1;
+    else this.highestPublished[cls] = entry.id;
+    this.client.publish(entry.topic, entry.payload, { qos: 1, retain: entry.retain }, (err) => this.settled(entry, cls, generation, err));
   }
 
-  private settled(entry: OutboxEntry, generation: number, err: Error | undefined): void {
+  private settled(entry: OutboxEntry, cls: OutboxClass, generation: number, err: Error | undefined): void {
     const current = generation === this.generation;
     if (!err) {
       // A PUBACK from any generation means the broker has it: remove, whatever the cursor says.
       this.counts.acknowledged += 1;
       if (!this.acked.has(entry.id)) {
         this.acked.add(entry.id);
-        this.ackBatch.push(entry.id);
+        this.ackBatch.push({ id: entry.id, cls });
         this.scheduleAckFlush();
       }
       this.backoffMs = 0;
@@ -242,7 +268,7 @@ export class OutboxPublisher {
       this.backoffMs = Math.min(MAX_BACKOFF_MS, this.backoffMs === 0 ? this.baseBackoffMs : this.backoffMs * 2);
       this.blockedUntil = this.now() + this.backoffMs;
       this.logger?.warn({ topic: entry.topic, seq: entry.seq, reasonCode: code, retryInMs: this.backoffMs }, `outbox entry not acknowledged: ${err.message}`);
-      this.rewind(entry.id);
+      this.rewind(cls, entry.id);
     }
     if (current) {
       this.inFlight.delete(entry.id);
@@ -267,16 +293,17 @@ export class OutboxPublisher {
 
   /** Removes acknowledged entries in one transaction per batch. */
   private flushAcks(): Promise<void> {
-    const ids = this.ackBatch;
-    if (ids.length === 0) return this.ackFlush;
+    const batch = this.ackBatch;
+    if (batch.length === 0) return this.ackFlush;
     this.ackBatch = [];
+    const ids = batch.map((a) => a.id);
     this.ackFlush = this.ackFlush
       .then(() => this.outbox.remove(ids))
       .then(() => { for (const id of ids) this.acked.delete(id); })
       .catch((err: unknown) => {
         // The entries stay in the outbox and are published again: a duplicate, never a loss.
         for (const id of ids) this.acked.delete(id);
-        this.rewind(Math.min(...ids));
+        this.rewindToLowest(batch.map((a) => [a.id, a.cls] as const));
         this.wakeIn(1000);
         this.logger?.warn({ err, count: ids.length }, 'outbox publisher: removing acknowledged entries failed');
       });
