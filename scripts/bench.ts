@@ -76,6 +76,8 @@ function timing(quick: boolean, rounds: number | undefined): Timing {
 
 interface Servers {
   echo?: ServerHandle;
+  /** The echo server that also runs bare's session once per native frame: the floor for a model. */
+  echoRun?: ServerHandle;
   /** The agent's default configuration (batching on / off); `inline` and `worker`: execution forced. */
   on?: RunningAgent;
   off?: RunningAgent;
@@ -137,6 +139,12 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       for (const w of loads) outputsByModel[w.name] = Object.entries(references.get(w.name)?.[0] ?? {}).map(([name, t]) => ({ name, dtype: 'float32', shape: t.dims }));
       o.log('starting echo server');
       servers.echo = await startHelperServer('echo-server', join(ROOT, 'dist', 'scripts', 'bench', 'echo-server.js'), ['--unix', join(work, 'echo.sock'), '--outputs', JSON.stringify(outputsByModel)]);
+      if (has('latency')) {
+        o.log('starting echo server with inference (echo+run)');
+        const run = Object.fromEntries(loads.map((w) => [w.name, w.modelFile(repoOn)]));
+        servers.echoRun = await startHelperServer('echo-run-server', join(ROOT, 'dist', 'scripts', 'bench', 'echo-server.js'),
+          ['--unix', join(work, 'echo-run.sock'), '--outputs', JSON.stringify(outputsByModel), '--run', JSON.stringify(run), '--provider', provider]);
+      }
     }
     // The agent's default configuration is what the rows and the targets describe; its execution mode per model
     // (worker thread or event loop) is read from its log. The execution section adds agents forced to the
@@ -188,6 +196,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           const probes: { key: string; probe: LatencyProbe }[] = [{ key: 'bare', probe: bareLatencyProbe(session, bareFeeds(w, 1)) }];
           if (servers.echo) probes.push({ key: 'echo', probe: await open(servers.echo, false) });
           if (servers.echo && sleepingClient) probes.push({ key: 'echo-sleeping', probe: await open(servers.echo, false, 0) });
+          if (servers.echoRun && api === 'native_stream') probes.push({ key: 'echo-run', probe: await open(servers.echoRun, false) });
           const mainMode = modes[w.name] ?? 'worker';
           if (servers.on && has('latency')) probes.push({ key: 'main', probe: await open(servers.on, w.state.length > 0) });
           if (servers.on && has('latency') && sleepingClient) probes.push({ key: 'main-sleeping', probe: await open(servers.on, w.state.length > 0, 0) });
@@ -195,7 +204,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
           if (servers.worker && mainMode !== 'worker' && api === 'native_stream') probes.push({ key: 'worker', probe: await open(servers.worker, w.state.length > 0) });
           const rounds = new Map(probes.map((p) => [p.key, new Rounds()]));
           const pids: Record<string, number | undefined> = {
-            bare: process.pid, echo: servers.echo?.server.pid, 'echo-sleeping': servers.echo?.server.pid, main: servers.on?.server.pid, 'main-sleeping': servers.on?.server.pid,
+            bare: process.pid, echo: servers.echo?.server.pid, 'echo-sleeping': servers.echo?.server.pid, 'echo-run': servers.echoRun?.server.pid, main: servers.on?.server.pid, 'main-sleeping': servers.on?.server.pid,
             worker: servers.worker?.server.pid, inline: servers.inline?.server.pid,
           };
           const cpu = new Map(probes.map((p) => [p.key, { total: 0, main: 0, frames: 0 }]));
@@ -248,6 +257,9 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
             const s = agent.summary();
             const over = agent.p50s.map((x, i) => x - (bare.p50s[i] as number));
             const own = echo ? over.map((x, i) => x - (echo.p50s[i] as number)) : undefined;
+            // Against the floor for this model, with the same (polling) client: only rows of that client.
+            const echoRun = sleeping ? undefined : rounds.get('echo-run');
+            const overRun = echoRun ? agent.p50s.map((x, i) => x - (echoRun.p50s[i] as number)) : undefined;
             const diff = outputsDiff(probe.outputs, references.get(w.name) ?? []);
             const agentCpu = cpuPerFrame(key);
             const echoCpu = cpuPerFrame(echoKey);
@@ -258,6 +270,8 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
               bare_p50_us: round1(median(bare.p50s)), echo_p50_us: echo ? round1(median(echo.p50s)) : undefined,
               overhead_us: round1(median(over)), own_cost_us: own ? round1(median(own)) : undefined,
               own_cost_range_us: own ? [round1(Math.min(...own)), round1(Math.max(...own))] : undefined,
+              echo_run_p50_us: echoRun ? round1(median(echoRun.p50s)) : undefined,
+              over_echo_run_us: overRun ? round1(median(overRun)) : undefined,
               cpu_us_per_frame: agentCpu, bare_cpu_us_per_frame: bareCpu?.total,
               agent_inference_us: probe.agentTimings?.inferenceUs.length ? summarize(probe.agentTimings.inferenceUs).p50_us : undefined,
               agent_total_us: probe.agentTimings?.totalUs.length ? summarize(probe.agentTimings.totalUs).p50_us : undefined,
@@ -368,7 +382,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       }
     }
   } finally {
-    for (const s of [servers.echo, servers.on, servers.off, servers.inline, servers.worker, servers.naive]) await s?.stop();
+    for (const s of [servers.echo, servers.echoRun, servers.on, servers.off, servers.inline, servers.worker, servers.naive]) await s?.stop();
     for (const s of sessions.values()) await s.release();
   }
 

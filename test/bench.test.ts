@@ -56,6 +56,10 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
       const sleeping = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.config === 'default' && x.client_poll_us === 0);
       const sleepingEcho = r.echo.find((e: Json) => e.frame === w && e.api === 'native_stream' && e.transport === transport && e.client_poll_us === 0);
       t.ok(sleeping && finite(sleeping.own_cost_us) && sleepingEcho && finite(sleepingEcho.p50_us), `${w} native ${transport}: also measured with a client that sleeps, against an echo with the same client`);
+      const polling = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.config === 'default' && x.client_poll_us === r.meta.client_poll_us);
+      // The same client against the echo server that also runs bare's session once per frame.
+      t.ok(polling && finite(polling.echo_run_p50_us) && polling.echo_run_p50_us > 0 && finite(polling.over_echo_run_us), `${w} native ${transport}: measured against the echo server that runs the model (echo+run)`);
+      t.equal(sleeping?.echo_run_p50_us, undefined, `${w} native ${transport}: echo+run is only compared with the client it was measured with`);
       for (const execution of ['worker', 'inline']) {
         const l = r.latency.find((x: Json) => x.workload === w && x.api === 'native_stream' && x.transport === transport && x.execution === execution);
         t.ok(l && finite(l.p50_us) && finite(l.agent_inference_us) && l.outputs_equal === true, `${execution} execution ${w} ${transport}: measured, outputs equal bare`);

@@ -4,7 +4,10 @@ import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { agentConfigSchema } from '../../agent/config/index.js';
 import { NATIVE_LOADER_OPTIONS, PROTO_DIR, SENSOR_STREAM_PROTO, tuneHttp2Sessions } from '../../agent/server/index.js';
+import type * as ort from 'onnxruntime-node';
+import { bareFeeds, openBareSession, type BenchProvider } from './bare.js';
 import { KSERVE_BENCH_LOADER_OPTIONS } from './kserve-client.js';
+import { workload } from './workloads.js';
 
 /**
  * The transport floor: edge.v1.SensorStream and KServe's ModelInfer/ModelStreamInfer over the same grpc-js
@@ -14,6 +17,11 @@ import { KSERVE_BENCH_LOADER_OPTIONS } from './kserve-client.js';
  *
  *   node dist/scripts/bench/echo-server.js --unix PATH --outputs '{"tiny":[{"name":"y","dtype":"float32","shape":[1,16]}]}'
  * Prints {"listening":{"tcp":"127.0.0.1:PORT","unix":"unix:PATH"}} when ready.
+ *
+ * With `--run '{"classifier":"FILE"}' --provider cpu` it is the floor for a model instead: before answering a
+ * native frame of that model it runs bare's session once, in this process, on bare's own feeds (not the
+ * frame's bytes: nothing is decoded), on the event loop. That is the least any server can do per frame with
+ * this gRPC stack and this model: the transport plus one inference run, with nothing of the agent between.
  */
 
 interface OutputSpec { name: string; dtype: string; shape: number[] }
@@ -22,15 +30,26 @@ const NATIVE_DTYPE: Record<string, string> = { float32: 'FLOAT32', int64: 'INT64
 const KSERVE_DTYPE: Record<string, string> = { float32: 'FP32', int64: 'INT64', float16: 'FP16', uint8: 'UINT8', int32: 'INT32' };
 const BYTES: Record<string, number> = { float32: 4, int64: 8, float16: 2, uint8: 1, int32: 4 };
 
-function arg(name: string): string {
+function optionalArg(name: string): string | undefined {
   const i = process.argv.indexOf(name);
-  const v = i >= 0 ? process.argv[i + 1] : undefined;
+  return i >= 0 ? process.argv[i + 1] : undefined;
+}
+
+function arg(name: string): string {
+  const v = optionalArg(name);
   if (v === undefined) throw new Error(`echo-server: missing ${name}`);
   return v;
 }
 
 const outputs = JSON.parse(arg('--outputs')) as Record<string, OutputSpec[]>;
 const unixPath = arg('--unix');
+const runs = new Map<string, { session: ort.InferenceSession; feeds: Record<string, ort.Tensor> }>();
+for (const [model, file] of Object.entries(JSON.parse(optionalArg('--run') ?? '{}') as Record<string, string>)) {
+  const session = await openBareSession(file, (optionalArg('--provider') ?? 'cpu') as BenchProvider);
+  const feeds = bareFeeds(workload(model), 1);
+  await session.run(feeds); // onnxruntime's first run initialises lazily; bare's first run is untimed too
+  runs.set(model, { session, feeds });
+}
 const zeros = (o: OutputSpec): Buffer => Buffer.alloc(o.shape.reduce((a, b) => a * b, 1) * (BYTES[o.dtype] ?? 4));
 
 const native = grpc.loadPackageDefinition(protoLoader.loadSync(SENSOR_STREAM_PROTO, NATIVE_LOADER_OPTIONS)) as unknown as { edge: { v1: { SensorStream: grpc.ServiceClientConstructor } } };
@@ -52,13 +71,16 @@ function nativeStream(call: grpc.ServerDuplexStream<WireRequest, object>): void 
     }
     const f = msg.frame as WireFrame;
     const outs = outputs[model] ?? [];
-    call.write({
+    const answer = (): boolean => call.write({
       result: {
         seq: f.seq, status: 'OK', message: '', model_version: 1, capture_time_us: f.capture_time_us, batch_size: 1,
         outputs: outs.map((o) => ({ name: o.name, dtype: NATIVE_DTYPE[o.dtype], shape: o.shape, data: zeros(o) })),
         timings: { queue_us: 0, inference_us: 0, total_us: 0 },
       },
     });
+    const run = runs.get(model);
+    if (run) void run.session.run(run.feeds).then(answer, (err: unknown) => call.destroy(err as Error));
+    else answer();
   });
   call.on('end', () => call.end());
   call.on('error', () => undefined);

@@ -46,6 +46,14 @@ export interface LatencyRow {
   readonly own_cost_us: number | undefined;
   /** Smallest and largest per-round own cost: how much the shared machine moved it. */
   readonly own_cost_range_us: [number, number] | undefined;
+  /**
+   * Native rows with the polling client: p50 of the echo server that runs bare's session once per frame on its
+   * event loop (transport + one inference run, nothing else: the least a server can do per frame), and the
+   * median over rounds of (p50 − that). On this VM a round trip with 3 ms of work in it costs far more than
+   * echo's plus bare's, whatever the work is; this compares the agent with a server that pays the same.
+   */
+  readonly echo_run_p50_us?: number | undefined;
+  readonly over_echo_run_us?: number | undefined;
   /** On-CPU time of the agent process per frame (all threads; main thread), and of bare's process. */
   readonly cpu_us_per_frame: { total: number; main: number } | undefined;
   readonly bare_cpu_us_per_frame: number | undefined;
@@ -217,9 +225,10 @@ export function renderReport(r: BenchReport): string {
     out.push('(client: polls while its result is awaited, as a latency-critical caller would (EdgeAgentClient busyPollUs), or sleeps)');
     out.push('(cpu: on-CPU µs per frame of the agent process, all threads (main thread); own cpu = agent − echo − bare cpu)');
     out.push('(agent run/total: p50 of the agent\'s own timings per frame — its inference run, and frame decoded → result ready)');
-    out.push(formatTable(['workload', 'api', 'transport', 'execution (config)', 'client', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'agent run/total', 'cpu µs/frame', 'own cpu µs', 'outputs = bare', 'n'],
+    out.push('(echo+run: the echo server running bare\'s session once per native frame on its event loop; over echo+run: p50 − its p50, same rounds and client)');
+    out.push(formatTable(['workload', 'api', 'transport', 'execution (config)', 'client', 'p50 µs', 'p99 µs', 'bare p50', 'echo p50', 'over bare µs', 'own cost µs', 'own cost range', 'echo+run p50', 'over echo+run µs', 'agent run/total', 'cpu µs/frame', 'own cpu µs', 'outputs = bare', 'n'],
       r.latency.map((l) => [l.workload, l.api, l.transport, `${l.execution} (${l.config})`, clientCell(l.client_poll_us), l.p50_us, l.p99_us, l.bare_p50_us, fmt(l.echo_p50_us), l.overhead_us, fmt(l.own_cost_us),
-        l.own_cost_range_us ? `${fmt(l.own_cost_range_us[0])}..${fmt(l.own_cost_range_us[1])}` : 'n/a',
+        l.own_cost_range_us ? `${fmt(l.own_cost_range_us[0])}..${fmt(l.own_cost_range_us[1])}` : 'n/a', fmt(l.echo_run_p50_us), fmt(l.over_echo_run_us),
         l.agent_inference_us === undefined ? 'n/a' : `${fmt(l.agent_inference_us)}/${fmt(l.agent_total_us)}`, cpuCell(l.cpu_us_per_frame), fmt(l.own_cpu_us),
         l.outputs_equal ? 'yes' : `NO (${l.max_rel_diff.toExponential(1)})`, l.n])));
   }
