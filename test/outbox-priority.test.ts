@@ -1,10 +1,11 @@
 import t, { type Test } from 'tap';
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { connect, createServer, type Server, type Socket } from 'node:net';
-import { tmpdir } from 'node:os';
+import { chmodSync, writeFileSync } from 'node:fs';
+import { connect, createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
 import mqtt, { type MqttClient } from 'mqtt';
-import { MosquittoBroker, freePort } from './helpers/mosquitto.js';
+import { connectAgentClient, freePort, MosquittoBroker, startPersistentBroker } from './helpers/mosquitto.js';
+import { until } from './helpers/event-loop.js';
+import { tempDir } from './helpers/runtime.js';
 import { Database } from '../agent/store/database.js';
 import { MemoryOutbox } from '../agent/store/outbox-memory.js';
 import { SqliteOutbox } from '../agent/store/outbox-sqlite.js';
@@ -21,20 +22,7 @@ interface Tap { teardown(fn: () => unknown): void }
 
 const DEVICE = 'dev-prio';
 
-function scratch(t: Tap, prefix: string): string {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
-/** Waits for a condition driven by real events; the timeout only turns a hang into a failure. */
-async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const start = Date.now();
-  while (!cond()) {
-    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for: ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 
 function telemetry(n: number): OutboxMessage {
   return { kind: 'telemetry', topic: `edge/devices/${DEVICE}/telemetry`, payload: (s) => JSON.stringify({ kind: 'telemetry', seq: s.seq, n }) };
@@ -100,22 +88,7 @@ function assertEveryKindComplete(t: Test, sink: FleetSink, expected: Record<stri
   }
 }
 
-async function agentClient(t: Tap, url: string): Promise<MqttClient> {
-  const client = mqtt.connect(url, { reconnectPeriod: 100, connectTimeout: 2000, protocolVersion: 5 });
-  client.on('error', () => undefined);
-  t.teardown(() => new Promise<void>((r) => client.end(true, {}, () => r())));
-  await new Promise<void>((resolve) => client.once('connect', () => resolve()));
-  return client;
-}
 
-/** A broker that keeps the subscriber's session across a SIGTERM restart. */
-async function persistentBroker(t: Tap): Promise<MosquittoBroker> {
-  const dir = scratch(t, 'edge-prio-persist-');
-  chmodSync(dir, 0o777); // mosquitto drops root privileges before writing its database
-  const broker = await MosquittoBroker.start({ extraConfig: `persistence true\npersistence_location ${dir}/\nautosave_interval 0\n` });
-  t.teardown(() => broker.close());
-  return broker;
-}
 
 /**
  * A TCP link between the agent's client and the broker that can hold back what the broker sends (PUBACKs
@@ -126,12 +99,12 @@ class BrokerLink {
   private held = false;
   private readonly pairs = new Set<{ client: Socket; upstream: Socket }>();
 
-  private constructor(private readonly server: Server, readonly port: number) {}
+  private constructor(readonly port: number) {}
 
   static async open(t: Tap, brokerPort: number): Promise<BrokerLink> {
     const port = await freePort();
     const server = createServer();
-    const link = new BrokerLink(server, port);
+    const link = new BrokerLink(port);
     server.on('connection', (client) => link.bridge(client, brokerPort));
     await new Promise<void>((resolve) => server.listen(port, '127.0.0.1', () => resolve()));
     t.teardown(() => { link.cut(); return new Promise<void>((r) => server.close(() => r())); });
@@ -177,7 +150,7 @@ const IMPLEMENTATIONS: readonly { readonly name: string; readonly open: (t: Tap)
   {
     name: 'SqliteOutbox',
     open: async (t) => {
-      const { db, outbox } = await openSqlite(join(scratch(t, 'edge-prio-db-'), 'agent.db'));
+      const { db, outbox } = await openSqlite(join(tempDir(t, 'edge-prio-db-'), 'agent.db'));
       t.teardown(async () => { await outbox.close(); await db.close(); });
       return outbox;
     },
@@ -192,7 +165,7 @@ for (const { name, open } of IMPLEMENTATIONS) {
     const sink = await FleetSink.connect(t, broker.url, `sink-prio-${name}`);
     const outbox = await open(t);
     for (let n = 1; n <= 30; n += 1) await outbox.enqueue(telemetry(n));
-    const client = await agentClient(t, broker.url);
+    const client = await connectAgentClient(t, broker.url);
     let outstanding = 0;
     let maxOutstanding = 0;
     client.on('packetsend', (p) => { if (p.cmd === 'publish') { outstanding += 1; maxOutstanding = Math.max(maxOutstanding, outstanding); } });
@@ -236,14 +209,14 @@ for (const { name, open } of IMPLEMENTATIONS) {
 }
 
 t.test('SqliteOutbox, rate-bounded drain with a broker outage in the middle: nothing lost or skipped in either class', async (t) => {
-  const broker = await persistentBroker(t);
+  const broker = await startPersistentBroker(t, 'edge-prio-persist-');
   const sink = await FleetSink.connect(t, broker.url, 'sink-prio-outage');
-  const { db, outbox } = await openSqlite(join(scratch(t, 'edge-prio-outage-'), 'agent.db'));
+  const { db, outbox } = await openSqlite(join(tempDir(t, 'edge-prio-outage-'), 'agent.db'));
   t.teardown(async () => { await outbox.close(); await db.close(); });
   const BACKLOG = 120;
   for (let n = 1; n <= BACKLOG; n += 1) await outbox.enqueue(telemetry(n));
   const link = await BrokerLink.open(t, broker.port);
-  const client = await agentClient(t, link.url);
+  const client = await connectAgentClient(t, link.url);
   const maxInFlight = 4;
   const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 40, maxInFlight });
   let inFlightAtOutage = -1;
@@ -297,13 +270,13 @@ t.test('SqliteOutbox, rate-bounded drain with a broker outage in the middle: not
 });
 
 t.test('SqliteOutbox, publisher restarted on the reopened file mid-drain: the protected class goes first, nothing lost', async (t) => {
-  const broker = await persistentBroker(t);
+  const broker = await startPersistentBroker(t, 'edge-prio-persist-');
   const sink = await FleetSink.connect(t, broker.url, 'sink-prio-restart');
-  const file = join(scratch(t, 'edge-prio-restart-'), 'agent.db');
+  const file = join(tempDir(t, 'edge-prio-restart-'), 'agent.db');
   const first = await openSqlite(file);
   const BACKLOG = 80;
   for (let n = 1; n <= BACKLOG; n += 1) await first.outbox.enqueue(telemetry(n));
-  const clientA = await agentClient(t, broker.url);
+  const clientA = await connectAgentClient(t, broker.url);
   const publisherA = new OutboxPublisher({ client: clientA, outbox: first.outbox, ratePerSecond: 40, maxInFlight: 4 });
   publisherA.start();
   await until('10 records drained', () => sink.count('telemetry') >= 10);
@@ -320,7 +293,7 @@ t.test('SqliteOutbox, publisher restarted on the reopened file mid-drain: the pr
   const second = await openSqlite(file);
   t.teardown(async () => { await second.outbox.close(); await second.db.close(); });
   await second.outbox.enqueue(commandResult('c2'));
-  const clientB = await agentClient(t, broker.url);
+  const clientB = await connectAgentClient(t, broker.url);
   const publisherB = new OutboxPublisher({ client: clientB, outbox: second.outbox, ratePerSecond: 40, maxInFlight: 4 });
   publisherB.start();
   await publisherB.drained(60_000);
@@ -334,7 +307,7 @@ t.test('SqliteOutbox, publisher restarted on the reopened file mid-drain: the pr
 });
 
 t.test('a droppable entry the broker keeps refusing stays in the outbox and does not hold back a command result', async (t) => {
-  const dir = scratch(t, 'edge-prio-acl-');
+  const dir = tempDir(t, 'edge-prio-acl-');
   chmodSync(dir, 0o755);
   const acl = join(dir, 'acl');
   writeFileSync(acl, 'topic readwrite edge/#\n', { mode: 0o644 });
@@ -344,7 +317,7 @@ t.test('a droppable entry the broker keeps refusing stays in the outbox and does
   await outbox.enqueue(telemetry(1));
   await outbox.enqueue({ kind: 'telemetry', topic: 'forbidden/devices/d/telemetry', payload: (s) => JSON.stringify({ seq: s.seq }) });
   await outbox.enqueue(telemetry(3));
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 1000, maxInFlight: 1, refusalBackoffMs: 20 });
   publisher.start();
   await until('two refusals', () => publisher.stats().refused >= 2);

@@ -1,12 +1,13 @@
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { chmodSync, writeFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
 import mqtt, { type MqttClient } from 'mqtt';
-import { MosquittoBroker } from './helpers/mosquitto.js';
+import { connectAgentClient, MosquittoBroker, startPersistentBroker } from './helpers/mosquitto.js';
+import { until } from './helpers/event-loop.js';
+import { tempDir } from './helpers/runtime.js';
 import { Database } from '../agent/store/database.js';
 import { SqliteOutbox } from '../agent/store/outbox-sqlite.js';
 import { MemoryOutbox } from '../agent/store/outbox-memory.js';
@@ -22,34 +23,10 @@ import { telemetrySchema } from '../agent/config/telemetry-schema.js';
 const HERE = dirname(fileURLToPath(import.meta.url));
 const INTERVAL_MS = 100;
 
-function scratch(t: Tap, prefix: string): string {
-  const dir = mkdtempSync(join(tmpdir(), prefix));
-  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
-  return dir;
-}
 
 interface Tap { teardown(fn: () => unknown): void }
 
-/** Waits for a condition driven by real events; the timeout only turns a hang into a failure. */
-async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
-  const start = Date.now();
-  while (!cond()) {
-    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for: ${what}`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}
 
-/**
- * A broker that keeps sessions across a SIGTERM restart, so the test's subscriber (a persistent session)
- * gets every message the agent publishes while the subscriber itself is still reconnecting.
- */
-async function persistentBroker(t: Tap): Promise<MosquittoBroker> {
-  const dir = scratch(t, 'edge-mq-persist-');
-  chmodSync(dir, 0o777); // mosquitto drops root privileges before writing its database
-  const broker = await MosquittoBroker.start({ extraConfig: `persistence true\npersistence_location ${dir}/\nautosave_interval 0\n` });
-  t.teardown(() => broker.close());
-  return broker;
-}
 
 /** The fleet side: a persistent QoS 1 subscription to every device's telemetry. */
 class TelemetrySink {
@@ -91,16 +68,9 @@ function range(from: number, to: number): number[] {
   return Array.from({ length: to - from + 1 }, (_, i) => from + i);
 }
 
-async function agentClient(t: Tap, url: string, extra: mqtt.IClientOptions = {}): Promise<MqttClient> {
-  const client = mqtt.connect(url, { reconnectPeriod: 100, connectTimeout: 2000, protocolVersion: 5, ...extra });
-  client.on('error', () => undefined);
-  t.teardown(() => new Promise<void>((r) => client.end(true, {}, () => r())));
-  await new Promise<void>((resolve) => client.once('connect', () => resolve()));
-  return client;
-}
 
 async function sqliteOutbox(t: Tap, file?: string): Promise<{ outbox: SqliteOutbox; db: Database }> {
-  const db = await Database.open(file ?? join(scratch(t, 'edge-tel-db-'), 'agent.db'));
+  const db = await Database.open(file ?? join(tempDir(t, 'edge-tel-db-'), 'agent.db'));
   const outbox = await SqliteOutbox.open(db);
   t.teardown(async () => { await outbox.close(); await db.close(); });
   return { outbox, db };
@@ -119,7 +89,7 @@ t.test('records arrive in order with contiguous sequence numbers, each removed a
   t.teardown(() => broker.close());
   const sink = await TelemetrySink.connect(t, broker.url, 'sink-order');
   const { outbox } = await sqliteOutbox(t);
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const metrics = new AgentMetrics();
   feedTraffic(t, metrics);
   const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 1000, maxInFlight: 4 });
@@ -145,10 +115,10 @@ t.test('records arrive in order with contiguous sequence numbers, each removed a
 });
 
 t.test('broker down for several intervals, then back: every record arrives, none missing', async (t) => {
-  const broker = await persistentBroker(t);
+  const broker = await startPersistentBroker(t, 'edge-mq-persist-');
   const sink = await TelemetrySink.connect(t, broker.url, 'sink-outage');
   const { outbox } = await sqliteOutbox(t);
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const metrics = new AgentMetrics();
   feedTraffic(t, metrics);
   let lastStored = 0;
@@ -178,9 +148,9 @@ t.test('broker down for several intervals, then back: every record arrives, none
 });
 
 t.test('SIGKILL while offline, restart, broker back: no gap', async (t) => {
-  const broker = await persistentBroker(t);
+  const broker = await startPersistentBroker(t, 'edge-mq-persist-');
   const sink = await TelemetrySink.connect(t, broker.url, 'sink-kill');
-  const dbFile = join(scratch(t, 'edge-kill-'), 'agent.db');
+  const dbFile = join(tempDir(t, 'edge-kill-'), 'agent.db');
   const script = join(HERE, 'fixtures', 'telemetry', 'outbox-agent.ts');
   // The child runs TypeScript the way this test does: same loader flags, without tap's coverage/mock hooks.
   const loader = process.execArgv.filter((a) => !a.includes('@tapjs/processinfo') && !a.includes('@tapjs/mock'));
@@ -231,7 +201,7 @@ t.test('in flight never exceeds max_in_flight; the rate bound holds on a frozen 
   for (let i = 0; i < 30; i += 1) {
     await outbox.enqueue({ kind: 'telemetry', topic: 'edge/devices/dev-rate/telemetry', payload: (s) => JSON.stringify({ seq: s.seq }) });
   }
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   let outstanding = 0;
   let maxOutstanding = 0;
   client.on('packetsend', (p) => { if (p.cmd === 'publish') { outstanding += 1; maxOutstanding = Math.max(maxOutstanding, outstanding); } });
@@ -272,13 +242,13 @@ t.test('deployment statuses keep their retain flag and their order among telemet
   }
   kinds.push(...(await outbox.peek(0, 100)).map((e) => e.kind));
   t.same(kinds.filter((k) => k === 'deployment-status').length, 3, 'all three statuses survived the bound of 4 rows');
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 1000, maxInFlight: 2 });
   publisher.start();
   await publisher.drained();
   await publisher.stop();
   // A late subscriber sees the retained statuses: they were published with retain.
-  const late = await agentClient(t, broker.url);
+  const late = await connectAgentClient(t, broker.url);
   const retained: string[] = [];
   late.on('message', (topic, payload, packet) => { if (packet.retain) retained.push(`${topic} ${(JSON.parse(payload.toString()) as { state: string }).state}`); });
   await new Promise<void>((r) => late.subscribe('edge/devices/d/deployments/+/status', { qos: 1 }, () => r()));
@@ -287,7 +257,7 @@ t.test('deployment statuses keep their retain flag and their order among telemet
 });
 
 t.test('outage past the bound: oldest telemetry dropped and counted, deployment statuses all delivered', async (t) => {
-  const broker = await persistentBroker(t);
+  const broker = await startPersistentBroker(t, 'edge-mq-persist-');
   const sink = await TelemetrySink.connect(t, broker.url, 'sink-bound');
   const statuses: string[] = [];
   const statusSeqs: number[] = [];
@@ -298,10 +268,10 @@ t.test('outage past the bound: oldest telemetry dropped and counted, deployment 
     statuses.push(status.state);
     statusSeqs.push(status.seq);
   });
-  const db = await Database.open(join(scratch(t, 'edge-bound-'), 'agent.db'));
+  const db = await Database.open(join(tempDir(t, 'edge-bound-'), 'agent.db'));
   const outbox = await SqliteOutbox.open(db, { bounds: { maxRows: 12 } });
   t.teardown(async () => { await outbox.close(); await db.close(); });
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const metrics = new AgentMetrics();
   let lastStored = 0;
   outbox.onEnqueued((e) => { if (e.kind === 'telemetry') lastStored = e.seq; });
@@ -348,13 +318,13 @@ t.test('TelemetryService: wired as main.ts wires it', async (t) => {
   t.teardown(() => broker.close());
   const sink = await TelemetrySink.connect(t, broker.url, 'sink-service');
   const config = telemetrySchema.parse({ interval_s: 0.1, http: { port: 0 }, outbox: { max_rows: 100 }, device: { nvidia_smi: false, tegrastats: false } });
-  const db = await Database.open(join(scratch(t, 'edge-svc-'), 'agent.db'));
+  const db = await Database.open(join(tempDir(t, 'edge-svc-'), 'agent.db'));
   const outbox = await SqliteOutbox.open(db, outboxOptions(config.outbox));
   t.teardown(async () => { await outbox.close(); await db.close(); });
   const metrics = new AgentMetrics();
   feedTraffic(t, metrics);
   metrics.onModelEvent({ type: 'model-ready', model: 'classifier', version: 1, provider: 'cpu', variant: 'fp32' });
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const service = new TelemetryService({
     config, metrics, outbox, deviceId: 'dev-svc', agentVersion: '0.1.0', topicPrefix: 'edge',
     statusSource: () => ({ agentVersion: '0.1.0', deviceId: 'dev-svc', models: [{ name: 'classifier', version: 1, state: 'READY', provider: 'cpu', variant: 'fp32' }], fleet: { connected: client.connected, broker: broker.url } }),
@@ -384,7 +354,7 @@ t.test('TelemetryService: wired as main.ts wires it', async (t) => {
 });
 
 t.test('an entry the broker refuses (MQTT 5 reason code) stays in the outbox and is retried, never deleted', async (t) => {
-  const dir = scratch(t, 'edge-acl-');
+  const dir = tempDir(t, 'edge-acl-');
   chmodSync(dir, 0o755);
   const acl = join(dir, 'acl');
   writeFileSync(acl, 'topic readwrite edge/#\n', { mode: 0o644 });
@@ -395,7 +365,7 @@ t.test('an entry the broker refuses (MQTT 5 reason code) stays in the outbox and
   await put('edge/devices/d/telemetry');
   await put('forbidden/devices/d/telemetry');
   await put('edge/devices/d/telemetry');
-  const client = await agentClient(t, broker.url);
+  const client = await connectAgentClient(t, broker.url);
   const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 1000, maxInFlight: 1, refusalBackoffMs: 20 });
   publisher.start();
   await until('three refusals', () => publisher.stats().refused >= 3);

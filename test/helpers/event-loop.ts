@@ -11,3 +11,12 @@ export const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeou
 
 /** One event-loop turn: a spin that should stop has seen its reason by then (its immediate was queued first). */
 export const turn = (): Promise<void> => new Promise((r) => setImmediate(r));
+
+/** Waits for a condition driven by real events; the timeout only turns a hang into a failure. */
+export async function until(what: string, cond: () => boolean, timeoutMs = 20_000): Promise<void> {
+  const start = Date.now();
+  while (!cond()) {
+    if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for: ${what}`);
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}

@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
-import { existsSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import { chmodSync, existsSync, mkdtempSync, writeFileSync, rmSync } from 'node:fs';
+import mqtt, { type MqttClient } from 'mqtt';
 import { freePort, waitForPort } from '../../scripts/soak/soak-broker.js';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -65,4 +66,28 @@ export class MosquittoBroker {
     await this.stop('SIGTERM');
     rmSync(this.dir, { recursive: true, force: true });
   }
+}
+
+type Teardown = { teardown(fn: () => unknown): void };
+
+/**
+ * A broker that keeps sessions across a SIGTERM restart (its own database in a temp dir), so a persistent
+ * subscriber gets every message published while it is itself still reconnecting.
+ */
+export async function startPersistentBroker(t: Teardown, prefix = 'edge-mq-persist-'): Promise<MosquittoBroker> {
+  const dir = mkdtempSync(join(tmpdir(), prefix));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  chmodSync(dir, 0o777); // mosquitto drops root privileges before writing its database
+  const broker = await MosquittoBroker.start({ extraConfig: `persistence true\npersistence_location ${dir}/\nautosave_interval 0\n` });
+  t.teardown(() => broker.close());
+  return broker;
+}
+
+/** An MQTT 5 client as the agent's publisher uses one (fast reconnects), connected; ended at teardown. */
+export async function connectAgentClient(t: Teardown, url: string, extra: mqtt.IClientOptions = {}): Promise<MqttClient> {
+  const client = mqtt.connect(url, { reconnectPeriod: 100, connectTimeout: 2000, protocolVersion: 5, ...extra });
+  client.on('error', () => undefined);
+  t.teardown(() => new Promise<void>((r) => client.end(true, {}, () => r())));
+  await new Promise<void>((resolve) => client.once('connect', () => resolve()));
+  return client;
 }
