@@ -1,9 +1,8 @@
 import t, { type Test } from 'tap';
-import { chmodSync, writeFileSync } from 'node:fs';
 import { connect, createServer, type Socket } from 'node:net';
 import { join } from 'node:path';
-import mqtt, { type MqttClient } from 'mqtt';
-import { connectAgentClient, freePort, MosquittoBroker, startPersistentBroker } from './helpers/mosquitto.js';
+import type { MqttClient } from 'mqtt';
+import { connectAgentClient, freePort, MosquittoBroker, startPersistentBroker, startEdgeOnlyBroker, subscribePersistent, watchInFlight } from './helpers/mosquitto.js';
 import { until } from './helpers/event-loop.js';
 import { tempDir } from './helpers/runtime.js';
 import { Database } from '../agent/store/database.js';
@@ -40,19 +39,14 @@ interface Arrival { readonly kind: string; readonly seq: number }
 
 /** The fleet side: a persistent QoS 1 subscription to everything the device sends. */
 class FleetSink {
-  readonly arrivals: Arrival[] = [];
-  private constructor(readonly client: MqttClient) {}
+  private constructor(readonly client: MqttClient, readonly arrivals: Arrival[]) {}
 
   static async connect(t: Tap, url: string, clientId: string): Promise<FleetSink> {
-    const client = mqtt.connect(url, { clientId, clean: false, protocolVersion: 4, reconnectPeriod: 100 });
-    client.on('error', () => undefined);
-    const sink = new FleetSink(client);
-    client.on('message', (_topic, payload) => { sink.arrivals.push(JSON.parse(payload.toString('utf8')) as Arrival); });
-    await new Promise<void>((resolve, reject) => {
-      client.once('connect', () => client.subscribe(`edge/devices/${DEVICE}/#`, { qos: 1 }, (err) => (err ? reject(err) : resolve())));
+    const arrivals: Arrival[] = [];
+    const client = await subscribePersistent(t, url, clientId, `edge/devices/${DEVICE}/#`, (_topic, payload) => {
+      arrivals.push(JSON.parse(payload.toString('utf8')) as Arrival);
     });
-    t.teardown(() => new Promise<void>((r) => client.end(true, {}, () => r())));
-    return sink;
+    return new FleetSink(client, arrivals);
   }
 
   /** First arrival of each (kind, seq), in arrival order: what a receiver that drops duplicates by seq keeps. */
@@ -166,10 +160,7 @@ for (const { name, open } of IMPLEMENTATIONS) {
     const outbox = await open(t);
     for (let n = 1; n <= 30; n += 1) await outbox.enqueue(telemetry(n));
     const client = await connectAgentClient(t, broker.url);
-    let outstanding = 0;
-    let maxOutstanding = 0;
-    client.on('packetsend', (p) => { if (p.cmd === 'publish') { outstanding += 1; maxOutstanding = Math.max(maxOutstanding, outstanding); } });
-    client.on('packetreceive', (p) => { if (p.cmd === 'puback') outstanding -= 1; });
+    const inFlight = watchInFlight(client);
     let clock = 0;
     const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 10, maxInFlight: 3, now: () => clock });
     publisher.start();
@@ -203,7 +194,7 @@ for (const { name, open } of IMPLEMENTATIONS) {
     t.same(order.slice(6), range(4, 32).map((s) => `telemetry:${s}`), 'then the telemetry backlog, in order');
     assertEveryKindComplete(t, sink, { telemetry: 32, 'command-result': 2, 'deployment-status': 1 });
     t.equal(sink.arrivals.length, 35, 'no duplicates without an outage');
-    t.ok(maxOutstanding <= 3, `max_in_flight bounds both classes together (saw ${maxOutstanding})`);
+    t.ok(inFlight.max <= 3, `max_in_flight bounds both classes together (saw ${inFlight.max})`);
     t.equal(outbox.stats().rows, 0);
   });
 }
@@ -307,12 +298,7 @@ t.test('SqliteOutbox, publisher restarted on the reopened file mid-drain: the pr
 });
 
 t.test('a droppable entry the broker keeps refusing stays in the outbox and does not hold back a command result', async (t) => {
-  const dir = tempDir(t, 'edge-prio-acl-');
-  chmodSync(dir, 0o755);
-  const acl = join(dir, 'acl');
-  writeFileSync(acl, 'topic readwrite edge/#\n', { mode: 0o644 });
-  const broker = await MosquittoBroker.start({ extraConfig: `acl_file ${acl}\n` });
-  t.teardown(() => broker.close());
+  const broker = await startEdgeOnlyBroker(t);
   const outbox = new MemoryOutbox();
   await outbox.enqueue(telemetry(1));
   await outbox.enqueue({ kind: 'telemetry', topic: 'forbidden/devices/d/telemetry', payload: (s) => JSON.stringify({ seq: s.seq }) });

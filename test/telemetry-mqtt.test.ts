@@ -1,11 +1,10 @@
 import t from 'tap';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { chmodSync, writeFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { createInterface } from 'node:readline';
-import mqtt, { type MqttClient } from 'mqtt';
-import { connectAgentClient, MosquittoBroker, startPersistentBroker } from './helpers/mosquitto.js';
+import type { MqttClient } from 'mqtt';
+import { connectAgentClient, MosquittoBroker, startPersistentBroker, startEdgeOnlyBroker, subscribePersistent, watchInFlight } from './helpers/mosquitto.js';
 import { until } from './helpers/event-loop.js';
 import { tempDir } from './helpers/runtime.js';
 import { Database } from '../agent/store/database.js';
@@ -30,21 +29,14 @@ interface Tap { teardown(fn: () => unknown): void }
 
 /** The fleet side: a persistent QoS 1 subscription to every device's telemetry. */
 class TelemetrySink {
-  readonly arrivals: TelemetryRecord[] = [];
-  private constructor(readonly client: MqttClient) {}
+  private constructor(readonly client: MqttClient, readonly arrivals: TelemetryRecord[]) {}
 
   static async connect(t: Tap, url: string, clientId: string): Promise<TelemetrySink> {
-    const client = mqtt.connect(url, { clientId, clean: false, protocolVersion: 4, reconnectPeriod: 100 });
-    client.on('error', () => undefined);
-    const sink = new TelemetrySink(client);
-    client.on('message', (topic, payload) => {
-      if (topic.endsWith('/telemetry')) sink.arrivals.push(JSON.parse(payload.toString('utf8')) as TelemetryRecord);
+    const arrivals: TelemetryRecord[] = [];
+    const client = await subscribePersistent(t, url, clientId, 'edge/devices/+/telemetry', (topic, payload) => {
+      if (topic.endsWith('/telemetry')) arrivals.push(JSON.parse(payload.toString('utf8')) as TelemetryRecord);
     });
-    await new Promise<void>((resolve, reject) => {
-      client.once('connect', () => client.subscribe('edge/devices/+/telemetry', { qos: 1 }, (err) => (err ? reject(err) : resolve())));
-    });
-    t.teardown(() => new Promise<void>((r) => client.end(true, {}, () => r())));
-    return sink;
+    return new TelemetrySink(client, arrivals);
   }
 
   get maxSeq(): number {
@@ -202,10 +194,7 @@ t.test('in flight never exceeds max_in_flight; the rate bound holds on a frozen 
     await outbox.enqueue({ kind: 'telemetry', topic: 'edge/devices/dev-rate/telemetry', payload: (s) => JSON.stringify({ seq: s.seq }) });
   }
   const client = await connectAgentClient(t, broker.url);
-  let outstanding = 0;
-  let maxOutstanding = 0;
-  client.on('packetsend', (p) => { if (p.cmd === 'publish') { outstanding += 1; maxOutstanding = Math.max(maxOutstanding, outstanding); } });
-  client.on('packetreceive', (p) => { if (p.cmd === 'puback') outstanding -= 1; });
+  const inFlight = watchInFlight(client);
   let clock = 0;
   const publisher = new OutboxPublisher({ client, outbox, ratePerSecond: 10, maxInFlight: 3, now: () => clock });
   publisher.start();
@@ -225,7 +214,7 @@ t.test('in flight never exceeds max_in_flight; the rate bound holds on a frozen 
   await publisher.drained();
   await publisher.stop();
   t.equal(publisher.stats().published, 30);
-  t.ok(maxOutstanding <= 3, `at most 3 unacknowledged publishes on the wire (saw ${maxOutstanding})`);
+  t.ok(inFlight.max <= 3, `at most 3 unacknowledged publishes on the wire (saw ${inFlight.max})`);
   t.equal(outbox.stats().rows, 0);
 });
 
@@ -354,12 +343,7 @@ t.test('TelemetryService: wired as main.ts wires it', async (t) => {
 });
 
 t.test('an entry the broker refuses (MQTT 5 reason code) stays in the outbox and is retried, never deleted', async (t) => {
-  const dir = tempDir(t, 'edge-acl-');
-  chmodSync(dir, 0o755);
-  const acl = join(dir, 'acl');
-  writeFileSync(acl, 'topic readwrite edge/#\n', { mode: 0o644 });
-  const broker = await MosquittoBroker.start({ extraConfig: `acl_file ${acl}\n` });
-  t.teardown(() => broker.close());
+  const broker = await startEdgeOnlyBroker(t);
   const outbox = new MemoryOutbox();
   const put = (topic: string): Promise<unknown> => outbox.enqueue({ kind: 'telemetry', topic, payload: (s) => JSON.stringify({ seq: s.seq }) });
   await put('edge/devices/d/telemetry');

@@ -91,3 +91,39 @@ export async function connectAgentClient(t: Teardown, url: string, extra: mqtt.I
   await new Promise<void>((resolve) => client.once('connect', () => resolve()));
   return client;
 }
+
+/** Counts the client's QoS 1 publishes not yet acknowledged, as they go on the wire; `max` is the most at once. */
+export function watchInFlight(client: MqttClient): { readonly max: number } {
+  let outstanding = 0;
+  const seen = { max: 0 };
+  client.on('packetsend', (p) => { if (p.cmd === 'publish') { outstanding += 1; seen.max = Math.max(seen.max, outstanding); } });
+  client.on('packetreceive', (p) => { if (p.cmd === 'puback') outstanding -= 1; });
+  return seen;
+}
+
+/**
+ * The fleet side of a test: an MQTT 3.1.1 subscriber with a persistent session (`clean: false`), subscribed at
+ * QoS 1 to `filter` before this resolves, so it receives what is published while it is itself reconnecting.
+ */
+export async function subscribePersistent(t: Teardown, url: string, clientId: string, filter: string, onMessage: (topic: string, payload: Buffer) => void): Promise<MqttClient> {
+  const client = mqtt.connect(url, { clientId, clean: false, protocolVersion: 4, reconnectPeriod: 100 });
+  client.on('error', () => undefined);
+  client.on('message', onMessage);
+  await new Promise<void>((resolve, reject) => {
+    client.once('connect', () => client.subscribe(filter, { qos: 1 }, (err) => (err ? reject(err) : resolve())));
+  });
+  t.teardown(() => new Promise<void>((r) => client.end(true, {}, () => r())));
+  return client;
+}
+
+/** A broker whose ACL lets clients use `edge/#` only: a publish elsewhere is refused (an MQTT 5 reason code). */
+export async function startEdgeOnlyBroker(t: Teardown): Promise<MosquittoBroker> {
+  const dir = mkdtempSync(join(tmpdir(), 'edge-acl-'));
+  t.teardown(() => rmSync(dir, { recursive: true, force: true }));
+  chmodSync(dir, 0o755); // readable by the unprivileged user mosquitto drops to
+  const acl = join(dir, 'acl');
+  writeFileSync(acl, 'topic readwrite edge/#\n', { mode: 0o644 });
+  const broker = await MosquittoBroker.start({ extraConfig: `acl_file ${acl}\n` });
+  t.teardown(() => broker.close());
+  return broker;
+}
