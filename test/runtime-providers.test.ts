@@ -203,8 +203,8 @@ t.test('execution auto: fast models stay on the event loop, slow ones get worker
   const repo = copyDemoRepo(t, ['tiny', 'classifier']);
   // The decision is timed, so the test leaves wide gaps around its bounds: tiny's lone frame and pair take tens
   // of µs and its session opens in a few ms, the classifier's lone frame takes about 3 ms on this class of CPU.
-  // The bounds are wider than the defaults (1 ms a run, 100 ms an open) because a CI machine running other
-  // tests beside this one once timed tiny past the defaults.
+  // The bounds are wider than the defaults (1 ms a run, 100 ms an open): with other test runs loading the
+  // machine, tiny was once timed past the defaults.
   const { log, lines } = capturingLogger();
   const config = runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'auto', inline_max_run_us: 2000, inline_max_open_ms: 1000 });
   const rt = new InferenceRuntime({ repository: new ModelRepository(repo), config, dataDir: tempDir(t), log });
