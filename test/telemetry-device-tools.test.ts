@@ -74,55 +74,115 @@ function gone(pid: number): boolean {
 // ignored signal stays ignored across fork and exec).
 const STUBBORN = (dir: string): string => `trap '' TERM\necho $$ >> '${dir}/runs'\nsleep 300 &\necho $! > '${dir}/helper.pid'\nwait $!`;
 
-t.test('a hung nvidia-smi that ignores SIGTERM is killed, and no second one starts while it lives', async (t) => {
-  const { command, dir } = stubTool(t, 'nvidia-smi', STUBBORN);
+/** Kills what a test's tools left (only on failure: the tests close their tools). */
+function killLeftovers(t: Tap, children: ChildProcess[]): void {
+  t.teardown(() => { for (const c of children) if (c.pid && c.exitCode === null && c.signalCode === null) try { process.kill(-c.pid, 'SIGKILL'); } catch { /* gone */ } });
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+t.test('tegrastats printing forever is read again and again from ONE child, and close() leaves no process', async (t) => {
+  const line = readFileSync(join(FIXTURES, 'tegrastats-orin-nano-jp6.txt'), 'utf8').split('\n')[0]!;
+  // The line's RAM figure counts up, so each reading shows it is the latest line, not the first.
+  const { command } = stubTool(t, 'tegrastats', () => `i=0\nwhile true; do i=$((i+1)); echo '${line}' | sed "s/RAM 3012\\//RAM $i\\//"; sleep 0.1; done`);
   const rec = recordingSpawn();
-  t.teardown(() => { for (const c of rec.children) if (c.pid && c.exitCode === null && c.signalCode === null) try { process.kill(-c.pid, 'SIGKILL'); } catch { /* gone */ } });
-  const collector = new NvidiaSmiCollector({ spawn: rec.spawn, command, timeoutMs: 300 });
-
-  const first = await collector.read();
-  t.match(first, { ok: false, missing: false, reason: /no answer within 300 ms/ });
-  const second = await collector.read();
-  t.match(second, { ok: false, missing: false, reason: /previous .*nvidia-smi run still running/ }, 'the next reading says why there is none');
-  t.equal(rec.children.length, 1, 'and starts no second tool');
-
-  t.equal(await exitOf(rec.children[0]!, 'the stubborn tool'), 'SIGKILL', 'the tool is killed after SIGTERM did nothing');
-  if (existsSync(join(dir, 'helper.pid'))) {
-    const helper = Number(readFileSync(join(dir, 'helper.pid'), 'utf8'));
-    await until(`the tool's helper (pid ${helper}) to die with its process group`, () => (gone(helper) ? true : undefined));
-    t.pass(`its helper process (pid ${helper}) is gone too`);
+  killLeftovers(t, rec.children);
+  const collector = new TegrastatsCollector({ spawn: rec.spawn, command, intervalMs: 100, timeoutMs: 2000 });
+  const seen: number[] = [];
+  for (let i = 0; i < 5; i += 1) {
+    const r = await collector.read();
+    t.ok(r.ok, `reading ${i + 1}`);
+    if (r.ok) seen.push(r.value.ram_used_mib);
+    await sleep(150);
   }
+  t.ok(seen.every((v, i) => i === 0 || v >= seen[i - 1]!), `readings follow the stream (${seen.join(', ')})`);
+  await until('a reading of a later line than the first', async () => { const r = await collector.read(); return r.ok && r.value.ram_used_mib > seen[0]! ? true : undefined; });
+  t.equal(rec.children.length, 1, 'one tegrastats for all readings');
 
-  const third = await collector.read();
-  t.match(third, { ok: false, reason: /no answer within 300 ms/ }, 'once it has exited, the next reading runs the tool again');
-  t.equal(rec.children.length, 2);
-  t.equal(await exitOf(rec.children[1]!, 'the second stubborn tool'), 'SIGKILL');
-  t.equal(readFileSync(join(dir, 'runs'), 'utf8').trim().split('\n').length, 2, 'two runs in all');
+  const monitor = new DeviceMonitor({ nvidiaSmi: false, thermal: false, tegrastatsCommand: command, spawn: rec.spawn, toolIntervalMs: 100 });
+  t.same((await monitor.read()).sources, ['tegrastats']);
+  await sleep(150);
+  t.same((await monitor.read()).sources, ['tegrastats']);
+  t.equal(rec.children.length, 2, 'the monitor reads twice from its one child');
+
+  const pids = rec.children.map((c) => c.pid!);
+  await collector.close();
+  await monitor.close();
+  t.ok(pids.every(gone), 'no tool process is left after close()');
+  t.match(await collector.read(), { ok: false, reason: /tegrastats: stopped/ });
+  t.equal(rec.children.length, 2, 'nothing is started after close()');
 });
 
-t.test('tegrastats: a tool that printed its line but ignores SIGTERM is killed; the device monitor reports the skipped reading', async (t) => {
-  const line = readFileSync(join(FIXTURES, 'tegrastats-orin-nano-jp6.txt'), 'utf8').split('\n')[0]!;
-  const { command } = stubTool(t, 'tegrastats', () => `trap '' TERM\necho '${line}'\nsleep 300`);
+t.test('a hung nvidia-smi that ignores SIGTERM is reported stale, killed, never duplicated, and restarted once gone', async (t) => {
+  const { command, dir } = stubTool(t, 'nvidia-smi', STUBBORN);
   const rec = recordingSpawn();
-  t.teardown(() => { for (const c of rec.children) if (c.pid && c.exitCode === null && c.signalCode === null) try { process.kill(-c.pid, 'SIGKILL'); } catch { /* gone */ } });
+  killLeftovers(t, rec.children);
+  // Stale after 3 × 100 ms + 300 ms.
+  const collector = new NvidiaSmiCollector({ spawn: rec.spawn, command, intervalMs: 100, timeoutMs: 300, restartMinMs: 200 });
 
-  const collector = new TegrastatsCollector({ spawn: rec.spawn, command, timeoutMs: 5000 });
+  t.match(await collector.read(), { ok: false, missing: false, reason: /no output within 300 ms of its start/ }, 'the first reading waits the timeout');
+  await sleep(400);
+  t.match(await collector.read(), { ok: false, missing: false, reason: /nvidia-smi: no output for \d+\.\d s .*stopped/ }, 'past the staleness bound it is reported and stopped');
+  t.match(await collector.read(), { ok: false, reason: /no output for/ }, 'while it is being killed, a reading says so…');
+  t.equal(rec.children.length, 1, '…and starts no second tool');
+
+  t.equal(await exitOf(rec.children[0]!, 'the stubborn tool'), 'SIGKILL', 'the tool is killed after SIGTERM did nothing');
+  const helper = Number(readFileSync(join(dir, 'helper.pid'), 'utf8'));
+  await until(`the tool's helper (pid ${helper}) to die with its process group`, () => (gone(helper) ? true : undefined));
+  t.pass(`its helper process (pid ${helper}) is gone too`);
+
+  await until('a restart after the backoff', () => (rec.children.length === 2 ? true : undefined));
+  t.ok(gone(rec.children[0]!.pid!), 'the restart came after the first had exited');
+  await until('the second run to start its helper', () => (readFileSync(join(dir, 'runs'), 'utf8').trim().split('\n').length === 2 && existsSync(join(dir, 'helper.pid')) && ![0, helper].includes(Number(readFileSync(join(dir, 'helper.pid'), 'utf8'))) ? true : undefined));
+  await collector.close();
+  t.equal(rec.children[1]!.signalCode, 'SIGKILL', 'close() kills a tool that ignores SIGTERM');
+  const helper2 = Number(readFileSync(join(dir, 'helper.pid'), 'utf8'));
+  await until(`the second helper (pid ${helper2}) to die`, () => (gone(helper2) ? true : undefined));
+  t.ok(gone(rec.children[1]!.pid!), 'nothing left');
+  t.equal(rec.children.length, 2, 'two runs in all');
+});
+
+t.test('a tool that exits is restarted after a backoff that doubles, one child at a time', async (t) => {
+  const { command } = stubTool(t, 'nvidia-smi', () => `echo "driver gone $$" >&2\nexit 3`);
+  const rec = recordingSpawn();
+  killLeftovers(t, rec.children);
+  let overlapped = false;
+  const spawnOne: SpawnFn = (c, a, o) => {
+    if (rec.children.some((ch) => ch.exitCode === null && ch.signalCode === null)) overlapped = true;
+    return rec.spawn(c, a, o);
+  };
+  const collector = new NvidiaSmiCollector({ spawn: spawnOne, command, intervalMs: 100, timeoutMs: 1000, restartMinMs: 50, restartMaxMs: 400 });
+  t.teardown(() => collector.close());
+  // Each answer names the child that ended and the delay before the next one.
+  const delayOf = new Map<number, number>();
+  await until('five runs of the exiting tool', async () => {
+    const r = await collector.read();
+    if (!r.ok) {
+      const m = /\(pid (\d+)\) exited with 3: driver gone \d+; restarting in (\d+) ms/.exec(r.reason);
+      if (m) delayOf.set(Number(m[1]), Number(m[2]));
+    }
+    await sleep(10);
+    return rec.children.length >= 5 ? true : undefined;
+  });
+  t.notOk(overlapped, 'no tool was started while another lived');
+  const expected = [50, 100, 200, 400];
+  const checked = rec.children.slice(0, 4).flatMap((c, i) => (delayOf.has(c.pid!) ? [[delayOf.get(c.pid!), expected[i]]] : []));
+  t.ok(checked.length >= 2, `delays seen for ${checked.length} of the first 4 runs`);
+  for (const [got, want] of checked) t.equal(got, want, 'backoff doubles up to its maximum');
+});
+
+t.test('a runaway line is dropped without holding it; readings go on', async (t) => {
+  const line = readFileSync(join(FIXTURES, 'tegrastats-orin-nano-jp6.txt'), 'utf8').split('\n')[0]!;
+  const { command } = stubTool(t, 'tegrastats', () => `head -c 300000 /dev/zero | tr '\\0' x\necho\nwhile true; do echo '${line}'; sleep 0.1; done`);
+  const rec = recordingSpawn();
+  killLeftovers(t, rec.children);
+  const collector = new TegrastatsCollector({ spawn: rec.spawn, command, intervalMs: 100 });
+  t.teardown(() => collector.close());
   const first = await collector.read();
-  t.ok(first.ok, 'the first line is the reading');
-  t.match(await collector.read(), { ok: false, reason: /previous .*tegrastats run still running/ });
-  t.equal(rec.children.length, 1);
-  t.equal(await exitOf(rec.children[0]!, 'the stubborn tegrastats'), 'SIGKILL');
-  t.ok((await collector.read()).ok, 'after it exited, readings resume');
-  t.equal(await exitOf(rec.children[1]!, 'the second stubborn tegrastats'), 'SIGKILL');
-
-  const monitor = new DeviceMonitor({ nvidiaSmi: false, thermal: false, tegrastatsCommand: command, spawn: rec.spawn });
-  const ok = await monitor.read();
-  t.same(ok.sources, ['tegrastats']);
-  const skipped = await monitor.read();
-  t.same(skipped.sources, [], 'no reading while the last run lives');
-  t.match(skipped.errors, { tegrastats: /previous .*tegrastats run still running/ }, 'the device readings say why');
-  t.equal(rec.children.length, 3);
-  await exitOf(rec.children[2]!, 'the third stubborn tegrastats');
+  if (!first.ok) t.match(first.reason, /a line longer than 65536 bytes, dropped/, 'the long line is an error of its own');
+  const ok = await until('a good reading after the long line', async () => { const r = await collector.read(); await sleep(20); return r.ok ? r : undefined; });
+  t.ok(ok.ok);
+  t.equal(rec.children.length, 1, 'the tool was not restarted for it');
 });
 
 /** A TCP connection to the listener; resolves once connected. */

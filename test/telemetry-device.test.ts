@@ -4,7 +4,7 @@ import { readFileSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { DeviceOutputError, type SpawnFn } from '../agent/telemetry/device-tool.js';
-import { NVIDIA_SMI_ARGS, NvidiaSmiCollector, parseNvidiaSmi } from '../agent/telemetry/nvidia-smi.js';
+import { NVIDIA_SMI_ARGS, NvidiaSmiCollector, nvidiaSmiAssembler, parseNvidiaSmi, parseNvidiaSmiLine } from '../agent/telemetry/nvidia-smi.js';
 import { TegrastatsCollector, parseTegrastats, tegrastatsGpu } from '../agent/telemetry/tegrastats.js';
 import { ThermalZoneReader, parseThermalTemp } from '../agent/telemetry/thermal-zones.js';
 import { DeviceMonitor } from '../agent/telemetry/device-monitor.js';
@@ -40,46 +40,67 @@ t.test('nvidia-smi: four GPUs, one with [N/A] fields', async (t) => {
   t.same(gpus[3], { index: 3, source: 'nvidia-smi', memory_used_mib: 0, memory_total_mib: 81559 }, '[N/A] fields are absent, not zero');
   t.same(parseNvidiaSmi(read('nvidia-smi-1gpu.txt')), [{ index: 0, source: 'nvidia-smi', utilization_percent: 12, memory_used_mib: 1536, memory_total_mib: 24564, temperature_c: 45 }]);
   t.same(parseNvidiaSmi(''), [], 'no GPUs: no lines');
-  t.same(parseNvidiaSmi('5, 100, 200, 30\r\n'), [{ index: 0, source: 'nvidia-smi', utilization_percent: 5, memory_used_mib: 100, memory_total_mib: 200, temperature_c: 30 }], 'CRLF tolerated');
+  t.same(parseNvidiaSmi('0, 1, 5, 100, 200, 30\r\n'), [{ index: 0, source: 'nvidia-smi', utilization_percent: 5, memory_used_mib: 100, memory_total_mib: 200, temperature_c: 30 }], 'CRLF tolerated');
+});
+
+t.test('nvidia-smi loop output: lines are grouped into one reading per interval by index and count', async (t) => {
+  const assemble = nvidiaSmiAssembler();
+  const lines = read('nvidia-smi-4gpu.txt').trim().split('\n');
+  t.same(lines.slice(0, 3).map(assemble), [undefined, undefined, undefined], 'no reading before the last GPU');
+  const block = assemble(lines[3]!);
+  t.same(block?.map((g) => g.index), [0, 1, 2, 3], 'the block is complete at index count-1');
+  t.same(lines.map(assemble).at(-1)?.length, 4, 'the next interval is a reading of its own');
+  t.equal(assemble(lines[0]!), undefined);
+  t.equal(assemble(lines[2]!), undefined, 'a block that skips a GPU is dropped');
+  t.equal(assemble(lines[3]!), undefined, '…up to the next GPU 0');
+  t.same(lines.map(assemble).at(-1)?.map((g) => g.index), [0, 1, 2, 3], 'then readings resume');
+  t.throws(() => assemble('4, 4, 1, 2, 3, 4'), { message: /index and count are not a GPU index below the GPU count/ });
+  t.same(parseNvidiaSmiLine('1, 2, 5, 100, 200, 30').count, 2);
 });
 
 t.test('nvidia-smi: output of another form is a clear error naming the line', async (t) => {
-  t.throws(() => parseNvidiaSmi('utilization.gpu [%], memory.used [MiB]\n'), { name: 'DeviceOutputError', message: /expected 4 comma-separated fields.*got 2.*utilization\.gpu/ });
-  t.throws(() => parseNvidiaSmi('37 %, 10240 MiB, 81559 MiB, 41\n'), { message: /'37 %' is not a number/ }, 'with units (nounits forgotten)');
+  t.throws(() => parseNvidiaSmi('utilization.gpu [%], memory.used [MiB]\n'), { name: 'DeviceOutputError', message: /expected 6 comma-separated fields.*got 2.*utilization\.gpu/ });
+  t.throws(() => parseNvidiaSmi('0, 1, 37 %, 10240 MiB, 81559 MiB, 41\n'), { message: /'37 %' is not a number/ }, 'with units (nounits forgotten)');
   t.throws(() => parseNvidiaSmi(read('nvidia-smi-no-driver.txt')), DeviceOutputError);
 });
 
-t.test('nvidia-smi collector: runs the query, parses, and treats a missing tool as absent', async (t) => {
+t.test('nvidia-smi collector: runs the query in loop mode, parses, and treats a missing tool as absent', async (t) => {
   const ok = playback(`cat '${fixture('nvidia-smi-4gpu.txt')}'`);
   const collector = new NvidiaSmiCollector({ spawn: ok.spawn });
+  t.teardown(() => collector.close());
   const res = await collector.read();
   t.ok(res.ok);
   if (res.ok) t.equal(res.value.length, 4);
-  t.same(ok.calls, [{ command: 'nvidia-smi', args: NVIDIA_SMI_ARGS }]);
-  t.same(NVIDIA_SMI_ARGS, ['--query-gpu=utilization.gpu,memory.used,memory.total,temperature.gpu', '--format=csv,noheader,nounits']);
+  t.same(ok.calls, [{ command: 'nvidia-smi', args: [...NVIDIA_SMI_ARGS, '-lms', '1000'] }]);
+  t.same(NVIDIA_SMI_ARGS, ['--query-gpu=index,count,utilization.gpu,memory.used,memory.total,temperature.gpu', '--format=csv,noheader,nounits']);
 
   const noDriver = playback(`cat '${fixture('nvidia-smi-no-driver.txt')}' >&2; exit 9`);
-  const broken = await new NvidiaSmiCollector({ spawn: noDriver.spawn }).read();
+  const brokenCollector = new NvidiaSmiCollector({ spawn: noDriver.spawn });
+  t.teardown(() => brokenCollector.close());
+  const broken = await brokenCollector.read();
   t.notOk(broken.ok);
   if (!broken.ok) {
     t.equal(broken.missing, false, 'installed but failing is an error, not absence');
-    t.match(broken.reason, /exited with 9: NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver/);
+    t.match(broken.reason, /exited with 9: NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.*; restarting in 1000 ms/);
   }
 
   // A real spawn of a tool that is not installed (this machine has no GPU).
   let spawned = 0;
   const counting: SpawnFn = (c, a, o) => { spawned += 1; return spawn(c, [...a], o); };
-  const missing = new NvidiaSmiCollector({ spawn: counting, command: '/nonexistent/bin/nvidia-smi' });
+  const missing = new NvidiaSmiCollector({ spawn: counting, command: '/nonexistent/bin/nvidia-smi', restartMinMs: 10 });
   const first = await missing.read();
   t.notOk(first.ok);
   if (!first.ok) t.equal(first.missing, true);
   t.equal(missing.absent, true);
+  await new Promise((r) => setTimeout(r, 50));
   await missing.read();
-  t.equal(spawned, 1, 'a missing tool is not spawned again every interval');
+  t.equal(spawned, 1, 'a missing tool is not spawned again, neither by a reading nor by a restart');
 
-  const slow = await new NvidiaSmiCollector({ spawn: playback('sleep 5').spawn, timeoutMs: 100 }).read();
+  const slowCollector = new NvidiaSmiCollector({ spawn: playback('sleep 5').spawn, timeoutMs: 100 });
+  t.teardown(() => slowCollector.close());
+  const slow = await slowCollector.read();
   t.notOk(slow.ok);
-  if (!slow.ok) t.match(slow.reason, /no answer within 100 ms/);
+  if (!slow.ok) t.match(slow.reason, /no output within 100 ms of its start/);
 });
 
 t.test('tegrastats: AGX Orin line (JetPack 5, idle, GPU powered down)', async (t) => {
@@ -134,16 +155,19 @@ t.test('tegrastats: a line of another form is a clear error', async (t) => {
   t.throws(() => parseTegrastats('RAM 1/2MB CPU [abc]'), { message: /CPU entry 'abc'/ });
 });
 
-t.test('tegrastats collector: takes the first line of a tool that prints forever, then stops it', async (t) => {
+t.test('tegrastats collector: runs the tool on, one line per interval, and stops it on close', async (t) => {
   const p = playback(`while true; do cat '${fixture('tegrastats-orin-nano-jp6.txt')}'; sleep 0.05; done`);
   const collector = new TegrastatsCollector({ spawn: p.spawn });
   const res = await collector.read();
   t.ok(res.ok);
   if (res.ok) t.equal(res.value.gpu_load_percent, 61);
-  t.same(p.calls[0]!.args, ['--interval', '500']);
+  t.same(p.calls[0]!.args, ['--interval', '1000']);
   const child = p.children[0]!;
-  if (child.exitCode === null && child.signalCode === null) await new Promise((r) => child.once('exit', r));
-  t.ok(child.signalCode === 'SIGTERM' || child.exitCode !== null, 'the tool does not outlive the reading');
+  t.equal(child.exitCode, null, 'the tool runs on after the reading');
+  await collector.close();
+  t.ok(child.signalCode === 'SIGTERM' || child.exitCode !== null, 'close stops it');
+  t.match(await collector.read(), { ok: false, reason: /stopped/ }, 'and no reading starts it again');
+  t.equal(p.children.length, 1);
   const missing = new TegrastatsCollector({ command: '/nonexistent/tegrastats' });
   const m = await missing.read();
   t.notOk(m.ok);
@@ -176,6 +200,7 @@ t.test('device monitor: sources the device lacks are absent, failures are report
     thermalRoot: fixture('thermal'),
     now: () => 1_700_000_000_000,
   });
+  t.teardown(() => jetson.close());
   const r = await jetson.read();
   t.same(r.sources, ['tegrastats', 'thermal']);
   t.equal(r.errors, undefined, 'a tool that is not installed is not an error');
@@ -193,6 +218,7 @@ t.test('device monitor: sources the device lacks are absent, failures are report
       : spawn(command, [...args], options)),
     thermal: false,
   });
+  t.teardown(() => gpuHost.close());
   const g = await gpuHost.read();
   t.same(g.sources, ['nvidia-smi']);
   t.equal(g.gpus.length, 4);
@@ -204,8 +230,9 @@ t.test('device monitor: sources the device lacks are absent, failures are report
     thermal: false,
     spawn: (_c, _a, options) => spawn('sh', ['-c', 'echo "garbage output"'], options),
   });
+  t.teardown(() => failing.close());
   const f = await failing.read();
   t.same(f.sources, []);
-  t.match(f.errors?.['nvidia-smi'], /nvidia-smi: expected 4 comma-separated fields/);
+  t.match(f.errors?.['nvidia-smi'], /nvidia-smi: expected 6 comma-separated fields/);
   t.same(f.gpus, []);
 });

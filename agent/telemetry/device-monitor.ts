@@ -24,13 +24,22 @@ export interface DeviceMonitorOptions {
   readonly nvidiaSmiCommand?: string;
   readonly tegrastatsCommand?: string;
   readonly thermalRoot?: string;
+  /** The first reading after a tool's (re)start may take this long; part of the staleness bound. */
   readonly commandTimeoutMs?: number;
+  /** How often nvidia-smi and tegrastats print a reading (they run on, one child each). Default 1000. */
+  readonly toolIntervalMs?: number;
+  /** Restart backoff of a tool that exited or was stopped for silence: doubles from min to max (1 s, 60 s); back to min after a run of max. */
+  readonly toolRestartMinMs?: number;
+  readonly toolRestartMaxMs?: number;
   /** Tests inject a spawn that plays recorded tool output. */
   readonly spawn?: SpawnFn;
   readonly now?: () => number;
 }
 
-/** Collects device readings from whatever this device has, all sources at once. */
+/**
+ * Collects device readings from whatever this device has, all sources at once. nvidia-smi and tegrastats run
+ * as one long-lived child each, started by the first `read()`; `close()` stops them.
+ */
 export class DeviceMonitor {
   private readonly nvidiaSmi: NvidiaSmiCollector | undefined;
   private readonly tegrastats: TegrastatsCollector | undefined;
@@ -39,7 +48,13 @@ export class DeviceMonitor {
   private last: DeviceReadings | undefined;
 
   constructor(options: DeviceMonitorOptions = {}) {
-    const common = { ...(options.spawn ? { spawn: options.spawn } : {}), ...(options.commandTimeoutMs ? { timeoutMs: options.commandTimeoutMs } : {}) };
+    const common = {
+      ...(options.spawn ? { spawn: options.spawn } : {}),
+      ...(options.commandTimeoutMs ? { timeoutMs: options.commandTimeoutMs } : {}),
+      ...(options.toolIntervalMs ? { intervalMs: options.toolIntervalMs } : {}),
+      ...(options.toolRestartMinMs !== undefined ? { restartMinMs: options.toolRestartMinMs } : {}),
+      ...(options.toolRestartMaxMs !== undefined ? { restartMaxMs: options.toolRestartMaxMs } : {}),
+    };
     this.nvidiaSmi = options.nvidiaSmi === false ? undefined : new NvidiaSmiCollector({ ...common, ...(options.nvidiaSmiCommand ? { command: options.nvidiaSmiCommand } : {}) });
     this.tegrastats = options.tegrastats === false ? undefined : new TegrastatsCollector({ ...common, ...(options.tegrastatsCommand ? { command: options.tegrastatsCommand } : {}) });
     this.thermal = options.thermal === false ? undefined : new ThermalZoneReader(options.thermalRoot);
@@ -49,6 +64,11 @@ export class DeviceMonitor {
   /** The readings of the last `read()`, undefined before the first. */
   get latest(): DeviceReadings | undefined {
     return this.last;
+  }
+
+  /** Stops the device tools (resolves once they exited, at most ~2 s); later readings report them stopped. */
+  async close(): Promise<void> {
+    await Promise.all([this.nvidiaSmi?.close(), this.tegrastats?.close()]);
   }
 
   async read(): Promise<DeviceReadings> {

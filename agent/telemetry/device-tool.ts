@@ -11,132 +11,322 @@ export class DeviceOutputError extends Error {
   }
 }
 
-export type ToolResult =
-  | { readonly ok: true; readonly stdout: string }
-  /** `missing`: the tool is not installed (ENOENT/EACCES); collectors stop trying it. */
+/** What one tool read: a reading, or why there is none. `missing`: the tool is not on this device. */
+export type ToolReading<T> =
+  | { readonly ok: true; readonly value: T }
   | { readonly ok: false; readonly missing: boolean; readonly reason: string };
 
-export interface RunToolOptions {
+/**
+ * Turns the tool's output lines into readings, one line at a time: returns a reading when the line completes
+ * one, undefined while one is still being assembled; throws (DeviceOutputError) for output of another form.
+ * A fresh one is made per child, so a restart never continues a half-read block.
+ */
+export type LineAssembler<T> = (line: string) => T | undefined;
+
+export interface StreamingDeviceToolOptions<T> {
+  readonly spawn: SpawnFn;
+  readonly command: string;
+  /** Including the tool's own interval flag: the tool prints a reading every `intervalMs` on its own. */
+  readonly args: readonly string[];
+  readonly intervalMs: number;
+  /** How long the first reading after a (re)start may take; part of the staleness bound too. */
   readonly timeoutMs: number;
-  /** Resolve with the first complete line and stop the tool (for tools that print forever, like tegrastats). */
-  readonly firstLineOnly?: boolean;
-  /** Output beyond this is an error (a runaway tool must not fill memory). */
-  readonly maxBytes?: number;
+  readonly assembler: () => LineAssembler<T>;
+  /** A line longer than this is dropped (a runaway tool must not fill memory). Default 64 KiB. */
+  readonly maxLineBytes?: number;
+  /** Restart delay after an exit or a stop for silence: doubles from min to max, back to min after a run that long. */
+  readonly restartMinMs?: number;
+  readonly restartMaxMs?: number;
+  /** Monotonic ms (`performance.now`): a clock step must not make a reading look fresh or stale. */
+  readonly now?: () => number;
 }
 
 /** After SIGTERM, how long a tool gets before its process group is sent SIGKILL. */
 export const KILL_GRACE_MS = 1000;
+const STDERR_TAIL = 4096;
 
-/**
- * One device tool, run at most once at a time. A run that times out (or prints too much) is stopped: SIGTERM to
- * its process group, SIGKILL to the group `KILL_GRACE_MS` later (a hung driver call can ignore SIGTERM). Until
- * the previous child has exited, `run` starts nothing and answers "still running": a tool stuck in the kernel
- * must not gain a sibling every interval.
- */
-export class DeviceTool {
-  private child: ChildProcess | undefined;
-
-  constructor(private readonly spawn: SpawnFn, readonly command: string) {}
-
-  /** True while the last child started has not exited. */
-  get running(): boolean {
-    return this.child !== undefined;
-  }
-
-  /** Runs the tool once; never rejects. */
-  run(args: readonly string[], options: RunToolOptions): Promise<ToolResult> {
-    const previous = this.child;
-    if (previous) {
-      return Promise.resolve({ ok: false, missing: false, reason: `previous ${this.command} run still running (pid ${previous.pid ?? '?'}), not started again` });
-    }
-    return runTool(this.spawn, this.command, args, options, (child) => {
-      this.child = child;
-      const gone = (): void => { if (this.child === child) this.child = undefined; };
-      child.once('exit', gone);
-      // A spawn that failed (ENOENT) emits 'error' and never 'exit'.
-      child.once('error', () => { if (child.pid === undefined || child.exitCode !== null || child.signalCode !== null) gone(); });
-    });
-  }
+interface Latest<T> {
+  readonly result: ToolReading<T>;
+  readonly at: number;
 }
 
 /**
- * Runs a device tool once; never rejects, stops what it started (see DeviceTool). `onSpawn` sees the child
- * (to know when it has exited); prefer DeviceTool, which does not start a run while the last one is alive.
+ * One device tool run once, as a long-lived child printing a reading per interval; `read()` answers with the
+ * latest. A process per reading would cost the agent a fork per interval, and fork() copies the page tables
+ * synchronously: tens of ms of a stalled event loop at a model-sized RSS.
+ *
+ * At most one child at a time, in its own process group. A child that stays silent past the staleness bound
+ * (3 intervals + the timeout) is stopped: SIGTERM to its group, SIGKILL to the group `KILL_GRACE_MS` later (a
+ * hung driver call can ignore SIGTERM); it is restarted only once it has exited, after a backoff that doubles
+ * from `restartMinMs` to `restartMaxMs`. A child that exits on its own is restarted the same way. A tool that is
+ * not installed (ENOENT/EACCES) is remembered and never started again. `close()` stops it for good.
  */
-export function runTool(spawn: SpawnFn, command: string, args: readonly string[], options: RunToolOptions, onSpawn?: (child: ChildProcess) => void): Promise<ToolResult> {
-  const maxBytes = options.maxBytes ?? 256 * 1024;
-  return new Promise<ToolResult>((resolve) => {
+export class StreamingDeviceTool<T> {
+  private readonly maxLineBytes: number;
+  private readonly restartMinMs: number;
+  private readonly restartMaxMs: number;
+  private readonly now: () => number;
+  private child: ChildProcess | undefined;
+  private spawnedAt = 0;
+  private readingsFromChild = 0;
+  private lastOutputAt: number | undefined;
+  private latest: Latest<T> | undefined;
+  /** Why the last child ended, for readings while none runs. */
+  private lastEnd: string | undefined;
+  private restartTimer: NodeJS.Timeout | undefined;
+  private restartDelayMs: number;
+  /** The delay of the restart now pending, for readings while it waits. */
+  private restartDelayMsPending = 0;
+  /** Children this tool has sent SIGTERM (for silence or close). */
+  private readonly stopping = new WeakSet<ChildProcess>();
+  private missing = false;
+  private closed = false;
+  private waiters: (() => void)[] = [];
+
+  constructor(private readonly options: StreamingDeviceToolOptions<T>) {
+    this.maxLineBytes = options.maxLineBytes ?? 64 * 1024;
+    this.restartMinMs = options.restartMinMs ?? 1000;
+    this.restartMaxMs = Math.max(this.restartMinMs, options.restartMaxMs ?? 60_000);
+    this.restartDelayMs = this.restartMinMs;
+    this.now = options.now ?? (() => performance.now());
+  }
+
+  get command(): string {
+    return this.options.command;
+  }
+
+  /** True once the tool was found not installed. */
+  get absent(): boolean {
+    return this.missing;
+  }
+
+  /** The running child's pid, if one runs. */
+  get pid(): number | undefined {
+    return this.child?.pid;
+  }
+
+  /** A reading older than this is not answered; a child silent for this long is stopped. */
+  get staleMs(): number {
+    return 3 * this.options.intervalMs + this.options.timeoutMs;
+  }
+
+  /**
+   * The latest reading if fresh; starts the tool on the first call and then waits up to the timeout for its
+   * first reading (so the first telemetry record has one). Never rejects.
+   */
+  async read(): Promise<ToolReading<T>> {
+    if (this.missing) return this.missingResult();
+    if (this.closed) return { ok: false, missing: false, reason: `${this.command}: stopped` };
+    if (!this.child && !this.restartTimer) this.start();
+    const fresh = this.fresh();
+    if (fresh) return fresh;
+    const child = this.child;
+    if (child && this.readingsFromChild === 0) {
+      const left = this.spawnedAt + this.options.timeoutMs - this.now();
+      if (left > 0) await this.nextEvent(left);
+      if (this.missing) return this.missingResult();
+      const first = this.fresh();
+      if (first) return first;
+    }
+    return { ok: false, missing: false, reason: this.whyNoReading() };
+  }
+
+  /** Stops the child (group SIGTERM, SIGKILL after the grace) and starts none again; resolves once it exited. */
+  async close(): Promise<void> {
+    this.closed = true;
+    if (this.restartTimer) clearTimeout(this.restartTimer);
+    this.restartTimer = undefined;
+    this.wake();
+    const child = this.child;
+    if (!child) return;
+    const exited = new Promise<void>((resolve) => {
+      // A child stuck in the kernel may outlive SIGKILL for a while; the agent's shutdown does not wait for it.
+      const timer = setTimeout(resolve, KILL_GRACE_MS + 1000);
+      child.once('close', () => { clearTimeout(timer); resolve(); });
+    });
+    this.stopping.add(child);
+    terminate(child);
+    await exited;
+  }
+
+  private missingResult(): ToolReading<T> {
+    return { ok: false, missing: true, reason: `${this.command} not found` };
+  }
+
+  private fresh(): ToolReading<T> | undefined {
+    const latest = this.latest;
+    return latest && this.now() - latest.at <= this.staleMs ? latest.result : undefined;
+  }
+
+  /** Why there is no fresh reading; stops a child that has been silent past the staleness bound. */
+  private whyNoReading(): string {
+    const child = this.child;
+    const now = this.now();
+    if (!child) {
+      const end = this.lastEnd ?? `${this.command}: not running`;
+      return this.restartTimer ? `${end}; restarting in ${this.restartDelayMsPending} ms` : end;
+    }
+    const silentMs = now - (this.lastOutputAt ?? this.spawnedAt);
+    if (silentMs > this.staleMs) {
+      if (child.exitCode === null && child.signalCode === null && !this.stopping.has(child)) {
+        this.stopping.add(child);
+        terminate(child);
+      }
+      return `${this.command}: no output for ${(silentMs / 1000).toFixed(1)} s (pid ${child.pid ?? '?'}); stopped, restarted once it has exited`;
+    }
+    if (this.readingsFromChild === 0 && this.lastOutputAt === undefined) {
+      return `${this.command}: no output within ${this.options.timeoutMs} ms of its start (pid ${child.pid ?? '?'})`;
+    }
+    return `${this.command}: no complete reading for ${((now - (this.latest?.at ?? this.spawnedAt)) / 1000).toFixed(1)} s (pid ${child.pid ?? '?'})`;
+  }
+
+  private start(): void {
+    if (this.child || this.closed || this.missing) return;
     let child: ChildProcess;
     try {
-      // Own process group, so a timeout stops the tool's children too (a wrapper script, `sh -c`).
-      child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+      // Own process group, so a stop reaches the tool's children too (a wrapper script, `sh -c`).
+      child = this.options.spawn(this.command, this.options.args, { stdio: ['ignore', 'pipe', 'pipe'], detached: true });
     } catch (err) {
-      resolve({ ok: false, missing: isMissing(err), reason: `${command}: ${err instanceof Error ? err.message : String(err)}` });
+      this.spawnFailed(err);
       return;
     }
-    onSpawn?.(child);
-    let stdout = '';
+    this.child = child;
+    this.spawnedAt = this.now();
+    this.readingsFromChild = 0;
+    this.lastOutputAt = undefined;
+    // Neither the child nor its pipes hold the agent's event loop: close() stops it, and a tool outliving an
+    // agent that died dies itself of SIGPIPE on its next line.
+    child.unref();
+    unrefStream(child.stdout);
+    unrefStream(child.stderr);
+    const assemble = this.options.assembler();
+    let partial = '';
+    let dropping = false;
     let stderr = '';
-    let settled = false;
-    const finish = (result: ToolResult): void => {
-      if (settled) return;
-      settled = true;
-      clearTimeout(timer);
-      if (child.exitCode === null && child.signalCode === null) stop(child);
-      child.stdout?.destroy();
-      child.stderr?.destroy();
-      resolve(result);
-    };
-    const timer = setTimeout(() => finish({ ok: false, missing: false, reason: `${command}: no answer within ${options.timeoutMs} ms` }), options.timeoutMs);
     child.stdout?.setEncoding('utf8');
     child.stderr?.setEncoding('utf8');
     child.stdout?.on('data', (chunk: string) => {
-      stdout += chunk;
-      if (stdout.length > maxBytes) {
-        finish({ ok: false, missing: false, reason: `${command}: more than ${maxBytes} bytes of output` });
-        return;
+      if (this.child !== child) return;
+      this.lastOutputAt = this.now();
+      let text = partial + chunk;
+      for (let nl = text.indexOf('\n'); nl >= 0; nl = text.indexOf('\n')) {
+        const line = text.slice(0, nl);
+        text = text.slice(nl + 1);
+        if (dropping) dropping = false;
+        else this.accept(assemble, line);
       }
-      if (options.firstLineOnly) {
-        const nl = stdout.indexOf('\n');
-        if (nl >= 0) finish({ ok: true, stdout: stdout.slice(0, nl) });
+      if (text.length > this.maxLineBytes) {
+        // Drop it and everything up to its newline; keep reading what follows.
+        dropping = true;
+        text = '';
+        this.record({ ok: false, missing: false, reason: `${this.command}: a line longer than ${this.maxLineBytes} bytes, dropped` });
       }
+      partial = text;
     });
-    child.stderr?.on('data', (chunk: string) => { if (stderr.length < 4096) stderr += chunk; });
-    child.once('error', (err) => finish({ ok: false, missing: isMissing(err), reason: `${command}: ${err.message}` }));
+    child.stderr?.on('data', (chunk: string) => { stderr = (stderr + chunk).slice(-STDERR_TAIL); });
+    child.once('error', (err) => {
+      // A spawn that failed (ENOENT) emits 'error' and no 'exit'/'close'; other errors (a failed kill) are not an end.
+      if (child.pid === undefined && this.child === child) this.spawnFailed(err);
+    });
+    child.once('exit', () => {
+      // Members the tool left in its group (a wrapper's children) are not to outlive it; they also hold the pipes.
+      if (child.pid !== undefined) killGroup(child.pid, 'SIGKILL');
+    });
     child.once('close', (code, signal) => {
-      if (code === 0) finish({ ok: true, stdout });
-      else if (options.firstLineOnly && stdout.trim() !== '') finish({ ok: true, stdout: stdout.trim().split('\n')[0]! });
-      else finish({ ok: false, missing: false, reason: `${command} exited with ${code ?? signal}: ${(stderr || stdout).trim().slice(0, 300)}` });
+      if (this.child !== child) return;
+      this.child = undefined;
+      const how = this.stopping.has(child) ? `stopped (${signal ?? code})` : `exited with ${code ?? signal}`;
+      const said = (stderr || partial).trim().slice(0, 300);
+      this.lastEnd = `${this.command} (pid ${child.pid ?? '?'}) ${how}${said ? `: ${said}` : ''}`;
+      // Back to the shortest delay only after a long run: a tool that prints a line and dies each time would
+      // otherwise cost a fork every few seconds, the very stall this class avoids.
+      if (this.now() - this.spawnedAt >= this.restartMaxMs) this.restartDelayMs = this.restartMinMs;
+      this.scheduleRestart();
+      this.wake();
     });
-  });
-}
+  }
 
-/** SIGTERM to the tool's process group now, SIGKILL to it a little later (unref'd: it never holds the agent up). */
-function stop(child: ChildProcess): void {
-  signalGroup(child, 'SIGTERM');
-  const pid = child.pid;
-  if (pid === undefined) return;
-  setTimeout(() => {
-    // Also when the leader has exited: children it left in the group (a wrapper's tool) may ignore SIGTERM.
-    // Linux does not hand out a pid again while a group of that id has members; an empty group is ESRCH.
-    try {
-      process.kill(-pid, 'SIGKILL');
-    } catch {
-      // ESRCH: the whole group has exited.
+  private accept(assemble: LineAssembler<T>, raw: string): void {
+    const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
+    if (line.trim() === '') return;
+    if (line.length > this.maxLineBytes) {
+      this.record({ ok: false, missing: false, reason: `${this.command}: a line longer than ${this.maxLineBytes} bytes, dropped` });
+      return;
     }
-  }, KILL_GRACE_MS).unref();
-}
+    try {
+      const value = assemble(line);
+      if (value === undefined) return;
+      this.readingsFromChild += 1;
+      this.record({ ok: true, value });
+    } catch (err) {
+      this.readingsFromChild += 1;
+      this.record({ ok: false, missing: false, reason: err instanceof Error ? err.message : String(err) });
+    }
+  }
 
-function signalGroup(child: ChildProcess, signal: NodeJS.Signals): void {
-  try {
-    if (child.pid !== undefined) process.kill(-child.pid, signal);
-    else child.kill(signal);
-  } catch {
-    child.kill(signal);
+  private record(result: ToolReading<T>): void {
+    this.latest = { result, at: this.now() };
+    this.wake();
+  }
+
+  private spawnFailed(err: unknown): void {
+    this.child = undefined;
+    const code = (err as { code?: unknown } | null)?.code;
+    if (code === 'ENOENT' || code === 'EACCES') this.missing = true;
+    else {
+      this.lastEnd = `${this.command}: ${err instanceof Error ? err.message : String(err)}`;
+      this.scheduleRestart();
+    }
+    this.wake();
+  }
+
+  private scheduleRestart(): void {
+    if (this.closed || this.missing || this.restartTimer) return;
+    const delay = this.restartDelayMs;
+    this.restartDelayMsPending = delay;
+    this.restartDelayMs = Math.min(this.restartMaxMs, delay * 2);
+    this.restartTimer = setTimeout(() => {
+      this.restartTimer = undefined;
+      this.start();
+    }, delay);
+    this.restartTimer.unref();
+  }
+
+  /** Resolves on the next reading, end or error of the tool, or after `ms`. */
+  private nextEvent(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => { clearTimeout(timer); resolve(); };
+      // Ref'd: a read in progress keeps the process alive until it has its answer (at most `ms`).
+      const timer = setTimeout(() => { this.waiters = this.waiters.filter((w) => w !== done); resolve(); }, ms);
+      this.waiters.push(done);
+    });
+  }
+
+  private wake(): void {
+    const waiters = this.waiters;
+    this.waiters = [];
+    for (const w of waiters) w();
   }
 }
 
-function isMissing(err: unknown): boolean {
-  const code = (err as { code?: unknown } | null)?.code;
-  return code === 'ENOENT' || code === 'EACCES';
+/** SIGTERM to the tool's process group now, SIGKILL to it a little later (unref'd: it never holds the agent up). */
+function terminate(child: ChildProcess): void {
+  const pid = child.pid;
+  if (pid === undefined) return;
+  killGroup(pid, 'SIGTERM');
+  // Also when the leader has exited: children it left in the group (a wrapper's tool) may ignore SIGTERM.
+  // Linux does not hand out a pid again while a group of that id has members; an empty group is ESRCH.
+  setTimeout(() => killGroup(pid, 'SIGKILL'), KILL_GRACE_MS).unref();
+}
+
+function killGroup(pid: number, signal: NodeJS.Signals): void {
+  try {
+    process.kill(-pid, signal);
+  } catch {
+    // ESRCH: the whole group has exited.
+  }
+}
+
+function unrefStream(stream: unknown): void {
+  (stream as { unref?: () => void } | null)?.unref?.();
 }

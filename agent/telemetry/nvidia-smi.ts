@@ -1,5 +1,5 @@
 import { spawn as nodeSpawn } from 'node:child_process';
-import { DeviceOutputError, DeviceTool, type SpawnFn } from './device-tool.js';
+import { DeviceOutputError, StreamingDeviceTool, type LineAssembler, type SpawnFn, type ToolReading } from './device-tool.js';
 
 /** One GPU's reading; a field the device does not report is absent. */
 export interface GpuReading {
@@ -11,7 +11,11 @@ export interface GpuReading {
   readonly temperature_c?: number;
 }
 
-export const NVIDIA_SMI_FIELDS = ['utilization.gpu', 'memory.used', 'memory.total', 'temperature.gpu'] as const;
+/**
+ * `index` and `count` lead every line, so the loop mode's output groups itself: a reading is complete at the
+ * line whose index is count - 1, whatever the timing of the lines (no guessing by arrival time).
+ */
+export const NVIDIA_SMI_FIELDS = ['index', 'count', 'utilization.gpu', 'memory.used', 'memory.total', 'temperature.gpu'] as const;
 export const NVIDIA_SMI_ARGS: readonly string[] = [`--query-gpu=${NVIDIA_SMI_FIELDS.join(',')}`, '--format=csv,noheader,nounits'];
 
 /** nvidia-smi's words for "this GPU has no such reading". */
@@ -24,69 +28,117 @@ function field(tool: string, raw: string, line: string): number | undefined {
   return Number(v);
 }
 
+/** One line of the query: the GPU's reading and how many GPUs the host has. */
+export function parseNvidiaSmiLine(line: string): { readonly gpu: GpuReading; readonly count: number } {
+  const parts = line.trim().split(',');
+  if (parts.length !== NVIDIA_SMI_FIELDS.length) {
+    throw new DeviceOutputError('nvidia-smi', `expected ${NVIDIA_SMI_FIELDS.length} comma-separated fields (${NVIDIA_SMI_FIELDS.join(', ')}), got ${parts.length}`, line);
+  }
+  const [index, count, util, used, total, temp] = parts.map((p) => field('nvidia-smi', p, line));
+  if (index === undefined || count === undefined || !Number.isInteger(index) || !Number.isInteger(count) || index < 0 || index >= count) {
+    throw new DeviceOutputError('nvidia-smi', 'index and count are not a GPU index below the GPU count', line);
+  }
+  const reading: { -readonly [K in keyof GpuReading]: GpuReading[K] } = { index, source: 'nvidia-smi' };
+  if (util !== undefined) reading.utilization_percent = util;
+  if (used !== undefined) reading.memory_used_mib = used;
+  if (total !== undefined) reading.memory_total_mib = total;
+  if (temp !== undefined) reading.temperature_c = temp;
+  return { gpu: reading, count };
+}
+
 /**
- * Parses `nvidia-smi --query-gpu=utilization.gpu,memory.used,memory.total,temperature.gpu
- * --format=csv,noheader,nounits`: one line per GPU in index order, e.g. `37, 10240, 81559, 41`.
+ * Parses `nvidia-smi --query-gpu=index,count,utilization.gpu,memory.used,memory.total,temperature.gpu
+ * --format=csv,noheader,nounits`: one line per GPU, e.g. `0, 4, 37, 10240, 81559, 41`.
  */
 export function parseNvidiaSmi(output: string): GpuReading[] {
-  const lines = output.split(/\r?\n/).map((l) => l.trim()).filter((l) => l !== '');
-  return lines.map((line, index) => {
-    const parts = line.split(',');
-    if (parts.length !== NVIDIA_SMI_FIELDS.length) {
-      throw new DeviceOutputError('nvidia-smi', `expected ${NVIDIA_SMI_FIELDS.length} comma-separated fields (${NVIDIA_SMI_FIELDS.join(', ')}), got ${parts.length}`, line);
+  return output.split(/\r?\n/).filter((l) => l.trim() !== '').map((l) => parseNvidiaSmiLine(l).gpu);
+}
+
+/**
+ * Groups the loop mode's lines into one reading per interval: GPUs 0 … count-1 in order. A block that breaks
+ * off (a GPU's line failed, lines out of order) is dropped up to the next GPU 0, so no reading mixes intervals.
+ */
+export function nvidiaSmiAssembler(): LineAssembler<GpuReading[]> {
+  let block: GpuReading[] = [];
+  let broken = false;
+  return (line) => {
+    let parsed: { gpu: GpuReading; count: number };
+    try {
+      parsed = parseNvidiaSmiLine(line);
+    } catch (err) {
+      block = [];
+      broken = true;
+      throw err;
     }
-    const [util, used, total, temp] = parts.map((p) => field('nvidia-smi', p, line));
-    const reading: { -readonly [K in keyof GpuReading]: GpuReading[K] } = { index, source: 'nvidia-smi' };
-    if (util !== undefined) reading.utilization_percent = util;
-    if (used !== undefined) reading.memory_used_mib = used;
-    if (total !== undefined) reading.memory_total_mib = total;
-    if (temp !== undefined) reading.temperature_c = temp;
-    return reading;
-  });
+    const { gpu, count } = parsed;
+    if (gpu.index === 0) {
+      block = [];
+      broken = false;
+    } else if (broken || gpu.index !== block.length) {
+      block = [];
+      broken = true;
+      return undefined;
+    }
+    block.push(gpu);
+    if (block.length < count) return undefined;
+    const done = block;
+    block = [];
+    return done;
+  };
 }
 
 export interface CollectorOptions {
   readonly spawn?: SpawnFn;
   readonly command?: string;
+  /** The first reading after a (re)start may take this long; readings older than 3 intervals + this are stale. */
   readonly timeoutMs?: number;
+  /** How often the tool prints a reading. */
+  readonly intervalMs?: number;
+  readonly restartMinMs?: number;
+  readonly restartMaxMs?: number;
 }
 
 /** What one collector read: readings, or why there are none. `missing`: the tool is not on this device. */
-export type CollectorResult<T> =
-  | { readonly ok: true; readonly value: T }
-  | { readonly ok: false; readonly missing: boolean; readonly reason: string };
+export type CollectorResult<T> = ToolReading<T>;
+
+/** How often the device tools print a reading: fresh enough for any telemetry interval, cheap to parse. */
+export const DEVICE_TOOL_INTERVAL_MS = 1000;
 
 /**
- * Runs nvidia-smi per reading, never two at once: while a hung run is still being killed, a reading says so
- * instead. A device without it (ENOENT) is remembered and never asked again.
+ * nvidia-smi started once in its loop mode (`-lms`), printing every `intervalMs`; a reading is its latest block
+ * (see StreamingDeviceTool for stops and restarts). A device without it (ENOENT) is remembered and never asked again.
  */
 export class NvidiaSmiCollector {
-  private readonly tool: DeviceTool;
-  private readonly command: string;
-  private readonly timeoutMs: number;
-  private missing = false;
+  private readonly tool: StreamingDeviceTool<GpuReading[]>;
 
   constructor(options: CollectorOptions = {}) {
-    this.command = options.command ?? 'nvidia-smi';
-    this.tool = new DeviceTool(options.spawn ?? nodeSpawn, this.command);
-    this.timeoutMs = options.timeoutMs ?? 2000;
+    const intervalMs = options.intervalMs ?? DEVICE_TOOL_INTERVAL_MS;
+    this.tool = new StreamingDeviceTool({
+      spawn: options.spawn ?? nodeSpawn,
+      command: options.command ?? 'nvidia-smi',
+      args: [...NVIDIA_SMI_ARGS, '-lms', String(intervalMs)],
+      intervalMs,
+      timeoutMs: options.timeoutMs ?? 2000,
+      assembler: nvidiaSmiAssembler,
+      ...(options.restartMinMs !== undefined ? { restartMinMs: options.restartMinMs } : {}),
+      ...(options.restartMaxMs !== undefined ? { restartMaxMs: options.restartMaxMs } : {}),
+    });
   }
 
   get absent(): boolean {
-    return this.missing;
+    return this.tool.absent;
   }
 
-  async read(): Promise<CollectorResult<GpuReading[]>> {
-    if (this.missing) return { ok: false, missing: true, reason: `${this.command} not found` };
-    const res = await this.tool.run(NVIDIA_SMI_ARGS, { timeoutMs: this.timeoutMs });
-    if (!res.ok) {
-      if (res.missing) this.missing = true;
-      return res;
-    }
-    try {
-      return { ok: true, value: parseNvidiaSmi(res.stdout) };
-    } catch (err) {
-      return { ok: false, missing: false, reason: err instanceof Error ? err.message : String(err) };
-    }
+  /** The running tool's pid, if one runs. */
+  get pid(): number | undefined {
+    return this.tool.pid;
+  }
+
+  read(): Promise<CollectorResult<GpuReading[]>> {
+    return this.tool.read();
+  }
+
+  close(): Promise<void> {
+    return this.tool.close();
   }
 }

@@ -1,6 +1,6 @@
 import { spawn as nodeSpawn } from 'node:child_process';
-import { DeviceOutputError, DeviceTool, type SpawnFn } from './device-tool.js';
-import type { CollectorOptions, CollectorResult, GpuReading } from './nvidia-smi.js';
+import { DeviceOutputError, StreamingDeviceTool } from './device-tool.js';
+import { DEVICE_TOOL_INTERVAL_MS, type CollectorOptions, type CollectorResult, type GpuReading } from './nvidia-smi.js';
 
 export interface CpuCoreReading {
   readonly index: number;
@@ -101,37 +101,40 @@ export function tegrastatsGpu(reading: TegrastatsReading): GpuReading {
 }
 
 /**
- * Starts tegrastats for one line per reading (it prints forever otherwise) and stops it; never two at once (a
- * reading while the last one is still being stopped says so). A device without tegrastats is remembered and
- * never asked again.
+ * tegrastats started once, printing a line every `intervalMs` (`--interval`); a reading is its latest line (see
+ * StreamingDeviceTool for stops and restarts). A device without tegrastats is remembered and never asked again.
  */
 export class TegrastatsCollector {
-  private readonly tool: DeviceTool;
-  private readonly command: string;
-  private readonly timeoutMs: number;
-  private missing = false;
+  private readonly tool: StreamingDeviceTool<TegrastatsReading>;
 
   constructor(options: CollectorOptions = {}) {
-    this.command = options.command ?? 'tegrastats';
-    this.tool = new DeviceTool(options.spawn ?? nodeSpawn, this.command);
-    this.timeoutMs = options.timeoutMs ?? 3000;
+    const intervalMs = options.intervalMs ?? DEVICE_TOOL_INTERVAL_MS;
+    this.tool = new StreamingDeviceTool({
+      spawn: options.spawn ?? nodeSpawn,
+      command: options.command ?? 'tegrastats',
+      args: ['--interval', String(intervalMs)],
+      intervalMs,
+      timeoutMs: options.timeoutMs ?? 3000,
+      assembler: () => parseTegrastats,
+      ...(options.restartMinMs !== undefined ? { restartMinMs: options.restartMinMs } : {}),
+      ...(options.restartMaxMs !== undefined ? { restartMaxMs: options.restartMaxMs } : {}),
+    });
   }
 
   get absent(): boolean {
-    return this.missing;
+    return this.tool.absent;
   }
 
-  async read(): Promise<CollectorResult<TegrastatsReading>> {
-    if (this.missing) return { ok: false, missing: true, reason: `${this.command} not found` };
-    const res = await this.tool.run(['--interval', '500'], { timeoutMs: this.timeoutMs, firstLineOnly: true });
-    if (!res.ok) {
-      if (res.missing) this.missing = true;
-      return res;
-    }
-    try {
-      return { ok: true, value: parseTegrastats(res.stdout) };
-    } catch (err) {
-      return { ok: false, missing: false, reason: err instanceof Error ? err.message : String(err) };
-    }
+  /** The running tool's pid, if one runs. */
+  get pid(): number | undefined {
+    return this.tool.pid;
+  }
+
+  read(): Promise<CollectorResult<TegrastatsReading>> {
+    return this.tool.read();
+  }
+
+  close(): Promise<void> {
+    return this.tool.close();
   }
 }

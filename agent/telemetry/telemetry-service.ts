@@ -52,10 +52,13 @@ export class TelemetryService {
   private publisher: OutboxPublisher | undefined;
   private readonly startedAt: number;
   private started = false;
+  /** The device monitor is ours to close unless the caller handed one in. */
+  private readonly ownsDevices: boolean;
 
   constructor(private readonly options: TelemetryServiceOptions) {
     const { config } = options;
     this.startedAt = options.startedAt ?? performance.now();
+    this.ownsDevices = options.devices === undefined;
     this.devices = options.devices ?? new DeviceMonitor({
       nvidiaSmi: config.device.nvidia_smi,
       tegrastats: config.device.tegrastats,
@@ -137,7 +140,10 @@ export class TelemetryService {
     await p?.stop();
   }
 
-  /** Writes one last record, stops the listener and the publisher. The outbox is the caller's to close. */
+  /**
+   * Writes one last record, stops the listener, the publisher and the device tools (for good: no start again).
+   * The outbox is the caller's to close.
+   */
   async stop(): Promise<void> {
     if (this.started) {
       await this.reporter.stop();
@@ -146,6 +152,7 @@ export class TelemetryService {
       this.started = false;
     }
     await this.detachMqtt();
+    if (this.ownsDevices) await this.devices.close();
   }
 
   statusReport(): StatusReport {
