@@ -1,7 +1,10 @@
 import t from 'tap';
+import { spawn, type SpawnOptions } from 'node:child_process';
+import { chmodSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { agentStatusLine, SystemdNotifier, SystemdNotifyCommand, statusText, type NotifySender } from '../agent/systemd/index.js';
 import { NotifyListener, notifyToolsMissing, type NotifyDatagram } from './helpers/notify-socket.js';
+import { gone } from './helpers/event-loop.js';
 import { tempDir } from './helpers/runtime.js';
 
 // The notifier against a real NOTIFY_SOCKET (a python3 listener standing in for PID 1) through the real
@@ -149,4 +152,44 @@ t.test('the status line summarises models, failures and streams', async (t) => {
   t.equal(agentStatusLine(models, { streams: 2 }), 'serving 2/3 models (classifier:1@tensorrt, tiny:3@cpu); not ready: broken (unavailable); 2 streams');
   t.equal(agentStatusLine(models.slice(0, 1), { streams: 1, note: 'restart needed for server.listen' }), 'serving 1/1 models (classifier:1@tensorrt); 1 stream; restart needed for server.listen');
   t.equal(agentStatusLine([]), 'serving 0/0 models');
+});
+
+t.test('one relay process carries every message: the agent does not fork per notification', async (t) => {
+  const socket = join(tempDir(t), 'notify');
+  const pid1 = await NotifyListener.start(t, socket);
+  const started: number[] = [];
+  const counting: typeof spawn = ((command: string, args: readonly string[], options: SpawnOptions) => {
+    const child = spawn(command, args, options);
+    started.push(child.pid ?? -1);
+    return child;
+  }) as typeof spawn;
+  const sender = new SystemdNotifyCommand({ socket, spawn: counting });
+  t.teardown(() => sender.close());
+  const n = new SystemdNotifier({ env: { NOTIFY_SOCKET: socket, WATCHDOG_USEC: '1000000' }, sender });
+  await n.ready('up');
+  for (let i = 0; i < 10; i++) await n.watchdog();
+  await n.stopping();
+  t.equal(pid1.messages().filter((m) => m === 'WATCHDOG=1').length, 10, 'every ping arrived');
+  t.equal(started.length, 1, 'one process started for 12 messages (the relay, at construction)');
+});
+
+t.test('a systemd-notify that hangs: the message is reported lost, its relay killed, and the next goes through a new one', async (t) => {
+  const dir = tempDir(t);
+  const socket = join(dir, 'notify');
+  const pid1 = await NotifyListener.start(t, socket);
+  // Hangs on WATCHDOG=1 (ignoring SIGTERM, as a wedged binary might), delivers everything else for real.
+  const tool = join(dir, 'systemd-notify');
+  writeFileSync(tool, `#!/bin/sh\nif [ "$1" = WATCHDOG=1 ]; then trap '' TERM; sleep 300; fi\nexec systemd-notify "$@"\n`);
+  chmodSync(tool, 0o755);
+  const sender = new SystemdNotifyCommand({ socket, command: tool, timeoutMs: 300 });
+  t.teardown(() => sender.close());
+  const errors: Error[] = [];
+  const n = new SystemdNotifier({ env: { NOTIFY_SOCKET: socket }, sender, onError: (e) => errors.push(e) });
+  const firstRelay = sender.relayPid;
+  await n.watchdog();
+  t.match(errors[0]?.message, /sd_notify 'WATCHDOG=1' was not delivered: .*gave no answer within 300 ms; its relay was killed/);
+  await n.stopping();
+  t.same(pid1.messages(), ['STOPPING=1'], 'the next message is delivered');
+  t.not(sender.relayPid, firstRelay, 'through a new relay');
+  t.ok(firstRelay !== undefined && gone(firstRelay), 'the hung relay (and its process group) is gone');
 });

@@ -16,6 +16,7 @@ import type { StatusReport } from '../agent/telemetry/status-report.js';
 import { Database } from '../agent/store/index.js';
 import { freePort } from './helpers/mosquitto.js';
 import { startTestAgent } from './helpers/agent.js';
+import { gone } from './helpers/event-loop.js';
 import { tempDir } from './helpers/runtime.js';
 
 // What telemetry holds on the device besides its figures: device-tool processes, connections of the local
@@ -58,16 +59,6 @@ function exitOf(child: ChildProcess, what: string): Promise<NodeJS.Signals | num
     const timer = setTimeout(() => reject(new Error(`${what} (pid ${child.pid}) is still running`)), 20_000);
     child.once('exit', (code, signal) => { clearTimeout(timer); resolve(signal ?? code); });
   });
-}
-
-/** A process is gone when /proc no longer has it, or only as a zombie waiting for its reaper. */
-function gone(pid: number): boolean {
-  try {
-    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
-    return stat.slice(stat.lastIndexOf(')') + 2)[0] === 'Z';
-  } catch {
-    return true;
-  }
 }
 
 // Stands in for nvidia-smi hung in the driver: it ignores SIGTERM, and so does the helper it waits for (an

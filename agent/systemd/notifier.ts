@@ -107,6 +107,7 @@ export class SystemdNotifier {
     if (this.timer) clearInterval(this.timer);
     this.timer = undefined;
     await this.queue;
+    this.sender?.close?.();
   }
 
   private statusLine(text: string | undefined): string[] {

@@ -1,3 +1,4 @@
+import { readFileSync } from 'node:fs';
 import { performance } from 'node:perf_hooks';
 
 /** Share of the next `ms` the event loop spent not waiting in the OS for I/O (Node's event-loop utilisation). */
@@ -18,5 +19,15 @@ export async function until(what: string, cond: () => boolean, timeoutMs = 20_00
   while (!cond()) {
     if (Date.now() - start > timeoutMs) throw new Error(`timed out waiting for: ${what}`);
     await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+/** A process is gone when /proc no longer has it, or only as a zombie waiting for its reaper. */
+export function gone(pid: number): boolean {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    return stat.slice(stat.lastIndexOf(')') + 2)[0] === 'Z';
+  } catch {
+    return true;
   }
 }
