@@ -83,7 +83,6 @@ export class SqliteOutbox implements Outbox {
     private readonly clock: WallClockSteps,
     private readonly monotonic: () => number,
     private readonly syncIntervalMs: number,
-    private readonly protectedKinds: ReadonlySet<string>,
   ) {
     this.lastSync = monotonic();
   }
@@ -124,7 +123,7 @@ export class SqliteOutbox implements Outbox {
         if (c.name === 'pending_drops') ledger.pendingDrops = c.value;
         else if (c.name === 'dropped_total') ledger.droppedTotal = c.value;
       }
-      return new SqliteOutbox(db, ledger, clock, monotonic, options.syncIntervalMs ?? 60_000, new Set(ledger.protectedKindList));
+      return new SqliteOutbox(db, ledger, clock, monotonic, options.syncIntervalMs ?? 60_000);
     } catch (err) {
       throw databaseOpenError(db.file, err);
     }
@@ -149,7 +148,7 @@ export class SqliteOutbox implements Outbox {
         throw err;
       }
       this.ledger.commit(planned, this.clock, id);
-      await this.syncIfDue(this.protectedKinds.has(plan.kind));
+      await this.syncIfDue(this.ledger.classOfKind(plan.kind) === 'protected');
       if (!plan.insert) return undefined;
       const entry: OutboxEntry = { id, kind: plan.kind, seq: plan.stamp.seq, topic: plan.topic, payload: plan.payload, retain: plan.retain, createdAt: plan.createdAt };
       this.listeners.emit(entry);
@@ -191,8 +190,8 @@ export class SqliteOutbox implements Outbox {
       if (only === 'protected') {
         const ids: SqlValue[] = this.ledger.protectedIdsAfter(afterId, Math.floor(limit));
         rows = ids.length === 0 ? [] : await this.db.all<StoredRow>(`${columns} WHERE id IN (${ids.map(() => '?').join(',')}) ORDER BY id`, ids);
-      } else if (only === 'droppable' && this.protectedKinds.size > 0) {
-        const kinds: SqlValue[] = [...this.protectedKinds];
+      } else if (only === 'droppable' && this.ledger.protectedKindList.length > 0) {
+        const kinds: readonly SqlValue[] = this.ledger.protectedKindList;
         rows = await this.db.all<StoredRow>(
           `${columns} WHERE id > ? AND kind NOT IN (${kinds.map(() => '?').join(',')}) ORDER BY id LIMIT ?`,
           [afterId, ...kinds, Math.floor(limit)],

@@ -336,7 +336,7 @@ export class OutboxLedger {
    * with the new entry would exceed max rows or max bytes, the oldest telemetry, then the oldest other
    * droppable entries. Protected kinds are never chosen. Renders the payload (its size counts).
    */
-  plan(message: OutboxMessage, now: number): EnqueuePlan {
+  private plan(message: OutboxMessage, now: number): EnqueuePlan {
     if (typeof message.topic !== 'string' || message.topic === '') throw new TypeError('outbox message needs a non-empty topic');
     const seq = this.nextSeq(message.kind);
     const isTelemetry = message.kind === 'telemetry';
@@ -436,7 +436,7 @@ export class OutboxLedger {
   }
 
   /** Applies a plan whose writes committed; `id` is the new entry's id (ignored when it was not inserted). */
-  apply(plan: EnqueuePlan, id: number): LedgerRow | undefined {
+  private apply(plan: EnqueuePlan, id: number): LedgerRow | undefined {
     for (const row of plan.evict) this.delete(row.id);
     this.nextSeqByKind.set(plan.kind, plan.nextSeq);
     this.pendingDrops = plan.pendingDrops;
