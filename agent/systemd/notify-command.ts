@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import { createInterface } from 'node:readline';
+import { holdEventLoop, killGroup } from '../process-group.js';
 
 /** Delivers one sd_notify message (newline-separated `KEY=VALUE` assignments) to the service manager. */
 export interface NotifySender {
@@ -88,7 +89,7 @@ export class SystemdNotifyCommand implements NotifySender {
       const timer = setTimeout(() => this.abandon(relay, `${this.command} gave no answer within ${this.timeoutMs} ms; its relay was killed`), this.timeoutMs);
       timer.unref();
       relay.waiting.push({ message, resolve, reject, timer });
-      if (relay.waiting.length === 1) hold(relay, true);
+      if (relay.waiting.length === 1) holdEventLoop(relay.child, true);
       // A tab inside an assignment would split it in two: the status text has no control characters already.
       relay.child.stdin?.write(`${message.split('\n').map((a) => a.replace(/\t/g, ' ')).join('\t')}\n`);
     });
@@ -114,7 +115,7 @@ export class SystemdNotifyCommand implements NotifySender {
     });
     const relay: Relay = { child, waiting: [] };
     // An idle relay must not keep an agent that is otherwise done from exiting (one awaiting an answer does).
-    hold(relay, false);
+    holdEventLoop(relay.child, false);
     child.stdin?.on('error', () => undefined); // EPIPE after the relay died: 'close' reports it
     createInterface({ input: child.stdout as NodeJS.ReadableStream }).on('line', (line) => this.answered(relay, line));
     child.once('error', (err: NodeJS.ErrnoException) => this.abandon(relay, `the relay shell could not start (${err.message})`));
@@ -126,7 +127,7 @@ export class SystemdNotifyCommand implements NotifySender {
     const w = relay.waiting.shift();
     if (!w) return;
     clearTimeout(w.timer);
-    if (relay.waiting.length === 0) hold(relay, false);
+    if (relay.waiting.length === 0) holdEventLoop(relay.child, false);
     const space = line.indexOf(' ');
     const code = Number(space < 0 ? line : line.slice(0, space));
     const output = space < 0 ? '' : line.slice(space + 1).trim();
@@ -138,21 +139,10 @@ export class SystemdNotifyCommand implements NotifySender {
   /** The relay is gone or hung: every message it holds is lost, and the next send starts a new one. */
   private abandon(relay: Relay, reason: string): void {
     if (this.relay === relay) this.relay = undefined;
-    try {
-      if (relay.child.pid !== undefined) process.kill(-relay.child.pid, 'SIGKILL');
-    } catch {
-      // Already gone.
-    }
+    if (relay.child.pid !== undefined) killGroup(relay.child.pid, 'SIGKILL');
     for (const w of relay.waiting.splice(0)) {
       clearTimeout(w.timer);
       w.reject(new NotifyDeliveryError(w.message, reason));
     }
   }
-}
-
-/** Whether the relay keeps the event loop alive: only while an answer is awaited. */
-function hold(relay: Relay, on: boolean): void {
-  const method = on ? 'ref' : 'unref';
-  relay.child[method]();
-  for (const s of [relay.child.stdin, relay.child.stdout]) (s as { ref?: () => void; unref?: () => void } | null)?.[method]?.();
 }

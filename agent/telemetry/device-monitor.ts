@@ -1,5 +1,5 @@
-import type { SpawnFn } from './device-tool.js';
-import { NvidiaSmiCollector, type CollectorResult, type GpuReading } from './nvidia-smi.js';
+import type { CollectorResult, SpawnFn } from './device-tool.js';
+import { NvidiaSmiCollector, type GpuReading } from './nvidia-smi.js';
 import { TegrastatsCollector, tegrastatsGpu, type TegrastatsReading } from './tegrastats.js';
 import { ThermalZoneReader, type ThermalZoneReading } from './thermal-zones.js';
 

@@ -1,4 +1,5 @@
-import type { ChildProcess, SpawnOptions } from 'node:child_process';
+import { spawn as nodeSpawn, type ChildProcess, type SpawnOptions } from 'node:child_process';
+import { holdEventLoop, killGroup } from '../process-group.js';
 
 /** `child_process.spawn`'s shape, injected so tests decide what a device tool prints. */
 export type SpawnFn = (command: string, args: readonly string[], options: SpawnOptions) => ChildProcess;
@@ -11,8 +12,8 @@ export class DeviceOutputError extends Error {
   }
 }
 
-/** What one tool read: a reading, or why there is none. `missing`: the tool is not on this device. */
-export type ToolReading<T> =
+/** What one collector read: a reading, or why there is none. `missing`: the tool is not on this device. */
+export type CollectorResult<T> =
   | { readonly ok: true; readonly value: T }
   | { readonly ok: false; readonly missing: boolean; readonly reason: string };
 
@@ -41,12 +42,47 @@ export interface StreamingDeviceToolOptions<T> {
   readonly now?: () => number;
 }
 
+/** What a device-tool collector (nvidia-smi, tegrastats) can be told; tests shorten the times. */
+export interface CollectorOptions {
+  readonly spawn?: SpawnFn;
+  readonly command?: string;
+  /** The first reading after a (re)start may take this long; readings older than 3 intervals + this are stale. */
+  readonly timeoutMs?: number;
+  /** How often the tool prints a reading. */
+  readonly intervalMs?: number;
+  readonly restartMinMs?: number;
+  readonly restartMaxMs?: number;
+}
+
+/** How often the device tools print a reading: fresh enough for any telemetry interval, cheap to parse. */
+export const DEVICE_TOOL_INTERVAL_MS = 1000;
+
+/** A collector's tool options: its own command, arguments (for the interval) and parser, with the options given. */
+export function collectorToolOptions<T>(options: CollectorOptions, tool: {
+  readonly command: string;
+  readonly args: (intervalMs: number) => readonly string[];
+  readonly timeoutMs: number;
+  readonly assembler: () => LineAssembler<T>;
+}): StreamingDeviceToolOptions<T> {
+  const intervalMs = options.intervalMs ?? DEVICE_TOOL_INTERVAL_MS;
+  return {
+    spawn: options.spawn ?? nodeSpawn,
+    command: options.command ?? tool.command,
+    args: tool.args(intervalMs),
+    intervalMs,
+    timeoutMs: options.timeoutMs ?? tool.timeoutMs,
+    assembler: tool.assembler,
+    ...(options.restartMinMs !== undefined ? { restartMinMs: options.restartMinMs } : {}),
+    ...(options.restartMaxMs !== undefined ? { restartMaxMs: options.restartMaxMs } : {}),
+  };
+}
+
 /** After SIGTERM, how long a tool gets before its process group is sent SIGKILL. */
 export const KILL_GRACE_MS = 1000;
 const STDERR_TAIL = 4096;
 
 interface Latest<T> {
-  readonly result: ToolReading<T>;
+  readonly result: CollectorResult<T>;
   readonly at: number;
 }
 
@@ -114,7 +150,7 @@ export class StreamingDeviceTool<T> {
    * The latest reading if fresh; starts the tool on the first call and then waits up to the timeout for its
    * first reading (so the first telemetry record has one). Never rejects.
    */
-  async read(): Promise<ToolReading<T>> {
+  async read(): Promise<CollectorResult<T>> {
     if (this.missing) return this.missingResult();
     if (this.closed) return { ok: false, missing: false, reason: `${this.command}: stopped` };
     if (!this.child && !this.restartTimer) this.start();
@@ -149,11 +185,11 @@ export class StreamingDeviceTool<T> {
     await exited;
   }
 
-  private missingResult(): ToolReading<T> {
+  private missingResult(): CollectorResult<T> {
     return { ok: false, missing: true, reason: `${this.command} not found` };
   }
 
-  private fresh(): ToolReading<T> | undefined {
+  private fresh(): CollectorResult<T> | undefined {
     const latest = this.latest;
     return latest && this.now() - latest.at <= this.staleMs ? latest.result : undefined;
   }
@@ -196,9 +232,7 @@ export class StreamingDeviceTool<T> {
     this.lastOutputAt = undefined;
     // Neither the child nor its pipes hold the agent's event loop: close() stops it, and a tool outliving an
     // agent that died dies itself of SIGPIPE on its next line.
-    child.unref();
-    unrefStream(child.stdout);
-    unrefStream(child.stderr);
+    holdEventLoop(child, false);
     const assemble = this.options.assembler();
     let partial = '';
     let dropping = false;
@@ -264,7 +298,7 @@ export class StreamingDeviceTool<T> {
     }
   }
 
-  private record(result: ToolReading<T>): void {
+  private record(result: CollectorResult<T>): void {
     this.latest = { result, at: this.now() };
     this.wake();
   }
@@ -319,14 +353,3 @@ function terminate(child: ChildProcess): void {
   setTimeout(() => killGroup(pid, 'SIGKILL'), KILL_GRACE_MS).unref();
 }
 
-function killGroup(pid: number, signal: NodeJS.Signals): void {
-  try {
-    process.kill(-pid, signal);
-  } catch {
-    // ESRCH: the whole group has exited.
-  }
-}
-
-function unrefStream(stream: unknown): void {
-  (stream as { unref?: () => void } | null)?.unref?.();
-}

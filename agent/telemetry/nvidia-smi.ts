@@ -1,5 +1,4 @@
-import { spawn as nodeSpawn } from 'node:child_process';
-import { DeviceOutputError, StreamingDeviceTool, type LineAssembler, type SpawnFn, type ToolReading } from './device-tool.js';
+import { collectorToolOptions, DeviceOutputError, StreamingDeviceTool, type CollectorOptions, type LineAssembler } from './device-tool.js';
 
 /** One GPU's reading; a field the device does not report is absent. */
 export interface GpuReading {
@@ -87,58 +86,17 @@ export function nvidiaSmiAssembler(): LineAssembler<GpuReading[]> {
   };
 }
 
-export interface CollectorOptions {
-  readonly spawn?: SpawnFn;
-  readonly command?: string;
-  /** The first reading after a (re)start may take this long; readings older than 3 intervals + this are stale. */
-  readonly timeoutMs?: number;
-  /** How often the tool prints a reading. */
-  readonly intervalMs?: number;
-  readonly restartMinMs?: number;
-  readonly restartMaxMs?: number;
-}
-
-/** What one collector read: readings, or why there are none. `missing`: the tool is not on this device. */
-export type CollectorResult<T> = ToolReading<T>;
-
-/** How often the device tools print a reading: fresh enough for any telemetry interval, cheap to parse. */
-export const DEVICE_TOOL_INTERVAL_MS = 1000;
-
 /**
  * nvidia-smi started once in its loop mode (`-lms`), printing every `intervalMs`; a reading is its latest block
  * (see StreamingDeviceTool for stops and restarts). A device without it (ENOENT) is remembered and never asked again.
  */
-export class NvidiaSmiCollector {
-  private readonly tool: StreamingDeviceTool<GpuReading[]>;
-
+export class NvidiaSmiCollector extends StreamingDeviceTool<GpuReading[]> {
   constructor(options: CollectorOptions = {}) {
-    const intervalMs = options.intervalMs ?? DEVICE_TOOL_INTERVAL_MS;
-    this.tool = new StreamingDeviceTool({
-      spawn: options.spawn ?? nodeSpawn,
-      command: options.command ?? 'nvidia-smi',
-      args: [...NVIDIA_SMI_ARGS, '-lms', String(intervalMs)],
-      intervalMs,
-      timeoutMs: options.timeoutMs ?? 2000,
+    super(collectorToolOptions(options, {
+      command: 'nvidia-smi',
+      args: (intervalMs) => [...NVIDIA_SMI_ARGS, '-lms', String(intervalMs)],
+      timeoutMs: 2000,
       assembler: nvidiaSmiAssembler,
-      ...(options.restartMinMs !== undefined ? { restartMinMs: options.restartMinMs } : {}),
-      ...(options.restartMaxMs !== undefined ? { restartMaxMs: options.restartMaxMs } : {}),
-    });
-  }
-
-  get absent(): boolean {
-    return this.tool.absent;
-  }
-
-  /** The running tool's pid, if one runs. */
-  get pid(): number | undefined {
-    return this.tool.pid;
-  }
-
-  read(): Promise<CollectorResult<GpuReading[]>> {
-    return this.tool.read();
-  }
-
-  close(): Promise<void> {
-    return this.tool.close();
+    }));
   }
 }

@@ -1,6 +1,5 @@
-import { spawn as nodeSpawn } from 'node:child_process';
-import { DeviceOutputError, StreamingDeviceTool } from './device-tool.js';
-import { DEVICE_TOOL_INTERVAL_MS, type CollectorOptions, type CollectorResult, type GpuReading } from './nvidia-smi.js';
+import { collectorToolOptions, DeviceOutputError, StreamingDeviceTool, type CollectorOptions } from './device-tool.js';
+import type { GpuReading } from './nvidia-smi.js';
 
 export interface CpuCoreReading {
   readonly index: number;
@@ -104,37 +103,13 @@ export function tegrastatsGpu(reading: TegrastatsReading): GpuReading {
  * tegrastats started once, printing a line every `intervalMs` (`--interval`); a reading is its latest line (see
  * StreamingDeviceTool for stops and restarts). A device without tegrastats is remembered and never asked again.
  */
-export class TegrastatsCollector {
-  private readonly tool: StreamingDeviceTool<TegrastatsReading>;
-
+export class TegrastatsCollector extends StreamingDeviceTool<TegrastatsReading> {
   constructor(options: CollectorOptions = {}) {
-    const intervalMs = options.intervalMs ?? DEVICE_TOOL_INTERVAL_MS;
-    this.tool = new StreamingDeviceTool({
-      spawn: options.spawn ?? nodeSpawn,
-      command: options.command ?? 'tegrastats',
-      args: ['--interval', String(intervalMs)],
-      intervalMs,
-      timeoutMs: options.timeoutMs ?? 3000,
+    super(collectorToolOptions(options, {
+      command: 'tegrastats',
+      args: (intervalMs) => ['--interval', String(intervalMs)],
+      timeoutMs: 3000,
       assembler: () => parseTegrastats,
-      ...(options.restartMinMs !== undefined ? { restartMinMs: options.restartMinMs } : {}),
-      ...(options.restartMaxMs !== undefined ? { restartMaxMs: options.restartMaxMs } : {}),
-    });
-  }
-
-  get absent(): boolean {
-    return this.tool.absent;
-  }
-
-  /** The running tool's pid, if one runs. */
-  get pid(): number | undefined {
-    return this.tool.pid;
-  }
-
-  read(): Promise<CollectorResult<TegrastatsReading>> {
-    return this.tool.read();
-  }
-
-  close(): Promise<void> {
-    return this.tool.close();
+    }));
   }
 }

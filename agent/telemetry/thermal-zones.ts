@@ -1,6 +1,6 @@
 import { readdir, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
-import type { CollectorResult } from './nvidia-smi.js';
+import type { CollectorResult } from './device-tool.js';
 
 export interface ThermalZoneReading {
   /** `thermal_zone0` … */
