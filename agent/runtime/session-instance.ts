@@ -169,7 +169,7 @@ class WorkerInstance implements SessionInstance {
 
   private readonly log: Logger | undefined;
   private readonly respawnDelaysMs: readonly number[];
-  private readonly onStopped: ((reason: string) => void) | undefined;
+  private readonly onStopped: (() => void) | undefined;
 
   private constructor(private readonly request: SessionRequest, first: SpawnedWorker, options: InstanceOptions) {
     this.info = first.info;
@@ -232,10 +232,9 @@ class WorkerInstance implements SessionInstance {
     const model = this.request.model;
     while (!this.stopped) {
       if (this.failures > this.respawnDelaysMs.length) {
-        const gaveUp = new UnavailableError(`model '${model}': ${this.lastFailure}; after ${this.failures} failures in a row with no run succeeding, this instance stopped restarting it until the model is reloaded`);
-        this.stop(gaveUp);
+        this.stop(new UnavailableError(`model '${model}': ${this.lastFailure}; after ${this.failures} failures in a row with no run succeeding, this instance stopped restarting it until the model is reloaded`));
         this.log?.error({ model, failures_in_a_row: this.failures, reason: this.lastFailure }, 'inference worker keeps failing: instance stopped restarting it');
-        this.onStopped?.(gaveUp.message);
+        this.onStopped?.();
         return;
       }
       const delay = this.respawnDelaysMs[this.failures - 1] ?? 0;
@@ -358,8 +357,8 @@ export interface InstanceOptions {
   readonly log?: Logger;
   /** A worker instance's restart backoff; RESPAWN_DELAYS_MS unless given. */
   readonly respawnDelaysMs?: readonly number[];
-  /** Called once when a worker instance gives up restarting its thread (not when it is released). */
-  readonly onStopped?: (reason: string) => void;
+  /** Called once when a worker instance gives up restarting its thread (not when it is released); `stoppedReason` says why. */
+  readonly onStopped?: () => void;
 }
 
 /** Creates one instance of a model: in a worker thread or on the event loop. */
