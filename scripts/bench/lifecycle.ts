@@ -33,8 +33,8 @@ export async function measureRss(repo: string, agentBase: AgentBase, frames: num
     await nativeFlood(agent.unix, 'tiny', tiny.inputs, 8, 8, warmup);
     const beforeKb = agent.server.rssKb();
     const collectedBefore = await fullCollection(agent.server, inspector);
-    // V8's heap breathes with each collection, so two single readings can differ by 10% with no leak:
-    // the row samples after every chunk and compares the first and last quarters' medians.
+    // The readings after each chunk show V8's deferred collections (old space filling with garbage), reported
+    // beside the growth as quarter medians; the growth itself compares the two collected readings.
     const chunk = Math.ceil(frames / 20);
     const samples: number[] = [];
     let done = 0;
