@@ -27,6 +27,13 @@ export type Normalization = 'unit' | 'symmetric' | 'imagenet' | 'raw';
 
 export const NORMALIZATIONS: readonly Normalization[] = ['unit', 'symmetric', 'imagenet', 'raw'];
 
+/** The normalisation asked for (default unit); throws InvalidInputError naming it when it is not one of NORMALIZATIONS. */
+export function imageNormalization(normalize: Normalization | undefined): Normalization {
+  const n = normalize ?? 'unit';
+  if (!NORMALIZATIONS.includes(n)) throw new InvalidInputError(`image normalisation '${String(n)}' is not one of ${NORMALIZATIONS.join(', ')}`);
+  return n;
+}
+
 /** Height × width of the tensors images are resized to. */
 export interface ImageSize {
   readonly height: number;
@@ -387,10 +394,7 @@ async function imageSamples(files: readonly string[], inputs: readonly ModelInpu
     throw new InvalidInputError(`images can feed a model with one image input; this model has ${inputs.length} inputs (${inputs.map((i) => i.name).join(', ')})`);
   }
   const input = inputs[0]!;
-  const normalize = options.normalize ?? 'unit';
-  if (!NORMALIZATIONS.includes(normalize)) {
-    throw new InvalidInputError(`image normalisation '${String(normalize)}' is not one of ${NORMALIZATIONS.join(', ')}`);
-  }
+  const normalize = imageNormalization(options.normalize);
   const { layout, channels, height, width } = imageLayout(input, options.size);
   const shape: Dim[] = layout === 'NCHW' ? [1, channels, height, width] : [1, height, width, channels];
   const samples: Sample[] = [];

@@ -5,7 +5,7 @@ import { InvalidInputError } from '../errors.js';
 import { writeFileDurably } from '../store/index.js';
 import { calibrateRanges, type CalibrationMethod, type Feeds } from './calibrate.js';
 import {
-  imageLayout, imageSize, loadSamples, NORMALIZATIONS, splitHeldOut, subsample, type ImageOptions, type ModelInputSpec, type Sample,
+  imageLayout, imageNormalization, imageSize, loadSamples, splitHeldOut, subsample, type ImageOptions, type ModelInputSpec, type Sample,
 } from './calibration-data.js';
 import { convertFloat16 } from './convert-fp16.js';
 import { checkFloat16Range } from './fp16-range.js';
@@ -133,10 +133,7 @@ function validateOptions(options: OptimizeOptions): void {
   if (options.method !== undefined && !methods.includes(options.method)) {
     throw new InvalidInputError(`calibration method '${String(options.method)}' is not one of ${methods.join(', ')}`);
   }
-  const normalize = options.image?.normalize;
-  if (normalize !== undefined && !NORMALIZATIONS.includes(normalize)) {
-    throw new InvalidInputError(`image normalisation '${String(normalize)}' is not one of ${NORMALIZATIONS.join(', ')}`);
-  }
+  imageNormalization(options.image?.normalize);
   imageSize(options.image?.size);
 }
 
