@@ -101,30 +101,32 @@ export function convertFloat16(source: ModelProto, options: Fp16Options = {}): M
   const half = (t: string): boolean => isFloat(t) && !graphInputs.has(t) && (!index.initializers.has(t) || fp16Inits.has(t));
   const graphOutputs = new Set(graph.output.map((v) => v.name ?? ''));
   const renamedOutputs = new Map<string, string>();
+  // One Cast per tensor and direction, made where the first reader needs it and shared by the later ones.
+  const float32Copy = (x: string): string => {
+    let c = as32.get(x);
+    if (!c) { c = cast(renamedOutputs.get(x) ?? x, DataType.FLOAT, out); as32.set(x, c); }
+    return c;
+  };
+  const float16Copy = (x: string): string => {
+    let c = as16.get(x);
+    if (!c) { c = cast(x, DataType.FLOAT16, out); as16.set(x, c); }
+    return c;
+  };
 
   for (const node of graph.node as NodeProto[]) {
     node.input = node.input.map((x, i) => {
       if (!x) return x;
       const wants32 = fp32Slot(node, i);
-      if (wants32 && half(x) && !blockedOutput(x)) {
-        let c = as32.get(x);
-        if (!c) { c = cast(renamedOutputs.get(x) ?? x, DataType.FLOAT, out); as32.set(x, c); }
-        return c;
-      }
-      if (!wants32 && isFloat(x) && blockedOutput(x)) {
-        // Cast where a half-precision reader needs it, so a float32 output nobody reads in fp16 costs nothing.
-        let c = as16.get(x);
-        if (!c) { c = cast(x, DataType.FLOAT16, out); as16.set(x, c); }
-        return c;
-      }
+      if (wants32 && half(x) && !blockedOutput(x)) return float32Copy(x);
+      // Cast where a half-precision reader needs it, so a float32 output nobody reads in fp16 costs nothing.
+      if (!wants32 && isFloat(x) && blockedOutput(x)) return float16Copy(x);
       if (!wants32 && isFloat(x) && graphInputs.has(x)) return as16.get(x) ?? x;
       return renamedOutputs.get(x) ?? x;
     });
     if (CONTROL_FLOW_OPS.has(node.opType ?? '')) {
       for (const x of [...new Set(subgraphs(node).flatMap((g) => [...outerNames(g)]))]) {
         if (!half(x) || blockedOutput(x)) continue;
-        let c = as32.get(x);
-        if (!c) { c = cast(renamedOutputs.get(x) ?? x, DataType.FLOAT, out); as32.set(x, c); }
+        const c = float32Copy(x);
         for (const g of subgraphs(node)) renameOuter(g, x, c);
       }
     }
