@@ -1,8 +1,8 @@
-import { indexGraph, inferElemTypes, requireGraph, uniqueNamer } from './graph-analysis.js';
+import { indexGraph, inferElemTypes, requireGraph, subgraphsOf, uniqueNamer } from './graph-analysis.js';
 import { cloneModel } from './prepare-graph.js';
 import {
   attr, DataType, getAttribute, makeAttribute, makeNode, makeTensor, tensorDims, tensorToFloat32, toFloat16Array,
-  type IGraphProto, type INodeProto, type ModelProto, type NodeProto, type TensorProto,
+  type IGraphProto, type ModelProto, type NodeProto, type TensorProto,
 } from './onnx-graph.js';
 
 /**
@@ -31,21 +31,17 @@ function outerNames(graph: IGraphProto): Set<string> {
   const used = new Set<string>();
   for (const n of graph.node ?? []) {
     for (const x of n.input ?? []) if (x) used.add(x);
-    for (const sub of subgraphs(n)) for (const x of outerNames(sub)) used.add(x);
+    for (const sub of subgraphsOf(n)) for (const x of outerNames(sub)) used.add(x);
   }
   for (const o of graph.output ?? []) if (o.name) used.add(o.name);
   return new Set([...used].filter((x) => !defined.has(x)));
-}
-
-function subgraphs(node: INodeProto): IGraphProto[] {
-  return (node.attribute ?? []).flatMap((a) => [...(a.g ? [a.g] : []), ...(a.graphs ?? [])]);
 }
 
 /** Renames reads of outer tensor `from` to `to` inside a subgraph and its nested subgraphs. */
 function renameOuter(graph: IGraphProto, from: string, to: string): void {
   for (const n of graph.node ?? []) {
     n.input = (n.input ?? []).map((x) => (x === from ? to : x));
-    for (const sub of subgraphs(n)) renameOuter(sub, from, to);
+    for (const sub of subgraphsOf(n)) renameOuter(sub, from, to);
   }
   for (const o of graph.output ?? []) if (o.name === from) o.name = to;
 }
@@ -124,10 +120,10 @@ export function convertFloat16(source: ModelProto, options: Fp16Options = {}): M
       return renamedOutputs.get(x) ?? x;
     });
     if (CONTROL_FLOW_OPS.has(node.opType ?? '')) {
-      for (const x of [...new Set(subgraphs(node).flatMap((g) => [...outerNames(g)]))]) {
+      for (const x of [...new Set(subgraphsOf(node).flatMap((g) => [...outerNames(g)]))]) {
         if (!half(x) || blockedOutput(x)) continue;
         const c = float32Copy(x);
-        for (const g of subgraphs(node)) renameOuter(g, x, c);
+        for (const g of subgraphsOf(node)) renameOuter(g, x, c);
       }
     }
     if (node.opType === 'Cast' && !blocked(node) && Number(getAttribute(node, 'to')?.i ?? 0) === DataType.FLOAT) {

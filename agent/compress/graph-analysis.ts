@@ -1,6 +1,6 @@
 import {
   DataType, getAttribute, onnx, tensorToFloat32, toNumber,
-  type GraphProto, type IModelProto, type INodeProto, type ITensorProto, type NodeProto, type TensorProto,
+  type GraphProto, type IGraphProto, type IModelProto, type INodeProto, type ITensorProto, type NodeProto, type TensorProto,
 } from './onnx-graph.js';
 
 /** Producer/consumer maps over one graph, rebuilt after every structural edit (graphs here are small). */
@@ -41,6 +41,11 @@ export function soleReader(index: GraphIndex, tensor: string): NodeProto | undef
 }
 
 /** Whether a node belongs to the default ONNX operator set (empty domain or 'ai.onnx'). */
+/** The subgraphs a node carries in its attributes (If's branches, Loop's and Scan's bodies). */
+export function subgraphsOf(node: INodeProto): IGraphProto[] {
+  return (node.attribute ?? []).flatMap((a) => [...(a.g ? [a.g] : []), ...(a.graphs ?? [])]);
+}
+
 export function isDefaultDomain(node: INodeProto): boolean {
   return !node.domain || node.domain === 'ai.onnx';
 }

@@ -1,4 +1,4 @@
-import { requireGraph } from './graph-analysis.js';
+import { requireGraph, subgraphsOf } from './graph-analysis.js';
 import {
   attr, defaultOpsetVersion, floatTensor, getAttribute, getFloatAttribute, getIntAttribute, getIntsAttribute, int64Tensor,
   makeAttribute, makeNode, type GraphProto, type IGraphProto, type IModelProto, type NodeProto,
@@ -201,10 +201,7 @@ function namerOverSubgraphs(root: IGraphProto): (base: string) => string {
     for (const n of graph.node ?? []) {
       if (n.name) used.add(n.name);
       for (const x of [...(n.input ?? []), ...(n.output ?? [])]) used.add(x);
-      for (const a of n.attribute ?? []) {
-        if (a.g) visit(a.g);
-        for (const g of a.graphs ?? []) visit(g);
-      }
+      for (const g of subgraphsOf(n)) visit(g);
     }
     for (const t of graph.initializer ?? []) used.add(t.name ?? '');
     for (const v of [...(graph.input ?? []), ...(graph.output ?? [])]) used.add(v.name ?? '');

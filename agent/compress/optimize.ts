@@ -10,7 +10,7 @@ import {
 import { convertFloat16 } from './convert-fp16.js';
 import { checkFloat16Range } from './fp16-range.js';
 import { compareOutputs, createSession, medianLatencies, runAll, type Accuracy, type RunOutputs } from './evaluate.js';
-import { modelInputs, requireGraph } from './graph-analysis.js';
+import { modelInputs, requireGraph, subgraphsOf } from './graph-analysis.js';
 import { OpsetUpgradeError } from './opset-upgrade.js';
 import { decodeModel, encodeModel, DataType, valueInfoShape, type IGraphProto, type ModelProto } from './onnx-graph.js';
 import { cloneModel, prepareModel } from './prepare-graph.js';
@@ -96,13 +96,11 @@ function noWeightsReason(file: string, model: ModelProto): string {
   const visit = (g: IGraphProto, owner: string): void => {
     for (const n of g.node ?? []) {
       if (owner && n.opType === 'Constant') subgraphFloats++;
-      for (const a of n.attribute ?? []) {
-        for (const sub of [...(a.g ? [a.g] : []), ...(a.graphs ?? [])]) {
-          const here = `${n.opType} ${n.name || '?'}`;
-          subgraphFloats += (sub.initializer ?? []).filter((t) => t.dataType === DataType.FLOAT && (t.dims ?? []).length > 0).length;
-          if (!inSubgraphs.includes(here)) inSubgraphs.push(here);
-          visit(sub, here);
-        }
+      for (const sub of subgraphsOf(n)) {
+        const here = `${n.opType} ${n.name || '?'}`;
+        subgraphFloats += (sub.initializer ?? []).filter((t) => t.dataType === DataType.FLOAT && (t.dims ?? []).length > 0).length;
+        if (!inSubgraphs.includes(here)) inSubgraphs.push(here);
+        visit(sub, here);
       }
     }
   };
