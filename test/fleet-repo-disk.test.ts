@@ -1,6 +1,7 @@
 import t from 'tap';
 import { execFileSync } from 'node:child_process';
-import { closeSync, mkdirSync, openSync, readdirSync, rmSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { closeSync, existsSync, mkdirSync, openSync, readdirSync, readFileSync, rmSync, statfsSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { RuntimeDeploymentTarget } from '../agent/fleet/index.js';
 import { ActiveVersions, ModelRepository } from '../agent/models/index.js';
@@ -180,4 +181,35 @@ t.test('a copy that passes the free-space check but runs out of blocks midway ke
   t.match(target.modelVersions('cls'), { active: 1, onDisk: [1] });
   t.equal(await servedVersion(runtime), 1, 'version 1 still serves');
   t.same(claims(dev), []);
+});
+
+t.test('a version copied across filesystems leaves the event loop serving: frames complete while it is written', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root', timeout: 90_000 }, async (t) => {
+  // The repository on a filesystem of its own, the artifact on the ordinary disk: the install copies and fsyncs.
+  // Done on the event loop (as it once was), no frame could complete before the install did.
+  const root = tmpfs(t, 'size=128m');
+  mkdirSync(join(root, 'cls', '1'), { recursive: true });
+  writeFileSync(join(root, 'cls', '1', 'model.onnx'), classifier(LIGHT));
+  writeFileSync(join(root, 'cls', 'config.yaml'), 'max_batch_size: 8\n');
+  const runtime = await startRuntime(t, root, { execution: 'inline' });
+  const target = new RuntimeDeploymentTarget(new ModelRepository(root), runtime, new ActiveVersions(join(scratchDir(t), 'active-versions.json')));
+  const artifact = join(scratchDir(t), 'artifact.onnx');
+  const bytes = randomBytes(48 * 1024 * 1024);
+  writeFileSync(artifact, bytes);
+
+  let installed = false;
+  const install = target.install('cls', 2, artifact, { max_batch_size: 4 }).finally(() => { installed = true; });
+  let servedWhileInstalling = 0;
+  const versions = new Set<number>();
+  while (!installed) {
+    versions.add(await servedVersion(runtime));
+    if (!installed) servedWhileInstalling++;
+  }
+  await install;
+  t.same([...versions], [1], 'version 1 served throughout');
+  t.ok(servedWhileInstalling > 0, `frames were served while the 48 MB version was copied and fsynced (${servedWhileInstalling})`);
+  const digest = (b: Uint8Array): string => createHash('sha256').update(b).digest('hex');
+  t.equal(digest(readFileSync(join(root, 'cls', '2', 'model.onnx'))), digest(bytes), 'the installed model file is the artifact, whole');
+  t.equal(readFileSync(join(root, 'cls', '2', 'fleet-config.yaml'), 'utf8'), 'max_batch_size: 4\n', 'the version carries its config');
+  t.notOk(existsSync(artifact), 'the artifact left the data dir');
+  t.same(readdirSync(join(root, 'cls')).filter((f) => f.startsWith('.')), [], 'no temp folder is left');
 });

@@ -8,6 +8,7 @@ import { silentLogger } from '../agent/logger.js';
 import { ActiveVersions, ModelRepository } from '../agent/models/index.js';
 import { InferenceRuntime, type RuntimeObserver } from '../agent/runtime/index.js';
 import { Database } from '../agent/store/index.js';
+import { RolledBackDeployments } from '../agent/fleet/rolled-back-deployments.js';
 import { FileDeploymentTarget } from './helpers/fleet-file-target.js';
 import { classifier, LIGHT, MEDIUM } from './helpers/fleet-runtime-device.js';
 import { deviceConfig, memoryLogger, modelBytes, scratchDir, startDevice, startFleetHarness, type FleetHarness, type SeenMessage } from './helpers/fleet.js';
@@ -323,4 +324,23 @@ t.test('11: a download that fills the disk removes its partial file', { skip: CA
   t.match(fin.json?.reason, /^disk full while writing artifact [0-9a-f]{64} under \S+ \(ENOSPC[^)]*\); the partial download was removed/);
   t.same(readdirSync(join(dataDir, 'fleet', 'downloads')), [], 'the partial file is gone');
   t.same(await agent.fleetStore.chunks.downloads(), [], 'and its chunk map');
+});
+
+t.test('the active-versions and rolled-back files take concurrent writes: every one lands, none overwrites another', async (t) => {
+  // Their writes are asynchronous (fsync off the event loop): two models activating at once must not each write
+  // the file from the state before the other, nor share a temp file.
+  const dir = scratchDir(t);
+  const file = join(dir, 'active-versions.json');
+  const active = new ActiveVersions(file);
+  await Promise.all(['a', 'b', 'c', 'd'].map((m, i) => active.set(m, i + 1)));
+  t.same(JSON.parse(readFileSync(file, 'utf8')), { a: 1, b: 2, c: 3, d: 4 }, 'all four models are in the file');
+  t.same(['a', 'b', 'c', 'd'].map((m) => new ActiveVersions(file).get(m)), [1, 2, 3, 4], 'and a restart reads them');
+  await Promise.all([active.set('a', undefined), active.set('b', 7)]);
+  t.same(JSON.parse(readFileSync(file, 'utf8')), { b: 7, c: 3, d: 4 }, 'a removal and a change at once both land');
+
+  const rolledFile = join(dir, 'rolled-back-deployments.json');
+  const rolled = new RolledBackDeployments(rolledFile);
+  await Promise.all([rolled.add('d1', 'a', 1), rolled.add('d2', 'b', 2), rolled.add('d1', 'a', 1)]);
+  t.same(Object.keys(JSON.parse(readFileSync(rolledFile, 'utf8')) as object).sort(), ['d1', 'd2'], 'both rollbacks are recorded, the repeated one once');
+  t.same(readdirSync(dir).filter((f) => f.includes('.tmp-')), [], 'no temp file is left');
 });

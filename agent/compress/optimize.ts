@@ -307,7 +307,7 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
   notes.push(...previous.notes);
   for (const [v, b] of Object.entries(built) as [CompressedVariant, NonNullable<(typeof built)[CompressedVariant]>][]) {
     const file = `${base}.${v}.onnx`;
-    writeFileDurably(join(outDir, file), b.bytes);
+    await writeFileDurably(join(outDir, file), b.bytes);
     files.push(join(outDir, file));
     variants[v] = {
       variant: v, file, sha256: sha256Hex(b.bytes), sizeBytes: b.bytes.length, provider,
@@ -330,7 +330,7 @@ export async function runOptimize(options: OptimizeOptions): Promise<OptimizeRes
     notes,
     variants,
   };
-  writeFileDurably(reportFile, stringifyReport(report));
+  await writeFileDurably(reportFile, stringifyReport(report));
   files.push(reportFile);
   return { report, reportFile, files, table: formatReportTable(report) };
 }

@@ -408,7 +408,7 @@ export class FleetAgent {
     if (rec.state === 'rolled_back') {
       // Every rollback (health window, command) is reported through here, after the journal committed it.
       try {
-        this.rolledBack.add(rec.deploymentId, rec.model, rec.version);
+        await this.rolledBack.add(rec.deploymentId, rec.model, rec.version);
       } catch (err) {
         this.options.logger.error({ deployment_id: rec.deploymentId, file: this.rolledBack.file, err: errorMessage(err) }, 'fleet: could not record the rollback outside the database');
       }

@@ -18,6 +18,8 @@ export interface RolledBackDeployment {
  */
 export class RolledBackDeployments {
   private entries: Record<string, RolledBackDeployment> = {};
+  /** Writes one at a time, each from the state the previous one left. */
+  private writes: Promise<void> = Promise.resolve();
 
   constructor(readonly file: string) {
     // Absent or unreadable: the database still knows (this file only matters once the database was lost as well).
@@ -31,13 +33,18 @@ export class RolledBackDeployments {
     return Object.hasOwn(this.entries, deploymentId) ? this.entries[deploymentId] : undefined;
   }
 
-  add(deploymentId: string, model: string, version: number): void {
-    if (this.get(deploymentId)) return;
-    const ids = Object.keys(this.entries);
-    const next: Record<string, RolledBackDeployment> = {};
-    for (const id of ids.slice(Math.max(0, ids.length - (MAX_ENTRIES - 1)))) next[id] = this.entries[id] as RolledBackDeployment;
-    next[deploymentId] = { model, version, at: Date.now() };
-    writeFileDurably(this.file, JSON.stringify(next, null, 2));
-    this.entries = next;
+  /** Resolves once the file on disk holds it. */
+  add(deploymentId: string, model: string, version: number): Promise<void> {
+    const write = this.writes.then(async () => {
+      if (this.get(deploymentId)) return;
+      const ids = Object.keys(this.entries);
+      const next: Record<string, RolledBackDeployment> = {};
+      for (const id of ids.slice(Math.max(0, ids.length - (MAX_ENTRIES - 1)))) next[id] = this.entries[id] as RolledBackDeployment;
+      next[deploymentId] = { model, version, at: Date.now() };
+      await writeFileDurably(this.file, JSON.stringify(next, null, 2));
+      this.entries = next;
+    });
+    this.writes = write.catch(() => undefined);
+    return write;
   }
 }

@@ -7,6 +7,8 @@ import { readJsonObjectFile, writeFileDurably } from '../store/index.js';
  */
 export class ActiveVersions {
   private versions: Record<string, number> = {};
+  /** Writes one at a time, each from the state the previous one left: two models activating at once both land. */
+  private writes: Promise<void> = Promise.resolve();
 
   constructor(readonly file: string) {
     // Absent or unreadable: serve the repository's own choice (highest or pinned); the next activation rewrites it.
@@ -17,11 +19,16 @@ export class ActiveVersions {
     return this.versions[model];
   }
 
-  set(model: string, version: number | undefined): void {
-    const next = { ...this.versions };
-    if (version === undefined) delete next[model];
-    else next[model] = version;
-    writeFileDurably(this.file, JSON.stringify(next, null, 2));
-    this.versions = next;
+  /** Resolves once the file on disk says so; `get` answers the new version from then on. */
+  set(model: string, version: number | undefined): Promise<void> {
+    const write = this.writes.then(async () => {
+      const next = { ...this.versions };
+      if (version === undefined) delete next[model];
+      else next[model] = version;
+      await writeFileDurably(this.file, JSON.stringify(next, null, 2));
+      this.versions = next;
+    });
+    this.writes = write.catch(() => undefined);
+    return write;
   }
 }
