@@ -10,6 +10,7 @@ import { agentConfigSchema } from '../agent/config/index.js';
 import { applyHeapGrowingPercent } from '../agent/v8-heap.js';
 import { bareFeeds, EQUAL_REL, openBareSession, outputsDiff, referenceSequence, runsAtBatch8, type BenchProvider, type Outputs } from './bench/bare.js';
 import { measureColdStart, measureRss } from './bench/lifecycle.js';
+import { measureInstall } from './bench/install.js';
 import { measureReload } from './bench/reload.js';
 import {
   bareLatencyProbe, bareLoad, openKServeLoad, openKServeProbe, openNativeLoad, openNativeProbe,
@@ -29,7 +30,7 @@ import { batchingOptions, ROOT, workload, WORKLOAD_NAMES } from './bench/workloa
  * every row. Figures only: nothing here passes or fails (test/bench.test.ts runs `--quick` for structure).
  */
 
-const SECTIONS = ['bare', 'echo', 'latency', 'execution', 'throughput', 'naive', 'rss', 'coldstart', 'reload'] as const;
+const SECTIONS = ['bare', 'echo', 'latency', 'execution', 'throughput', 'naive', 'rss', 'coldstart', 'reload', 'install'] as const;
 type Section = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -398,6 +399,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       });
     }
     if (has('reload')) report.reload = await measureReload(agentBase, o.reloadMb, o.quick ? 100 : 2000, o.log);
+    if (has('install')) report.install = await measureInstall(o.reloadMb, o.quick ? 1 : 3, o.log);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }
@@ -431,7 +433,7 @@ async function main(argv: readonly string[]): Promise<void> {
     .option('--streams <list>', 'concurrent streams for the throughput rows', '1,8,32')
     .option('--rss-frames <n>', 'frames between the two RSS readings (default 200000; --quick 2000)')
     .option('--cold-reps <n>', 'cold-start repetitions of each kind (default 5; --quick 1)')
-    .option('--reload-mb <n>', 'size of the model the reload row loads again beside a serving one (default 256; --quick 4)')
+    .option('--reload-mb <n>', 'size of the model the reload row loads again beside a serving one, and the install row installs (default 256; --quick 4)')
     .option('--rounds <n>', 'rounds of alternating blocks for latency and throughput (default 6 and 3; --quick 1)')
     .option('--reference-outputs', "include bare's outputs in the JSON (for comparing providers)", false)
     .option('--cpu-prof <dir>', 'run the agent children with --cpu-prof, profiles into <dir>')

@@ -102,6 +102,12 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
     t.ok(rl?.[phase].n > 0 && [rl[phase].p50_us, rl[phase].p99_us, rl[phase].max_us].every(finite), `reload: tiny's frames ${phase}`);
   }
 
+  const ins = r.install;
+  t.ok(ins && finite(ins.model_mb) && ins.model_mb >= 3.5 && typeof ins.crossed_filesystems === 'boolean', 'install: a multi-MB version, and whether it crossed filesystems');
+  for (const kind of ['agent', 'synchronous'] as const) {
+    t.ok(ins?.[kind].length === 1 && ins[kind].every((x: Json) => finite(x.duration_ms) && x.duration_ms > 0 && finite(x.longest_stall_ms)), `install: ${kind} timed, with its longest stall`);
+  }
+
   t.ok(r.targets.length >= 8, 'every target evaluated');
   for (const row of r.targets) t.ok(typeof row.value === 'string' && (row.met === null || typeof row.met === 'boolean'), `target '${row.name}' has a figure`);
   t.equal(r.targets.find((x: Json) => x.name === 'agent outputs equal bare')?.met, true, 'the equality check over every latency row holds');

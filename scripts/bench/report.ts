@@ -1,4 +1,5 @@
 import type { BareResult, Outputs } from './bare.js';
+import type { InstallResult } from './install.js';
 import type { ReloadResult } from './reload.js';
 import { formatNumber, formatTable } from './stats.js';
 
@@ -189,6 +190,7 @@ export interface BenchReport {
   rss?: RssResult;
   cold_start?: ColdStartResult;
   reload?: ReloadResult;
+  install?: InstallResult;
   targets: TargetRow[];
 }
 
@@ -268,6 +270,15 @@ export function renderReport(r: BenchReport): string {
     out.push(formatTable(['tiny frames', 'n', 'p50 µs', 'p99 µs', 'max µs'], [
       ['steady', l.steady.n, l.steady.p50_us, l.steady.p99_us, l.steady.max_us],
       ['during the reload', l.during.n, l.during.p50_us, l.during.p99_us, l.during.max_us],
+    ]));
+  }
+  if (r.install) {
+    const i = r.install;
+    out.push('', `install: a ${fmt(i.model_mb)} MB version written into the model repository (${i.crossed_filesystems ? 'from /dev/shm to another filesystem: copied' : 'same filesystem as the download: moved'}) and fsynced, while the event loop is watched`);
+    const runs = (label: string, rs: readonly { duration_ms: number; longest_stall_ms: number }[]): (string | number)[] => [label, rs.map((x) => fmt(x.duration_ms)).join(' '), rs.map((x) => fmt(x.longest_stall_ms)).join(' ')];
+    out.push(formatTable(['install', 'ms (each round)', 'longest event-loop stall ms'], [
+      runs('agent (RuntimeDeploymentTarget.install)', i.agent),
+      runs('the same copy + fsyncs, synchronous', i.synchronous),
     ]));
   }
   if (r.targets.length > 0) {
