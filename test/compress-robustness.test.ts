@@ -4,7 +4,7 @@ import { existsSync, linkSync, mkdirSync, mkdtempSync, readdirSync, readFileSync
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { decideVariant, readVariantReports, runOptimize } from '../agent/compress/index.js';
+import { decideVariant, encodeNpy, readVariantReports, runOptimize } from '../agent/compress/index.js';
 import { inferElemTypes } from '../agent/compress/graph-analysis.js';
 import { OpsetUpgradeError, upgradeOpset } from '../agent/compress/opset-upgrade.js';
 import {
@@ -23,25 +23,13 @@ const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const work = mkdtempSync(join(tmpdir(), 'edge-agent-compress-robust-'));
 t.teardown(() => rmSync(work, { recursive: true, force: true }));
 
-function npy(shape: readonly number[], data: Float32Array): Uint8Array {
-  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${shape.join(', ')}${shape.length === 1 ? ',' : ''}), }`;
-  while ((10 + header.length + 1) % 64 !== 0) header += ' ';
-  header += '\n';
-  const out = new Uint8Array(10 + header.length + data.byteLength);
-  out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]);
-  new DataView(out.buffer).setUint16(8, header.length, true);
-  out.set(new TextEncoder().encode(header), 10);
-  out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), 10 + header.length);
-  return out;
-}
-
 /** A folder of `files` .npy files, each [rows, 4] with values in [lo, hi]. */
 function npyFolder(name: string, lo: number, hi: number, files = 4, rows = 6): string {
   const dir = join(work, name);
   mkdirSync(dir, { recursive: true });
   for (let f = 0; f < files; f++) {
     const data = new Float32Array(rows * 4).map((_, i) => lo + ((hi - lo) * ((i * 7 + f * 13) % 17)) / 16);
-    writeFileSync(join(dir, `s${f}.npy`), npy([rows, 4], data));
+    writeFileSync(join(dir, `s${f}.npy`), encodeNpy([rows, 4], data));
   }
   return dir;
 }
@@ -186,8 +174,8 @@ t.test('bad option values are refused before any work; NaN calibration inputs ar
   mkdirSync(nan);
   const values = new Float32Array(24).fill(0.5);
   values[9] = NaN;
-  writeFileSync(join(nan, 'a.npy'), npy([6, 4], values));
-  writeFileSync(join(nan, 'b.npy'), npy([6, 4], new Float32Array(24).fill(0.25)));
+  writeFileSync(join(nan, 'a.npy'), encodeNpy([6, 4], values));
+  writeFileSync(join(nan, 'b.npy'), encodeNpy([6, 4], new Float32Array(24).fill(0.25)));
   await t.rejects(runOptimize({ model, calibration: nan, ...quiet }), { name: 'InvalidInputError', message: /a\.npy: sample 2 holds NaN .*must be finite/ });
 });
 

@@ -277,6 +277,20 @@ export function decodeNpy(bytes: Uint8Array, file = 'array.npy'): NpyArray {
   return { dtype, shape, data: new ctor(body.buffer, body.byteOffset, count) };
 }
 
+/** A float32 array as NumPy .npy (format 1.0, C order): calibration data written by a script for `optimize`. */
+export function encodeNpy(shape: readonly number[], data: Float32Array): Uint8Array {
+  let header = `{'descr': '<f4', 'fortran_order': False, 'shape': (${shape.join(', ')}${shape.length === 1 ? ',' : ''}), }`;
+  // The data starts on a 64-byte boundary, the header ending in a newline (the format's own rule).
+  while ((10 + header.length + 1) % 64 !== 0) header += ' ';
+  header += '\n';
+  const out = new Uint8Array(10 + header.length + data.byteLength);
+  out.set([0x93, 0x4e, 0x55, 0x4d, 0x50, 0x59, 1, 0]);
+  new DataView(out.buffer).setUint16(8, header.length, true);
+  out.set(new TextEncoder().encode(header), 10);
+  out.set(new Uint8Array(data.buffer, data.byteOffset, data.byteLength), 10 + header.length);
+  return out;
+}
+
 const ORT_TYPE: Record<number, NpyArray['dtype'] | 'float16'> = {
   [DataType.FLOAT]: 'float32', [DataType.FLOAT16]: 'float16', [DataType.INT64]: 'int64', [DataType.INT32]: 'int32',
   [DataType.UINT8]: 'uint8', [DataType.INT8]: 'int8', [DataType.DOUBLE]: 'float64',

@@ -9,4 +9,4 @@ export {
   type VariantName, type VariantReport,
 } from './variant-report.js';
 export type { CalibrationMethod } from './calibrate.js';
-export { parseImageSize, type ImageOptions, type ImageSize, type Normalization } from './calibration-data.js';
+export { encodeNpy, parseImageSize, type ImageOptions, type ImageSize, type Normalization } from './calibration-data.js';
