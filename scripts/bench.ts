@@ -10,6 +10,7 @@ import { agentConfigSchema } from '../agent/config/index.js';
 import { applyHeapGrowingPercent } from '../agent/v8-heap.js';
 import { bareFeeds, EQUAL_REL, openBareSession, outputsDiff, referenceSequence, runsAtBatch8, type BenchProvider, type Outputs } from './bench/bare.js';
 import { measureColdStart, measureRss } from './bench/lifecycle.js';
+import { measureCompressed } from './bench/compressed.js';
 import { measureInstall } from './bench/install.js';
 import { measureReload } from './bench/reload.js';
 import {
@@ -30,7 +31,7 @@ import { batchingOptions, ROOT, workload, WORKLOAD_NAMES } from './bench/workloa
  * every row. Figures only: nothing here passes or fails (test/bench.test.ts runs `--quick` for structure).
  */
 
-const SECTIONS = ['bare', 'echo', 'latency', 'execution', 'throughput', 'naive', 'rss', 'coldstart', 'reload', 'install'] as const;
+const SECTIONS = ['bare', 'echo', 'latency', 'execution', 'throughput', 'naive', 'rss', 'coldstart', 'reload', 'install', 'compressed'] as const;
 type Section = (typeof SECTIONS)[number];
 
 export interface BenchOptions {
@@ -400,6 +401,8 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
     }
     if (has('reload')) report.reload = await measureReload(agentBase, o.reloadMb, o.quick ? 100 : 2000, o.log);
     if (has('install')) report.install = await measureInstall(o.reloadMb, o.quick ? 1 : 3, o.log);
+    const classifier = loads.find((w) => w.name === 'classifier');
+    if (has('compressed') && classifier) report.compressed = await measureCompressed(classifier, agentBase, provider, T.throughputRounds, T.throughput, o.log);
   } finally {
     rmSync(work, { recursive: true, force: true });
   }

@@ -108,6 +108,12 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
     t.ok(ins?.[kind].length === 1 && ins[kind].every((x: Json) => finite(x.duration_ms) && x.duration_ms > 0 && finite(x.longest_stall_ms)), `install: ${kind} timed, with its longest stall`);
   }
 
+  const cz = r.compressed;
+  t.equal(cz?.served_variant, 'int8', 'compressed: the agent serves the int8 variant optimize built');
+  t.ok(cz && cz.held_out.cosine >= 0.99 && cz.cosine_vs_bare_fp32 >= 0.99, `compressed: int8 outputs close to fp32 (held out ${cz?.held_out.cosine}, served ${cz?.cosine_vs_bare_fp32})`);
+  for (const k of ['bare_fp32_b8', 'bare_int8_b8', 'agent_int8_8', 'naive_fp32_8']) t.ok(finite(cz?.fps[k]) && cz.fps[k] > 0, `compressed: ${k} frames/s`);
+  t.equal(cz?.vs_naive, Math.round((cz.fps.agent_int8_8 / cz.fps.naive_fp32_8) * 100) / 100, 'compressed: the ratio is computed from the rows');
+
   t.ok(r.targets.length >= 8, 'every target evaluated');
   for (const row of r.targets) t.ok(typeof row.value === 'string' && (row.met === null || typeof row.met === 'boolean'), `target '${row.name}' has a figure`);
   t.equal(r.targets.find((x: Json) => x.name === 'agent outputs equal bare')?.met, true, 'the equality check over every latency row holds');

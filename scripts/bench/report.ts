@@ -1,4 +1,5 @@
 import type { BareResult, Outputs } from './bare.js';
+import type { CompressedResult } from './compressed.js';
 import type { InstallResult } from './install.js';
 import type { ReloadResult } from './reload.js';
 import { formatNumber, formatTable } from './stats.js';
@@ -191,6 +192,7 @@ export interface BenchReport {
   cold_start?: ColdStartResult;
   reload?: ReloadResult;
   install?: InstallResult;
+  compressed?: CompressedResult;
   targets: TargetRow[];
 }
 
@@ -280,6 +282,19 @@ export function renderReport(r: BenchReport): string {
       runs('agent (RuntimeDeploymentTarget.install)', i.agent),
       runs('the same copy + fsyncs, synchronous', i.synchronous),
     ]));
+  }
+  if (r.compressed) {
+    const c = r.compressed;
+    const top1 = c.held_out.top1 === null ? '' : `, top-1 agreement ${fmt(c.held_out.top1 * 100)} %`;
+    out.push('', `compressed: ${c.workload}'s int8 variant, built by edge-agent optimize (held-out ${c.held_out.samples} frames: cosine ${c.held_out.cosine}${top1}); the agent serves '${c.served_variant}' (variant: auto), its outputs against bare fp32 have cosine ${c.cosine_vs_bare_fp32}`);
+    const row = (label: string, k: keyof CompressedResult['fps']): (string | number)[] => [label, c.fps[k], `${fmt(c.fps_range[k][0])}..${fmt(c.fps_range[k][1])}`];
+    out.push(formatTable(['row', 'frames/s', 'range'], [
+      row('bare onnxruntime, fp32, batch 8', 'bare_fp32_b8'),
+      row('bare onnxruntime, int8, batch 8', 'bare_int8_b8'),
+      row('agent serving int8, 8 native streams', 'agent_int8_8'),
+      row('naive server, fp32, 8 clients', 'naive_fp32_8'),
+    ]));
+    out.push(`agent (int8) at 8 streams: ${fmt(c.vs_naive)}x the naive server (fp32); not a target row: the targets compare the same fp32 model everywhere`);
   }
   if (r.targets.length > 0) {
     out.push('', 'targets (issue 4, on this machine)');
