@@ -83,7 +83,8 @@ export async function fsyncPath(path: string): Promise<void> {
   }
 }
 
-function fsyncPathSync(path: string): void {
+/** `fsyncPath` for start-up and scripts. */
+export function fsyncPathSync(path: string): void {
   const fd = openSync(path, 'r');
   try {
     fsyncSync(fd);

@@ -1,5 +1,5 @@
 import { randomFillSync } from 'node:crypto';
-import { closeSync, copyFileSync, existsSync, fsyncSync, mkdirSync, mkdtempSync, openSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
@@ -8,6 +8,7 @@ import { RuntimeDeploymentTarget } from '../../agent/fleet/index.js';
 import { silentLogger } from '../../agent/logger.js';
 import { ActiveVersions, ModelRepository } from '../../agent/models/index.js';
 import { InferenceRuntime } from '../../agent/runtime/index.js';
+import { fsyncPathSync } from '../../agent/store/index.js';
 import { round1 } from './stats.js';
 
 export interface InstallRun {
@@ -48,15 +49,6 @@ async function watched(fn: () => Promise<void> | void): Promise<InstallRun> {
   return { duration_ms: round1(duration), longest_stall_ms: round1(longest) };
 }
 
-function fsyncSyncPath(path: string): void {
-  const fd = openSync(path, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
-  }
-}
-
 /**
  * A fleet update installs the downloaded model into the repository while the agent serves. On a device the
  * repository usually has a partition of its own, so that is a copy and fsyncs of the whole model. The row
@@ -89,8 +81,8 @@ export async function measureInstall(mb: number, rounds: number, log: (line: str
       const dest = join(repoRoot, 'copy.onnx');
       synchronous.push(await watched(() => {
         copyFileSync(artifact, dest);
-        fsyncSyncPath(dest);
-        fsyncSyncPath(repoRoot);
+        fsyncPathSync(dest);
+        fsyncPathSync(repoRoot);
       }));
       rmSync(dest, { force: true });
       rmSync(artifact, { force: true });

@@ -1,5 +1,6 @@
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync, copyFileSync, unlinkSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, readdirSync, renameSync, rmSync, writeFileSync, copyFileSync, unlinkSync } from 'node:fs';
 import { join } from 'node:path';
+import { fsyncPathSync } from '../../agent/store/index.js';
 import type { ActivationPhase, DeploymentTarget, ModelVersions, ValidationSpec, VersionHealth } from '../../agent/fleet/index.js';
 
 /**
@@ -51,11 +52,11 @@ export class FileDeploymentTarget implements DeploymentTarget {
       copyFileSync(artifactPath, file);
       unlinkSync(artifactPath);
     }
-    syncPath(file);
+    fsyncPathSync(file);
     if (config) writeFileSync(join(dir, 'config.json'), JSON.stringify(config));
-    syncPath(tmp);
+    fsyncPathSync(tmp);
     renameSync(tmp, final);
-    syncPath(dir);
+    fsyncPathSync(dir);
     this.opts.onInstall?.(model, version, 'after');
     if (this.opts.installDelayMs?.after) await new Promise((r) => setTimeout(r, this.opts.installDelayMs?.after));
   }
@@ -78,7 +79,7 @@ export class FileDeploymentTarget implements DeploymentTarget {
     }
     const pointer = join(this.root, model, 'active');
     writeFileSync(`${pointer}.tmp`, String(version));
-    syncPath(`${pointer}.tmp`);
+    fsyncPathSync(`${pointer}.tmp`);
     renameSync(`${pointer}.tmp`, pointer);
     this.health.set(`${model}@${version}`, { requests: 0, errors: 0, latencies: [] });
     this.activations.push({ model, version });
@@ -118,14 +119,5 @@ export class FileDeploymentTarget implements DeploymentTarget {
     writeFileSync(join(dir, 'model.onnx'), content);
     writeFileSync(join(this.root, model, 'active'), String(version));
     this.health.set(`${model}@${version}`, { requests: 0, errors: 0, latencies: [] });
-  }
-}
-
-function syncPath(path: string): void {
-  const fd = openSync(path, 'r');
-  try {
-    fsyncSync(fd);
-  } finally {
-    closeSync(fd);
   }
 }
