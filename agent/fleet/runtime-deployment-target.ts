@@ -187,7 +187,7 @@ export class RuntimeDeploymentTarget implements DeploymentTarget {
   /**
    * Fills the (temp) version folder: the model file, moved or copied, and the version's config; all fsynced. The
    * copy and the fsyncs run on libuv's thread pool: done on the event loop, a 256 MB copy across filesystems
-   * held every stream for 330-580 ms on the development VM, and longer on a device's eMMC.
+   * held every stream for 200-580 ms on the development VM, and longer on a device's eMMC.
    */
   private async writeVersion(tmp: string, model: string, version: number, artifactPath: string, configText: string | undefined): Promise<void> {
     const file = join(tmp, MODEL_FILE);
