@@ -3,6 +3,7 @@
  * held-out inputs, and the serving decision made from those measurements.
  */
 export { runOptimize, formatReportTable, type OptimizeOptions, type OptimizeResult } from './optimize.js';
+export { cosineSimilarity } from './evaluate.js';
 export {
   chooseVariant, decideVariant, readVariantReports, GPU_PROVIDERS, REPORT_SUFFIX,
   type AvailableVariants, type CompressedVariant, type ModelReport, type VariantChoiceInput, type VariantDecision,

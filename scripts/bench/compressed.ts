@@ -3,7 +3,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import type * as ort from 'onnxruntime-node';
-import { encodeNpy, runOptimize } from '../../agent/compress/index.js';
+import { cosineSimilarity, encodeNpy, runOptimize } from '../../agent/compress/index.js';
 import { bareFeeds, openBareSession, plainOutputs, type BenchProvider } from './bare.js';
 import type { AgentBase } from './lifecycle.js';
 import { bareLoad, openKServeLoad, openNativeLoad, openNativeProbe, type LoadProbe, type LoadWindow } from './load.js';
@@ -32,18 +32,6 @@ export type CompressedRow = 'bare_fp32_b8' | 'bare_int8_b8' | 'agent_int8_8' | '
 
 /** Calibration frames drawn like the bench's own frame (uniform in [-1, 1)), never that frame itself. */
 const CALIBRATION_FRAMES = 48;
-
-function cosine(a: readonly number[], b: readonly number[]): number {
-  let dot = 0;
-  let na = 0;
-  let nb = 0;
-  for (let i = 0; i < a.length; i++) {
-    dot += (a[i] as number) * (b[i] as number);
-    na += (a[i] as number) ** 2;
-    nb += (b[i] as number) ** 2;
-  }
-  return dot / Math.sqrt(na * nb);
-}
 
 /**
  * Model compression, end to end: the same fp32 model file, and beside it the int8 variant `edge-agent optimize`
@@ -88,7 +76,7 @@ export async function measureCompressed(
     const check = await openNativeProbe(agent.tcp, w.name, w.inputs, 1);
     const served = check.outputs[0] ?? {};
     await check.close();
-    const cosines = Object.entries(reference).map(([k, r]) => (served[k] ? cosine(served[k].data, r.data) : 0));
+    const cosines = Object.entries(reference).map(([k, r]) => (served[k] ? cosineSimilarity(Float32Array.from(served[k].data), Float32Array.from(r.data)) : 0));
 
     probes.push(
       { key: 'bare_fp32_b8', probe: bareLoad(fp32, bareFeeds(w, 8), 8) },
