@@ -80,6 +80,7 @@ export const DEFAULT_PROTECTED_KINDS: readonly OutboxKind[] = ['deployment-statu
  */
 export type OutboxClass = 'protected' | 'droppable';
 
+/** Every class, in the order a publisher sends them: protected entries overtake the droppable backlog. */
 export const OUTBOX_CLASSES: readonly OutboxClass[] = ['protected', 'droppable'];
 
 /** Rejects a read class that is not one of `OUTBOX_CLASSES` (a caller's bug, named, rather than an empty read). */

@@ -1,6 +1,6 @@
 import type { MqttClient } from 'mqtt';
 import type { Logger } from '../logger.js';
-import type { Outbox, OutboxClass, OutboxEntry } from '../store/outbox.js';
+import { OUTBOX_CLASSES, type Outbox, type OutboxClass, type OutboxEntry } from '../store/outbox.js';
 
 export interface OutboxPublisherOptions {
   /** Owned by the fleet code (connect, reconnect, end); the publisher only publishes and listens. */
@@ -29,9 +29,6 @@ export interface PublisherStats {
 }
 
 const MAX_BACKOFF_MS = 30_000;
-
-/** Read order: protected entries (command results, deployment statuses) overtake the droppable backlog. */
-const CLASSES_BY_PRIORITY: readonly OutboxClass[] = ['protected', 'droppable'];
 
 /**
  * Drains the outbox to MQTT, QoS 1: an entry leaves the outbox only after its PUBACK. Each class is sent in
@@ -162,7 +159,7 @@ export class OutboxPublisher {
   private rewindToLowest(entries: Iterable<readonly [number, OutboxClass]>): void {
     const lowest: Record<OutboxClass, number> = { protected: Infinity, droppable: Infinity };
     for (const [id, cls] of entries) lowest[cls] = Math.min(lowest[cls], id);
-    for (const cls of CLASSES_BY_PRIORITY) if (lowest[cls] !== Infinity) this.rewind(cls, lowest[cls]);
+    for (const cls of OUTBOX_CLASSES) if (lowest[cls] !== Infinity) this.rewind(cls, lowest[cls]);
   }
 
   private takeTokens(): number {
@@ -220,7 +217,7 @@ export class OutboxPublisher {
       const want = Math.min(free, allowance);
       // Protected entries first; the droppable class fills what is left of this round's allowance.
       const batch: { readonly entry: OutboxEntry; readonly cls: OutboxClass }[] = [];
-      for (const cls of CLASSES_BY_PRIORITY) {
+      for (const cls of OUTBOX_CLASSES) {
         const room = want - batch.length;
         if (room <= 0) break;
         const read = await this.outbox.peek(this.cursor[cls], room + this.acked.size, cls);
