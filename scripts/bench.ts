@@ -23,7 +23,7 @@ import {
 } from './bench/report.js';
 import { inRounds, median, round1, Rounds, summarize, type WarmupRounds, type Window } from './bench/stats.js';
 import { evaluateTargets } from './bench/targets.js';
-import { batchingOptions, ROOT, workload, WORKLOAD_NAMES } from './bench/workloads.js';
+import { batchingOptions, workload, WORKLOAD_NAMES } from './bench/workloads.js';
 
 /**
  * `npm run bench`: the agent measured against its limits — onnxruntime in-process (`bare`), a no-inference
@@ -140,11 +140,11 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
       const outputsByModel: Record<string, { name: string; dtype: string; shape: number[] }[]> = {};
       for (const w of loads) outputsByModel[w.name] = Object.entries(references.get(w.name)?.[0] ?? {}).map(([name, t]) => ({ name, dtype: 'float32', shape: t.dims }));
       o.log('starting echo server');
-      servers.echo = await startHelperServer('echo-server', join(ROOT, 'dist', 'scripts', 'bench', 'echo-server.js'), ['--unix', join(work, 'echo.sock'), '--outputs', JSON.stringify(outputsByModel)]);
+      servers.echo = await startHelperServer('echo-server', 'echo-server', ['--unix', join(work, 'echo.sock'), '--outputs', JSON.stringify(outputsByModel)]);
       if (has('latency')) {
         o.log('starting echo server with inference (echo+run)');
         const run = Object.fromEntries(loads.map((w) => [w.name, w.modelFile(repoOn)]));
-        servers.echoRun = await startHelperServer('echo-run-server', join(ROOT, 'dist', 'scripts', 'bench', 'echo-server.js'),
+        servers.echoRun = await startHelperServer('echo-run-server', 'echo-server',
           ['--unix', join(work, 'echo-run.sock'), '--outputs', JSON.stringify(outputsByModel), '--run', JSON.stringify(run), '--provider', provider]);
       }
     }
@@ -168,7 +168,7 @@ export async function runBench(o: BenchOptions): Promise<BenchReport> {
     if (has('execution') && loads.some((w) => modes[w.name] !== 'worker')) servers.worker = await start('worker', { repo: repoOn, execution: 'worker' });
     if (has('naive')) {
       o.log('starting naive server');
-      servers.naive = await startHelperServer('naive-server', join(ROOT, 'dist', 'scripts', 'bench', 'naive-server.js'), loads.map((w) => `${w.name}=${w.modelFile(repoOn)}`));
+      servers.naive = await startHelperServer('naive-server', 'naive-server', loads.map((w) => `${w.name}=${w.modelFile(repoOn)}`));
     }
     const servedBy = (servers.on ?? servers.inline)?.server.stdoutTail().split('\n').find((l) => l.includes('"edge-agent ready"'));
     for (const entry of (servedBy ? (JSON.parse(servedBy) as { ready: string[] }).ready : [])) {

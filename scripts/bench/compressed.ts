@@ -7,7 +7,6 @@ import { cosineSimilarity, encodeNpy, runOptimize } from '../../agent/compress/i
 import { bareFeeds, openBareSession, plainOutputs, type BenchProvider } from './bare.js';
 import type { AgentBase } from './lifecycle.js';
 import { bareLoad, openKServeLoad, openNativeLoad, openNativeProbe, type LoadProbe, type LoadWindow } from './load.js';
-import { ROOT } from './workloads.js';
 import { startAgent, startHelperServer, type RunningAgent, type ServerHandle } from './processes.js';
 import { inRounds, median, round1 } from './stats.js';
 import { mulberry32 } from '../demo-models.js';
@@ -67,7 +66,7 @@ export async function measureCompressed(
     agent = await startAgent({ ...agentBase, repo }, performance.now());
     const ready = agent.server.stdoutTail().split('\n').find((l) => l.includes('"model ready"') && l.includes(`"model":"${w.name}"`));
     const servedVariant = ready ? String((JSON.parse(ready) as { variant?: string }).variant ?? 'unknown') : 'unknown';
-    naive = await startHelperServer('naive-server', join(ROOT, 'dist', 'scripts', 'bench', 'naive-server.js'), [`${w.name}=${fp32File}`]);
+    naive = await startHelperServer('naive-server', 'naive-server', [`${w.name}=${fp32File}`]);
 
     const fp32 = await openBareSession(fp32File, provider);
     const variant = await openBareSession(join(repo, w.name, '1', int8.file), provider);

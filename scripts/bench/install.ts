@@ -62,11 +62,12 @@ export async function measureInstall(mb: number, rounds: number, log: (line: str
   const sourceDir = shm && statSync(shm).dev !== statSync(work).dev ? shm : join(work, 'downloads');
   mkdirSync(repoRoot);
   mkdirSync(sourceDir, { recursive: true });
+  const repository = new ModelRepository(repoRoot);
   const runtime = new InferenceRuntime({
-    repository: new ModelRepository(repoRoot), config: agentConfigSchema.parse({ runtime: { execution_providers: ['cpu'] } }).runtime, dataDir: join(work, 'data'), log: silentLogger(),
+    repository, config: agentConfigSchema.parse({ runtime: { execution_providers: ['cpu'] } }).runtime, dataDir: join(work, 'data'), log: silentLogger(),
   });
   try {
-    const target = new RuntimeDeploymentTarget(new ModelRepository(repoRoot), runtime, new ActiveVersions(join(work, 'active-versions.json')));
+    const target = new RuntimeDeploymentTarget(repository, runtime, new ActiveVersions(join(work, 'active-versions.json')));
     const bytes = randomFillSync(Buffer.allocUnsafe(Math.round(mb * 1024 * 1024)));
     const agent: InstallRun[] = [];
     const synchronous: InstallRun[] = [];

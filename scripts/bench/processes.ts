@@ -216,9 +216,12 @@ export interface ServerHandle {
   stop(): Promise<void>;
 }
 
-/** Starts a bench helper server (echo or naive) that prints `{"listening":{"tcp":..., "unix":...}}` when ready. */
-export async function startHelperServer(name: string, script: string, args: readonly string[], timeoutMs = 60_000): Promise<ServerHandle> {
-  const server = spawnNode(name, script, args);
+/**
+ * Starts a bench helper server, `dist/scripts/bench/<script>.js` (echo-server or naive-server), that prints
+ * `{"listening":{"tcp":..., "unix":...}}` when ready; `name` labels it in errors.
+ */
+export async function startHelperServer(name: string, script: 'echo-server' | 'naive-server', args: readonly string[], timeoutMs = 60_000): Promise<ServerHandle> {
+  const server = spawnNode(name, join(ROOT, 'dist', 'scripts', 'bench', `${script}.js`), args);
   try {
     const line = await server.waitForLine((l) => l.startsWith('{"listening"'), timeoutMs);
     const { listening } = JSON.parse(line) as { listening: { tcp: string; unix?: string } };
