@@ -253,7 +253,7 @@ export class StreamingDeviceTool<T> {
         // Drop it and everything up to its newline; keep reading what follows.
         dropping = true;
         text = '';
-        this.record({ ok: false, missing: false, reason: `${this.command}: a line longer than ${this.maxLineBytes} bytes, dropped` });
+        this.lineTooLong();
       }
       partial = text;
     });
@@ -284,7 +284,7 @@ export class StreamingDeviceTool<T> {
     const line = raw.endsWith('\r') ? raw.slice(0, -1) : raw;
     if (line.trim() === '') return;
     if (line.length > this.maxLineBytes) {
-      this.record({ ok: false, missing: false, reason: `${this.command}: a line longer than ${this.maxLineBytes} bytes, dropped` });
+      this.lineTooLong();
       return;
     }
     try {
@@ -296,6 +296,10 @@ export class StreamingDeviceTool<T> {
       this.readingsFromChild += 1;
       this.record({ ok: false, missing: false, reason: err instanceof Error ? err.message : String(err) });
     }
+  }
+
+  private lineTooLong(): void {
+    this.record({ ok: false, missing: false, reason: `${this.command}: a line longer than ${this.maxLineBytes} bytes, dropped` });
   }
 
   private record(result: CollectorResult<T>): void {
