@@ -9,7 +9,7 @@ import type { InferenceRuntime, RuntimeObserver } from '../agent/runtime/index.j
 import { distinct, scratchDir, startDevice, startFleetHarness, type FleetHarness, type TestDevice } from './helpers/fleet.js';
 import { classifier, HEAVY, LIGHT, MEDIUM, SIZE } from './helpers/fleet-runtime-device.js';
 import { tempDir, startRuntime } from './helpers/runtime.js';
-import { CAN_MOUNT, smallDisk } from './helpers/small-disk.js';
+import { CAN_MOUNT, smallDisk, tmpfsDisk } from './helpers/small-disk.js';
 
 type Teardown = { teardown(fn: () => void | Promise<void>): void };
 
@@ -43,17 +43,6 @@ function freeBytes(dir: string): number {
 
 function claims(dev: TestDevice): string[] {
   return readdirSync(join(dev.dataDir, 'fleet', 'downloads')).filter((f) => f.endsWith('.claim'));
-}
-
-/** A tmpfs with `options` (e.g. `size=4m,nr_inodes=64`), unmounted at teardown. */
-function tmpfs(t: Teardown, options: string): string {
-  const dir = join(tempDir(t, 'edge-tmpfs-'), 'disk');
-  mkdirSync(dir);
-  execFileSync('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', dir], { stdio: 'pipe' });
-  t.teardown(() => {
-    execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
-  });
-  return dir;
 }
 
 /** An ext2 filesystem of `bytes` in a loop-mounted image (no blocks reserved for root), unmounted at teardown. */
@@ -127,7 +116,7 @@ t.test('a version that does not fit the repository disk is refused before copyin
 });
 
 t.test('a repository disk that fills while the version is written (no inodes left) keeps no partial version', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root', timeout: 90_000 }, async (t) => {
-  const disk = tmpfs(t, 'size=4m,nr_inodes=64');
+  const disk = tmpfsDisk(t, 'size=4m,nr_inodes=64');
   const root = join(disk, 'models');
   const { h, dev, runtime, target } = await deviceWithRepository(t, root);
   const before = readdirSync(join(root, 'cls')).sort();
@@ -186,7 +175,7 @@ t.test('a copy that passes the free-space check but runs out of blocks midway ke
 t.test('a version copied across filesystems leaves the event loop serving: frames complete while it is written', { skip: CAN_MOUNT ? false : 'mounting a tmpfs needs root', timeout: 90_000 }, async (t) => {
   // The repository on a filesystem of its own, the artifact on the ordinary disk: the install copies and fsyncs.
   // Done on the event loop (as it once was), no frame could complete before the install did.
-  const root = tmpfs(t, 'size=128m');
+  const root = tmpfsDisk(t, 'size=128m');
   mkdirSync(join(root, 'cls', '1'), { recursive: true });
   writeFileSync(join(root, 'cls', '1', 'model.onnx'), classifier(LIGHT));
   writeFileSync(join(root, 'cls', 'config.yaml'), 'max_batch_size: 8\n');

@@ -8,9 +8,14 @@ export const CAN_MOUNT = process.getuid?.() === 0;
 
 /** A real, tiny filesystem (tmpfs of `size`, e.g. '1m') to fill up or remount read-only; unmounted at teardown. */
 export function smallDisk(t: { teardown(fn: () => void): void }, size = '1m'): string {
+  return tmpfsDisk(t, `size=${size}`);
+}
+
+/** A tmpfs mounted with `options` (e.g. `size=4m,nr_inodes=64`), unmounted at teardown. */
+export function tmpfsDisk(t: { teardown(fn: () => void): void }, options: string): string {
   const dir = join(tempDir(t), 'disk');
   mkdirSync(dir);
-  execFileSync('mount', ['-t', 'tmpfs', '-o', `size=${size}`, 'tmpfs', dir], { stdio: 'pipe' });
+  execFileSync('mount', ['-t', 'tmpfs', '-o', options, 'tmpfs', dir], { stdio: 'pipe' });
   t.teardown(() => {
     execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
     rmdirSync(dir);
