@@ -2,8 +2,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { EdgeAgentClient, type FrameResult, type SensorStreamHandle } from '../../agent/client/index.js';
 import type { Tensor } from '../../agent/runtime/index.js';
-import { startCli, type RunningCli } from './cli.js';
-import { freePort } from './mosquitto.js';
+import { boundTcpPort, startCli, type RunningCli } from './cli.js';
 
 // The real agent (the compiled CLI) as a child process with a fleet section, for the end-to-end suites in
 // test/e2e: it can be killed with SIGKILL and restarted on the same data dir, config and gRPC port.
@@ -56,11 +55,12 @@ export class AgentProcess {
   static async start(t: Teardown, options: AgentProcessOptions, port?: number): Promise<AgentProcess> {
     mkdirSync(options.dir, { recursive: true });
     const file = writeConfig(options);
-    const p = port ?? (await freePort());
-    const run = startCli(['serve', '--config', file, '--listen', `127.0.0.1:${p}`, '--listen', `unix:${join(options.dir, 'agent.sock')}`]);
+    // The first start binds port 0 and reads the port back; a restart asks for the same port again.
+    const run = startCli(['serve', '--config', file, '--listen', `127.0.0.1:${port ?? 0}`, '--listen', `unix:${join(options.dir, 'agent.sock')}`]);
     t.teardown(() => { if (run.child.exitCode === null && run.child.signalCode === null) run.child.kill('SIGKILL'); });
+    const bound = await boundTcpPort(run);
     await run.waitFor(/"msg":"edge-agent ready"/, 60_000);
-    return new AgentProcess(options, p, run);
+    return new AgentProcess(options, bound, run);
   }
 
   /** A new process on the same config, data dir and port (after `kill()` or `stop()`). */

@@ -42,3 +42,15 @@ export function startCli(args: readonly string[], env: NodeJS.ProcessEnv = {}, n
     }),
   };
 }
+
+/**
+ * The loopback TCP port an agent started with `--listen 127.0.0.1:0` bound, from its "gRPC listening" log line.
+ * Port 0 and reading it back, rather than a port probed free beforehand: between the probe and the agent's bind,
+ * another suite's connection could take it (EADDRINUSE, seen in a CI run).
+ */
+export async function boundTcpPort(run: RunningCli, timeoutMs = 60_000): Promise<number> {
+  const listening = JSON.parse(await run.waitFor(/"msg":"gRPC listening"/, timeoutMs)) as { listen: string[] };
+  const bound = listening.listen.find((a) => a.startsWith('127.0.0.1:'));
+  if (!bound) throw new Error(`the agent logged no loopback TCP listener: ${JSON.stringify(listening.listen)}`);
+  return Number(bound.slice(bound.lastIndexOf(':') + 1));
+}

@@ -5,7 +5,7 @@ import * as protoLoader from '@grpc/proto-loader';
 import * as ort from 'onnxruntime-node';
 import type { Test } from 'tap';
 import { EdgeAgentClient } from '../../agent/client/index.js';
-import { startCli, type RunningCli } from './cli.js';
+import { boundTcpPort, startCli, type RunningCli } from './cli.js';
 import { copyDemoRepo, DEMO_REPO, ROOT, tempDir } from './runtime.js';
 
 // A real agent (the compiled CLI as a child process) for the hostile-input suites: a crash is a child that
@@ -119,15 +119,10 @@ export async function startHostileAgent(
     options.configYaml ?? '',
   ].join('\n'));
   // Listeners come from flags so a test's configYaml may still set other server.* keys.
-  // Port 0 for gRPC too, read back from the agent's log: a port probed free beforehand could be taken by another
-  // suite's connection before the agent bound it (EADDRINUSE, seen in a CI run).
   const run = startCli(['serve', '--config', config, '--listen', '127.0.0.1:0', '--listen', `unix:${sock}`], { EDGE_AGENT_LOG_LEVEL: 'info' });
   t.teardown(() => { if (run.child.exitCode === null) run.child.kill('SIGKILL'); });
-  const listening = JSON.parse(await run.waitFor(/"msg":"gRPC listening"/, 60_000)) as { listen: string[] };
+  const port = await boundTcpPort(run);
   await run.waitFor(/"msg":"edge-agent ready"/, 60_000);
-  const bound = listening.listen.find((a) => a.startsWith('127.0.0.1:'));
-  if (!bound) throw new Error(`the agent logged no TCP listener: ${JSON.stringify(listening.listen)}`);
-  const port = Number(bound.slice(bound.lastIndexOf(':') + 1));
   const tcp = `127.0.0.1:${port}`;
   const native = new EdgeAgentClient({ address: tcp });
   const kserve = new KServeClient(tcp);
