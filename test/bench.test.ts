@@ -117,6 +117,9 @@ t.test('bench --quick --json: every row, finite figures, agent outputs equal bar
   t.ok(r.targets.length >= 8, 'every target evaluated');
   for (const row of r.targets) t.ok(typeof row.value === 'string' && (row.met === null || typeof row.met === 'boolean'), `target '${row.name}' has a figure`);
   t.equal(r.targets.find((x: Json) => x.name === 'agent outputs equal bare')?.met, true, 'the equality check over every latency row holds');
+  const referenced = r.targets.filter((x: Json) => /^own cost p50, native (tcp|unix), classifier/.test(x.name) || / 8 streams vs naive$/.test(x.name));
+  t.ok(referenced.length >= 4, 'own-cost rows of the classifier and naive rows are there');
+  for (const row of referenced) t.ok(typeof row.reference?.value === 'string' && typeof row.reference.met === 'boolean', `target '${row.name}' has its reference from the same run`);
 });
 
 t.test('bench refuses bad options with a message naming them', async (t) => {

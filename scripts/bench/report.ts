@@ -155,6 +155,13 @@ export interface TargetRow {
   readonly target: string;
   readonly value: string;
   readonly met: boolean | null;
+  /**
+   * A reference on the same measure, from the same run, and whether it meets the target. Own cost: the
+   * echo+run server's (a plain server: the transport and one run of bare's session per frame, without the
+   * agent's scheduling, hops or busy polling). 2x naive: bare onnxruntime's own throughput, the ceiling of any
+   * server running that model here. Absent: the run measured no reference.
+   */
+  readonly reference?: { readonly value: string; readonly met: boolean };
 }
 
 export interface BenchReport {
@@ -298,7 +305,11 @@ export function renderReport(r: BenchReport): string {
   }
   if (r.targets.length > 0) {
     out.push('', 'targets (issue 4, on this machine)');
-    out.push(formatTable(['target', 'goal', 'measured', 'met'], r.targets.map((t) => [t.name, t.target, t.value, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO'])));
+    out.push(formatTable(['target', 'goal', 'measured', 'met', 'reference (same run)', 'reference meets it'], r.targets.map((t) => [
+      t.name, t.target, t.value, t.met === null ? 'n/a' : t.met ? 'yes' : 'NO', t.reference?.value ?? '', t.reference === undefined ? '' : t.reference.met ? 'yes' : 'NO',
+    ])));
+    out.push('(reference: for own cost, the echo+run server — transport plus one run of bare\'s session per frame, nothing of the agent;');
+    out.push(' for 2x naive, bare onnxruntime at its best batch size — no server runs the model faster)');
   }
   return out.join('\n');
 }
