@@ -3,7 +3,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { DeadlineExceededError, FrameDroppedError, InvalidInputError, ModelNotFoundError, FailedPreconditionError } from '../agent/errors.js';
-import { pendingBytes, tensorBytes, tensorFromBytes, type Tensor } from '../agent/runtime/index.js';
+import { pendingBytes, tensorBytes, tensorFromBytes, type ExecutionRecord, type Tensor } from '../agent/runtime/index.js';
 import { DEMO_REPO, startRuntime, copyDemoRepo } from './helpers/runtime.js';
 import { mulberry32 as seeded } from '../scripts/demo-models.js';
 
@@ -107,6 +107,60 @@ t.test('an inline model batches frames that several streams deliver together, an
     await new Promise((resolve) => setImmediate(resolve));
     t.same(order, ['run b1', 'next loop turn'], `lone frame ${i} ran without waiting for the event loop`);
   }
+});
+
+/** Closed-loop streams on the classifier: each sends its next frame once its previous result is back. */
+async function closedLoops(rt: Awaited<ReturnType<typeof startRuntime>>, frames: Tensor[][], options: { qos?: 'LOSSLESS' | 'LATEST_ONLY'; deadlineMs?: number } = {}) {
+  return Promise.all(frames.map(async (stream) => {
+    const key = {};
+    const out = [];
+    for (const image of stream) {
+      out.push(await rt.submit('classifier', undefined, {
+        inputs: { image }, streamKey: key, ...(options.qos ? { qos: options.qos } : {}),
+        ...(options.deadlineMs ? { deadline: performance.now() + options.deadlineMs } : {}),
+      }));
+    }
+    return out;
+  }));
+}
+
+t.test('a busy worker is handed its next batch before the running one ends, and every frame still gets its own rows', async (t) => {
+  const executions: ExecutionRecord[] = [];
+  const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution: 'worker' }, { onExecution: (e) => executions.push(e) });
+  const rnd = seeded(11);
+  const frames = Array.from({ length: 8 }, () => Array.from({ length: 6 }, () => randomTensor([1, 3, 112, 112], rnd)));
+  const results = await closedLoops(rt, frames);
+  const ahead = executions.filter((e) => e.handedAhead);
+  t.ok(ahead.length > 0, `${ahead.length} of ${executions.length} batches were handed over while another ran (sizes ${ahead.map((e) => e.batchSize).join(',')})`);
+  const session = await ort.InferenceSession.create(join(DEMO_REPO, 'classifier', '1', 'model.onnx'));
+  t.teardown(() => session.release());
+  let worst = 0;
+  for (let i = 0; i < frames.length; i++) {
+    for (let k = 0; k < (frames[i] as Tensor[]).length; k++) {
+      const x = frames[i]?.[k] as Tensor;
+      const want = (await session.run({ image: new ort.Tensor('float32', x.data as Float32Array, x.shape as number[]) })).logits?.data as Float32Array;
+      worst = Math.max(worst, maxAbsDiff(results[i]?.[k]?.outputs.logits?.data as Float32Array, want));
+    }
+  }
+  t.ok(worst < 1e-4, `all 48 frames equal their own direct run (largest difference ${worst})`);
+  t.equal(rt.statistics('classifier')[0]?.inferenceCount, 48, 'every frame counted once');
+});
+
+t.test('frames with a deadline, LATEST_ONLY frames and a lone stream are never handed to a busy worker early', async (t) => {
+  const executions: ExecutionRecord[] = [];
+  const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution: 'worker' }, { onExecution: (e) => executions.push(e) });
+  const rnd = seeded(12);
+  const load = (streams: number) => Array.from({ length: streams }, () => Array.from({ length: 5 }, () => randomTensor([1, 3, 112, 112], rnd)));
+  const aheadDuring = async (run: () => Promise<unknown>): Promise<number> => {
+    executions.length = 0;
+    await run();
+    return executions.filter((e) => e.handedAhead).length;
+  };
+  t.equal(await aheadDuring(() => closedLoops(rt, load(8), { deadlineMs: 60_000 })), 0, 'frames with a deadline start only on a free instance');
+  t.equal(await aheadDuring(() => closedLoops(rt, load(8), { qos: 'LATEST_ONLY' })), 0, 'LATEST_ONLY frames stay replaceable until an instance frees');
+  t.equal(await aheadDuring(() => closedLoops(rt, load(1))), 0, 'a lone stream has nothing queued while its frame runs');
+  // The same eight streams without either: the load itself does hand batches over early.
+  t.ok(await aheadDuring(() => closedLoops(rt, load(8))) > 0, 'eight LOSSLESS streams without deadlines are handed over early');
 });
 
 t.test('max_queue_delay_us waits for frames of active streams, never for frames no stream will send', async (t) => {

@@ -152,7 +152,8 @@ class WorkerInstance implements SessionInstance {
   readonly needsOwnBuffers = true;
   readonly synchronous = false;
   readonly info: InstanceInfo;
-  private readonly buffers = new Map<string, ArrayBuffer>();
+  /** Input buffers not lent to the worker, by input name: one a batch, two while the next is handed over early. */
+  private readonly buffers = new Map<string, ArrayBuffer[]>();
   private readonly pending = new Map<number, { resolve: (o: Record<string, FeedTensor>) => void; reject: (e: Error) => void }>();
   private nextId = 1;
   /** The thread that runs batches; undefined while it is being replaced, after giving up, and once released. */
@@ -200,7 +201,7 @@ class WorkerInstance implements SessionInstance {
     const p = this.pending.get(m.id);
     if (!p) return;
     this.pending.delete(m.id);
-    for (const i of m.inputs) this.buffers.set(i.name, i.buffer);
+    for (const i of m.inputs) this.giveBack(i.name, i.buffer);
     if (m.type === 'error') {
       p.reject(new InternalError(m.message));
       return;
@@ -296,13 +297,22 @@ class WorkerInstance implements SessionInstance {
 
   inputBuffer(name: string, dtype: DType, length: number): TensorData {
     const bytes = length * bytesPerElement(dtype);
-    let b = this.buffers.get(name);
-    // Missing, too small, or detached (lost with a failed worker): allocate; otherwise reuse run after run.
-    if (!b || b.byteLength < bytes) {
+    const free = this.buffers.get(name) ?? [];
+    this.buffers.set(name, free);
+    // Reused run after run; none free or big enough (all lent, or lost with a failed worker): allocate.
+    let b = free.find((x) => x.byteLength >= bytes);
+    if (!b) {
       b = new ArrayBuffer(Math.max(bytes, 64));
-      this.buffers.set(name, b);
+      free.push(b);
     }
     return typedView(dtype, b, 0, length);
+  }
+
+  /** A buffer back from the worker; beyond the two a batch and an early one need, it is left to the GC. */
+  private giveBack(name: string, buffer: ArrayBuffer): void {
+    const free = this.buffers.get(name) ?? [];
+    this.buffers.set(name, free);
+    if (free.length < 2) free.push(buffer);
   }
 
   async run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>> {
@@ -313,14 +323,17 @@ class WorkerInstance implements SessionInstance {
     const transfer: ArrayBuffer[] = [];
     for (const [name, f] of Object.entries(feeds)) {
       let data = f.data;
-      if (data.buffer !== this.buffers.get(name)) {
+      const free = this.buffers.get(name);
+      if (!free?.includes(data.buffer as ArrayBuffer)) {
         const own = this.inputBuffer(name, f.dtype, data.length);
         (own as unknown as { set(a: ArrayLike<unknown>): void }).set(data as unknown as ArrayLike<unknown>);
         data = own;
       }
       wire.push({ name, dtype: f.dtype, dims: f.dims, buffer: data.buffer as ArrayBuffer, byteOffset: data.byteOffset, length: data.length });
       transfer.push(data.buffer as ArrayBuffer);
-      this.buffers.delete(name);
+      // Lent to the worker until its answer brings it back.
+      const lent = this.buffers.get(name) as ArrayBuffer[];
+      lent.splice(lent.indexOf(data.buffer as ArrayBuffer), 1);
     }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {

@@ -97,6 +97,8 @@ export interface ExecutionRecord {
   readonly version: number;
   readonly batchSize: number;
   readonly inferUs: number;
+  /** The batch was handed to its worker thread while the one before was still running there. */
+  readonly handedAhead: boolean;
 }
 
 /** Hooks through which telemetry watches the runtime without the runtime knowing telemetry. */
