@@ -304,15 +304,17 @@ class WorkerInstance implements SessionInstance {
     if (!b) {
       b = new ArrayBuffer(Math.max(bytes, 64));
       free.push(b);
+      keepLargest(free);
     }
     return typedView(dtype, b, 0, length);
   }
 
-  /** A buffer back from the worker; beyond the two a batch and an early one need, it is left to the GC. */
+  /** A buffer back from the worker. */
   private giveBack(name: string, buffer: ArrayBuffer): void {
     const free = this.buffers.get(name) ?? [];
     this.buffers.set(name, free);
-    if (free.length < 2) free.push(buffer);
+    free.push(buffer);
+    keepLargest(free);
   }
 
   async run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>> {
@@ -363,6 +365,16 @@ class WorkerInstance implements SessionInstance {
     // Runs still queued in the thread were answered before it exited; any left had no thread to answer them.
     this.rejectPending(released);
   }
+}
+
+/**
+ * A running batch and one handed over early need two buffers an input; more are left to the GC, the smallest
+ * first (a batch that grew would not fit them).
+ */
+function keepLargest(free: ArrayBuffer[]): void {
+  if (free.length <= 2) return;
+  free.sort((a, b) => b.byteLength - a.byteLength);
+  free.length = 2;
 }
 
 export interface InstanceOptions {
