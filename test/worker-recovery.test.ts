@@ -129,6 +129,29 @@ t.test('a worker instance: the batch on a dying thread is answered UNAVAILABLE, 
   await t.resolves(instance.release(), 'release resolves');
 });
 
+t.test('a worker instance: two batches stacked while its thread restarts keep their own inputs', async (t) => {
+  const log = capturedLog();
+  const instance = await createInstance(request('classifier', CLASSIFIER), 'worker', log.options);
+  t.teardown(() => instance.release());
+  const rnd = seeded(13);
+  const xs = [randomTensor([2, 3, 112, 112], rnd), randomTensor([2, 3, 112, 112], rnd)];
+  const want = await direct(CLASSIFIER, 'image', xs);
+  const died = log.next('inference worker died');
+  const restarted = log.next('inference worker restarted');
+  await workerOf(instance).terminate();
+  await died;
+  // As the scheduler does with a batch handed over early: stack into the instance's buffer, run, and stack the
+  // next one while the first still waits for the new thread.
+  const runs = xs.map((x) => {
+    const buffer = instance.inputBuffer('image', 'float32', x.data.length);
+    (buffer as Float32Array).set(x.data as Float32Array);
+    return instance.run({ image: { dtype: 'float32', data: buffer, dims: x.shape } });
+  });
+  const outs = await Promise.all(runs);
+  await restarted;
+  outs.forEach((o, i) => t.ok(maxAbsDiff(o.logits?.data as Float32Array, want[i] as Float32Array) < 1e-5, `batch ${i} ran on its own inputs`));
+});
+
 t.test('releasing a worker instance whose thread died resolves, stops the restart and refuses later runs', async (t) => {
   for (const when of ['while restarting', 'after restarting'] as const) {
     const log = capturedLog();

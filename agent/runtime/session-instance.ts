@@ -318,24 +318,37 @@ class WorkerInstance implements SessionInstance {
   }
 
   async run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>> {
-    if (!this.worker) await this.serving();
-    const worker = this.worker;
-    if (!worker) throw this.stopped ?? new UnavailableError(`model '${this.request.model}': ${this.lastFailure}`);
     const wire: WorkerFeed[] = [];
     const transfer: ArrayBuffer[] = [];
+    const lent: { name: string; buffer: ArrayBuffer }[] = [];
     for (const [name, f] of Object.entries(feeds)) {
       let data = f.data;
-      const free = this.buffers.get(name);
-      if (!free?.includes(data.buffer as ArrayBuffer)) {
+      if (!this.buffers.get(name)?.includes(data.buffer as ArrayBuffer)) {
         const own = this.inputBuffer(name, f.dtype, data.length);
         (own as unknown as { set(a: ArrayLike<unknown>): void }).set(data as unknown as ArrayLike<unknown>);
         data = own;
       }
-      wire.push({ name, dtype: f.dtype, dims: f.dims, buffer: data.buffer as ArrayBuffer, byteOffset: data.byteOffset, length: data.length });
-      transfer.push(data.buffer as ArrayBuffer);
-      // Lent to the worker until its answer brings it back.
-      const lent = this.buffers.get(name) as ArrayBuffer[];
-      lent.splice(lent.indexOf(data.buffer as ArrayBuffer), 1);
+      const buffer = data.buffer as ArrayBuffer;
+      wire.push({ name, dtype: f.dtype, dims: f.dims, buffer, byteOffset: data.byteOffset, length: data.length });
+      transfer.push(buffer);
+      // Lent from here on, before any wait: a batch handed over early while this one waits for a restarting
+      // worker must not be stacked into the same buffer.
+      const free = this.buffers.get(name) as ArrayBuffer[];
+      free.splice(free.indexOf(buffer), 1);
+      lent.push({ name, buffer });
+    }
+    if (!this.worker) {
+      try {
+        await this.serving();
+      } catch (err) {
+        for (const l of lent) this.giveBack(l.name, l.buffer);
+        throw err;
+      }
+    }
+    const worker = this.worker;
+    if (!worker) {
+      for (const l of lent) this.giveBack(l.name, l.buffer);
+      throw this.stopped ?? new UnavailableError(`model '${this.request.model}': ${this.lastFailure}`);
     }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
