@@ -1,4 +1,4 @@
-import { readJsonObjectFile, writeFileDurably } from '../store/index.js';
+import { readJsonObjectFile, SerialWrites, writeFileDurably } from '../store/index.js';
 
 /** Entries kept: enough for every retained manifest a device could still be sent; the oldest go first. */
 const MAX_ENTRIES = 512;
@@ -18,8 +18,7 @@ export interface RolledBackDeployment {
  */
 export class RolledBackDeployments {
   private entries: Record<string, RolledBackDeployment> = {};
-  /** Writes one at a time, each from the state the previous one left. */
-  private writes: Promise<void> = Promise.resolve();
+  private readonly writes = new SerialWrites();
 
   constructor(readonly file: string) {
     // Absent or unreadable: the database still knows (this file only matters once the database was lost as well).
@@ -35,7 +34,7 @@ export class RolledBackDeployments {
 
   /** Resolves once the file on disk holds it. */
   add(deploymentId: string, model: string, version: number): Promise<void> {
-    const write = this.writes.then(async () => {
+    return this.writes.run(async () => {
       if (this.get(deploymentId)) return;
       const ids = Object.keys(this.entries);
       const next: Record<string, RolledBackDeployment> = {};
@@ -44,7 +43,5 @@ export class RolledBackDeployments {
       await writeFileDurably(this.file, JSON.stringify(next, null, 2));
       this.entries = next;
     });
-    this.writes = write.catch(() => undefined);
-    return write;
   }
 }

@@ -1,4 +1,4 @@
-import { readJsonObjectFile, writeFileDurably } from '../store/index.js';
+import { readJsonObjectFile, SerialWrites, writeFileDurably } from '../store/index.js';
 
 /**
  * The version each model serves after a fleet activation, kept in one small JSON file under the data dir and
@@ -7,8 +7,8 @@ import { readJsonObjectFile, writeFileDurably } from '../store/index.js';
  */
 export class ActiveVersions {
   private versions: Record<string, number> = {};
-  /** Writes one at a time, each from the state the previous one left: two models activating at once both land. */
-  private writes: Promise<void> = Promise.resolve();
+  /** Two models activating at once both land. */
+  private readonly writes = new SerialWrites();
 
   constructor(readonly file: string) {
     // Absent or unreadable: serve the repository's own choice (highest or pinned); the next activation rewrites it.
@@ -21,14 +21,12 @@ export class ActiveVersions {
 
   /** Resolves once the file on disk says so; `get` answers the new version from then on. */
   set(model: string, version: number | undefined): Promise<void> {
-    const write = this.writes.then(async () => {
+    return this.writes.run(async () => {
       const next = { ...this.versions };
       if (version === undefined) delete next[model];
       else next[model] = version;
       await writeFileDurably(this.file, JSON.stringify(next, null, 2));
       this.versions = next;
     });
-    this.writes = write.catch(() => undefined);
-    return write;
   }
 }

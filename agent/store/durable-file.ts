@@ -38,6 +38,22 @@ export async function writeFileDurably(path: string, data: string | Uint8Array |
   await fsyncPath(dir);
 }
 
+/**
+ * Runs a file's rewrites one at a time, in call order, each after the one before settled (failed or not): a
+ * rewrite built from in-memory state then starts from the state the previous one left, and two callers at once
+ * (two models activating) both land instead of the later file losing the earlier change.
+ */
+export class SerialWrites {
+  private tail: Promise<void> = Promise.resolve();
+
+  /** Resolves or rejects as `write` does. */
+  run(write: () => Promise<void>): Promise<void> {
+    const done = this.tail.then(write);
+    this.tail = done.catch(() => undefined);
+    return done;
+  }
+}
+
 /** `writeFileDurably` for start-up, before anything is served (an interrupted activation undone as the agent starts). */
 export function writeFileDurablySync(path: string, data: string | Uint8Array | null): void {
   const dir = dirname(path);

@@ -6,4 +6,4 @@ export { MemoryOutbox } from './outbox-memory.js';
 export { SqliteOutbox, OUTBOX_MIGRATIONS } from './outbox-sqlite.js';
 export { DEFAULT_OUTBOX_BOUNDS, DEFAULT_PROTECTED_KINDS } from './outbox.js';
 export type { Outbox, OutboxBounds, OutboxClass, OutboxEntry, OutboxKind, OutboxMessage, OutboxOptions, OutboxStamp, OutboxStats } from './outbox.js';
-export { fsyncPath, fsyncPathSync, readJsonObjectFile, writeFileDurably, writeFileDurablySync } from './durable-file.js';
+export { fsyncPath, fsyncPathSync, readJsonObjectFile, SerialWrites, writeFileDurably, writeFileDurablySync } from './durable-file.js';
