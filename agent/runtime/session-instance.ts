@@ -297,8 +297,7 @@ class WorkerInstance implements SessionInstance {
 
   inputBuffer(name: string, dtype: DType, length: number): TensorData {
     const bytes = length * bytesPerElement(dtype);
-    const free = this.buffers.get(name) ?? [];
-    this.buffers.set(name, free);
+    const free = this.freeBuffers(name);
     // Reused run after run; none free or big enough (all lent, or lost with a failed worker): allocate.
     let b = free.find((x) => x.byteLength >= bytes);
     if (!b) {
@@ -309,12 +308,17 @@ class WorkerInstance implements SessionInstance {
     return typedView(dtype, b, 0, length);
   }
 
-  /** A buffer back from the worker. */
+  /** A buffer back from the worker (or never sent). */
   private giveBack(name: string, buffer: ArrayBuffer): void {
-    const free = this.buffers.get(name) ?? [];
-    this.buffers.set(name, free);
+    const free = this.freeBuffers(name);
     free.push(buffer);
     keepLargest(free);
+  }
+
+  private freeBuffers(name: string): ArrayBuffer[] {
+    let free = this.buffers.get(name);
+    if (!free) this.buffers.set(name, (free = []));
+    return free;
   }
 
   async run(feeds: Readonly<Record<string, FeedTensor>>): Promise<Record<string, FeedTensor>> {
@@ -333,22 +337,18 @@ class WorkerInstance implements SessionInstance {
       transfer.push(buffer);
       // Lent from here on, before any wait: a batch handed over early while this one waits for a restarting
       // worker must not be stacked into the same buffer.
-      const free = this.buffers.get(name) as ArrayBuffer[];
+      const free = this.freeBuffers(name);
       free.splice(free.indexOf(buffer), 1);
       lent.push({ name, buffer });
     }
-    if (!this.worker) {
-      try {
-        await this.serving();
-      } catch (err) {
-        for (const l of lent) this.giveBack(l.name, l.buffer);
-        throw err;
-      }
-    }
-    const worker = this.worker;
-    if (!worker) {
+    let worker: Worker | undefined;
+    try {
+      if (!this.worker) await this.serving();
+      worker = this.worker;
+      if (!worker) throw this.stopped ?? new UnavailableError(`model '${this.request.model}': ${this.lastFailure}`);
+    } catch (err) {
       for (const l of lent) this.giveBack(l.name, l.buffer);
-      throw this.stopped ?? new UnavailableError(`model '${this.request.model}': ${this.lastFailure}`);
+      throw err;
     }
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
