@@ -97,8 +97,8 @@ t.test('intervals: counts by outcome, throughput, provider and variant, unloaded
   m.onRequest({ model: 'cls', version: 2, status: 'DROPPED' });
   m.onRequest({ model: 'cls', version: 2, status: 'DROPPED' });
   m.onRequest({ model: 'cls', version: 2, status: 'DEADLINE_EXCEEDED' });
-  m.onExecution({ model: 'cls', version: 2, batchSize: 8, inferUs: 500, handedAhead: false });
-  m.onExecution({ model: 'cls', version: 2, batchSize: 22, inferUs: 900, handedAhead: true });
+  m.onExecution({ model: 'cls', version: 2, batchSize: 8, inferUs: 500, handedAhead: false, underLoad: false });
+  m.onExecution({ model: 'cls', version: 2, batchSize: 22, inferUs: 900, handedAhead: true, underLoad: true });
   m.streamOpened();
   m.streamOpened();
   m.streamClosed();

@@ -71,7 +71,7 @@ async function sqliteOutbox(t: Tap, file?: string): Promise<{ outbox: SqliteOutb
 function feedTraffic(t: Tap, metrics: AgentMetrics): void {
   const timer = setInterval(() => {
     metrics.onRequest({ model: 'classifier', version: 1, status: 'OK', timings: { queueUs: 30, inferUs: 500, totalUs: 560 } });
-    metrics.onExecution({ model: 'classifier', version: 1, batchSize: 1, inferUs: 500, handedAhead: false });
+    metrics.onExecution({ model: 'classifier', version: 1, batchSize: 1, inferUs: 500, handedAhead: false, underLoad: false });
   }, 5);
   t.teardown(() => clearInterval(timer));
 }

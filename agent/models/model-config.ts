@@ -37,6 +37,15 @@ export const modelConfigSchema = z.strictObject({
   /** onnxruntime intra-op threads of each instance (overrides runtime.provider_options.intra_op_threads).
    * Unset with several instances: the CPU's cores are split between them. */
   intra_op_threads: z.number().int().min(0).max(256).optional(),
+  /**
+   * A CPU model in worker threads: this many extra sessions, the cores split between them, that serve instead
+   * of the configured instances while several streams feed the model (the two kinds never run at once). A
+   * lone stream keeps the wide session's latency; under load, sessions of one thread each lose nothing to
+   * threads waiting on each other while gRPC and the clients take a core. `auto`: min(cores, 4) when the
+   * machine has 2 or more cores, the model has one instance and no thread count set, and its file is at most
+   * 64 MB (each session holds its own weights); 0: none. Opened in the background once the model serves.
+   */
+  instances_under_load: z.union([z.literal('auto'), z.number().int().min(0).max(16)]).default('auto'),
   execution_providers: z.array(z.enum(EXECUTION_PROVIDERS)).min(1).optional(),
   graph_optimization: z.enum(['disabled', 'basic', 'extended', 'all']).optional(),
   state: z.array(stateSchema).default([]),

@@ -131,6 +131,7 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       maxBatchSize: m ? (m.maxBatchSize > 0 ? m.maxBatchSize : cfg?.max_batch_size ?? 0) : 0,
       batching: (m?.maxBatchSize ?? 0) > 0,
       instanceCount: m?.instances.length ?? cfg?.instance_count ?? 1,
+      instancesUnderLoad: s?.sessionCounts.underLoad ?? 0,
       path: m?.path ?? slot.entry.dir,
       ...(cfg?.default_qos ? { defaultQos: cfg.default_qos } : {}),
     };
@@ -271,6 +272,16 @@ export class InferenceRuntime implements InferenceRuntimeApi {
         intra_op_threads: outcome.intraOpThreads || 'onnxruntime default', placement_cached: outcome.placementCached, load_ms: Math.round(performance.now() - t0), warmup_ms: Math.round(outcome.warmupMs),
       }, 'model ready');
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
+      const underLoad = outcome.underLoad;
+      if (underLoad) {
+        // In the background: the model serves on its configured instances meanwhile, so READY (and cold start)
+        // does not wait for sessions that only pay under load.
+        void scheduler.addUnderLoadInstances(underLoad.open()).then((joined) => {
+          if (joined > 0) this.options.log.info({ model, version: m.version, instances_under_load: joined, intra_op_threads: underLoad.intraOpThreads }, 'instances under load ready');
+        }, (err: unknown) => {
+          this.options.log.warn({ model, version: m.version, err: errorMessage(err) }, 'instances under load failed to open: the configured instances serve alone');
+        });
+      }
       if (previous && previous !== scheduler) {
         slot.others.add(previous);
         void previous.close().finally(() => {

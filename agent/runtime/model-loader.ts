@@ -1,5 +1,5 @@
 import { createHash, randomFillSync } from 'node:crypto';
-import { mkdirSync, readFileSync, renameSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, renameSync, statSync, writeFileSync } from 'node:fs';
 import { availableParallelism, cpus } from 'node:os';
 import { dirname, join } from 'node:path';
 import type { ProviderOptions, ExecutionProviderName } from '../config/index.js';
@@ -150,6 +150,42 @@ export interface LoadOutcome {
   readonly intraOpThreads: number;
   /** `auto` placed the model from what an earlier start measured (the placement cache). */
   readonly placementCached: boolean;
+  /** Sessions that serve instead of `model.instances` while several streams feed the model, opened later. */
+  readonly underLoad?: UnderLoadPlan;
+}
+
+/** The sessions `instances_under_load` asks for: how many, their threads, and how to open and warm them. */
+export interface UnderLoadPlan {
+  readonly count: number;
+  readonly intraOpThreads: number;
+  /** Opens and warms them one after another; releases what it opened if one fails. */
+  open(): Promise<SessionInstance[]>;
+}
+
+/** `instances_under_load: auto` stays off for larger files: each extra session holds its own copy of the weights. */
+const UNDER_LOAD_AUTO_MAX_FILE_BYTES = 64 * 1024 * 1024;
+const UNDER_LOAD_AUTO_MAX_COUNT = 4;
+
+/** How many under-load sessions a worker model gets, and with how many threads each (undefined: none). */
+function underLoadShape(config: ModelConfig, provider: ExecutionProviderName, configuredThreads: number, path: string): { count: number; intraOpThreads: number } | undefined {
+  // A GPU serves every session from one device: narrower CPU thread pools change nothing there.
+  if (provider !== 'cpu') return undefined;
+  const cores = availableParallelism();
+  let count: number;
+  if (config.instances_under_load === 'auto') {
+    if (cores < 2 || config.instance_count !== 1 || configuredThreads > 0) return undefined;
+    let bytes: number;
+    try {
+      bytes = statSync(path).size;
+    } catch {
+      return undefined;
+    }
+    if (bytes > UNDER_LOAD_AUTO_MAX_FILE_BYTES) return undefined;
+    count = Math.min(cores, UNDER_LOAD_AUTO_MAX_COUNT);
+  } else {
+    count = config.instances_under_load;
+  }
+  return count > 0 ? { count, intraOpThreads: Math.max(1, Math.floor(cores / count)) } : undefined;
 }
 
 /**
@@ -375,6 +411,24 @@ export async function loadModelVersion(
     if (placementFile && !placed && config.warmup.runs > 0) {
       storePlacement(placementFile, { provider, execution, intraOpThreads, ...(maxStackedRows !== undefined ? { maxStackedRows } : {}) });
     }
+    const shape = execution === 'worker' ? underLoadShape(config, provider, configuredThreads, path) : undefined;
+    const underLoad: UnderLoadPlan | undefined = shape && {
+      ...shape,
+      open: async () => {
+        const opened: SessionInstance[] = [];
+        try {
+          for (let k = 0; k < shape.count; k++) {
+            const s = await openInstance(await request(path, [provider], shape.intraOpThreads), 'worker');
+            opened.push(s);
+            await warm([s]);
+          }
+          return opened;
+        } catch (err) {
+          await Promise.all(opened.map((s) => s.release().catch(() => undefined)));
+          throw err;
+        }
+      },
+    };
     const model: LoadedModel = {
       name: entry.name, version: versionEntry.version, path, provider, variant,
       inputs, outputs, state,
@@ -384,7 +438,10 @@ export async function loadModelVersion(
       instances,
       ...(maxStackedRows !== undefined ? { maxStackedRows } : {}),
     };
-    return { model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution, intraOpThreads, placementCached: placed !== undefined };
+    return {
+      model, graphCache, skipped: probe.info.skipped, warmupMs: performance.now() - t0, execution, intraOpThreads, placementCached: placed !== undefined,
+      ...(underLoad ? { underLoad } : {}),
+    };
   } catch (err) {
     await Promise.all(instances.map((s) => s.release().catch(() => undefined)));
     if (err instanceof ModelLoadError) throw err;

@@ -63,6 +63,8 @@ interface Pending {
 
 interface Instance {
   readonly session: SessionInstance;
+  /** One of the sessions that serve while several sources feed the model (`instances_under_load`). */
+  readonly underLoad: boolean;
   /**
    * Batches handed to the session and not answered yet, oldest (the one running) first. A worker instance may
    * hold a second one, handed over before the first finishes (see `dispatch`).
@@ -82,6 +84,9 @@ export class ModelScheduler {
   private queue: Pending[] = [];
   private live = 0;
   private readonly instances: Instance[];
+  private underLoadCount = 0;
+  /** Settles once the under-load sessions being opened have joined (or been released). */
+  private underLoadJoining: Promise<void> | undefined;
   private readonly latestByStream = new WeakMap<object, Pending>();
   readonly sequences: SequenceStore;
   private accepting = true;
@@ -104,7 +109,7 @@ export class ModelScheduler {
   private readonly outputSpecByName: Map<string, TensorSpec>;
 
   constructor(readonly model: LoadedModel, private readonly options: SchedulerOptions) {
-    this.instances = model.instances.map((session) => ({ session, inFlight: [], lastRunEnd: 0 }));
+    this.instances = model.instances.map((session) => ({ session, underLoad: false, inFlight: [], lastRunEnd: 0 }));
     this.stats = new ModelStatisticsRecorder(model.name, model.version);
     this.sequences = new SequenceStore({ idleTimeoutMs: options.sequenceIdleTimeoutMs, maxSequences: options.maxSequences });
     this.batching = { maxQueueDelayUs: model.maxQueueDelayUs, preferredBatchSizes: model.preferredBatchSizes };
@@ -119,6 +124,31 @@ export class ModelScheduler {
 
   get stateful(): boolean {
     return this.model.state.length > 0;
+  }
+
+  /**
+   * Adds the sessions that serve instead of the configured ones while several sources feed the model
+   * (`instances_under_load`), once they are open and warm; until then the configured ones serve alone. Sessions
+   * that arrive once the scheduler stopped accepting are released instead. Resolves with how many joined.
+   */
+  addUnderLoadInstances(opening: Promise<readonly SessionInstance[]>): Promise<number> {
+    const joined = opening.then(async (sessions) => {
+      if (this.closing || !this.accepting) {
+        await Promise.all(sessions.map((s) => s.release().catch(() => undefined)));
+        return 0;
+      }
+      for (const session of sessions) this.instances.push({ session, underLoad: true, inFlight: [], lastRunEnd: 0 });
+      this.underLoadCount += sessions.length;
+      this.pump();
+      return sessions.length;
+    });
+    this.underLoadJoining = joined.then(() => undefined, () => undefined);
+    return joined;
+  }
+
+  /** Sessions serving this version: the configured ones, and those that serve under load once they joined. */
+  get sessionCounts(): { configured: number; underLoad: number } {
+    return { configured: this.instances.length - this.underLoadCount, underLoad: this.underLoadCount };
   }
 
   /** Takes effect from the next batch formed. */
@@ -218,14 +248,19 @@ export class ModelScheduler {
    */
   private dispatch(): void {
     for (;;) {
-      let instance = this.instances.find((i) => i.inFlight.length === 0 && i.session.available);
+      const now = performance.now();
+      const lane = this.underLoadLane(now);
+      let instance = this.instances.find((i) => i.underLoad === lane && i.inFlight.length === 0 && i.session.available);
       let minRows: number | undefined;
       if (!instance) {
         if (this.live > 0 && this.instances.every((i) => i.inFlight.length === 0 && !i.session.available)) {
           this.refuseQueued();
           return;
         }
-        instance = this.instances.find((i) => i.inFlight.length === 1 && !i.session.synchronous && i.session.available);
+        // A configured session running while several sources feed the model is not handed more: once its run
+        // ends, the load moves to the under-load sessions.
+        if (!lane && this.underLoadCount > 0 && this.activeSources(now) > 1 && this.instances.some((i) => i.underLoad && i.session.available)) return;
+        instance = this.instances.find((i) => i.underLoad === lane && i.inFlight.length === 1 && !i.session.synchronous && i.session.available);
         if (!instance) return;
         minRows = Math.min(this.maxStackedRows(), (instance.inFlight[0] as { rows: number }).rows);
       }
@@ -234,6 +269,20 @@ export class ModelScheduler {
       if (!batch) return;
       void this.execute(instance, batch);
     }
+  }
+
+  /**
+   * Whether the under-load sessions take the next batch (true) or the configured ones. The two kinds never run
+   * at once, as each kind alone is sized to fill the cores: the kind running keeps the work until it is idle;
+   * then several active sources pick the under-load sessions, and a lone one the configured, wider session
+   * (its frame's latency is what a wide session is for). A kind with no session available gives way to the other.
+   */
+  private underLoadLane(now: number): boolean {
+    if (this.underLoadCount === 0) return false;
+    const running = this.instances.find((i) => i.inFlight.length > 0);
+    if (running) return running.underLoad;
+    const wanted = this.activeSources(now) > 1;
+    return this.instances.some((i) => i.underLoad === wanted && i.session.available) ? wanted : !wanted;
   }
 
   private maxStackedRows(): number {
@@ -426,7 +475,7 @@ export class ModelScheduler {
       const inferUs = (runEnd - runStart) * 1000;
       this.lastExecutionMs = done - startedAt;
       this.stats.execution(totalRows, startedAt, runStart, runEnd, done);
-      this.options.observer?.onExecution?.({ model: m.name, version: m.version, batchSize: batch.length, inferUs, handedAhead });
+      this.options.observer?.onExecution?.({ model: m.name, version: m.version, batchSize: batch.length, inferUs, handedAhead, underLoad: instance.underLoad });
       for (let i = 0; i < batch.length; i++) {
         const p = batch[i] as Pending;
         const wanted = p.request.outputs;
@@ -516,6 +565,7 @@ export class ModelScheduler {
       await this.drain();
       if (this.deadlineTimer) clearTimeout(this.deadlineTimer);
       this.sequences.clear();
+      await this.underLoadJoining;
       await Promise.all(this.instances.map((i) => i.session.release().catch(() => undefined)));
     })();
     return this.closing;

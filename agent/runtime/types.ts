@@ -78,6 +78,8 @@ export interface ModelInfo {
   readonly maxBatchSize: number;
   readonly batching: boolean;
   readonly instanceCount: number;
+  /** Sessions that serve instead of those while several streams feed the model (instances_under_load), once open. */
+  readonly instancesUnderLoad: number;
   readonly path: string;
   /** The model's own default QoS (config.yaml `default_qos`), for streams that do not choose. */
   readonly defaultQos?: QosPolicy;
@@ -99,6 +101,8 @@ export interface ExecutionRecord {
   readonly inferUs: number;
   /** The batch was handed to its worker thread while the one before was still running there. */
   readonly handedAhead: boolean;
+  /** It ran on one of the sessions that serve while several streams feed the model (instances_under_load). */
+  readonly underLoad: boolean;
 }
 
 /** Hooks through which telemetry watches the runtime without the runtime knowing telemetry. */

@@ -22,7 +22,7 @@ for (let r = 0; r < 3; r++) {
   const t0 = process.hrtime.bigint();
   for (let i = 0; i < N; i++) {
     m.onRequest({ model: 'tiny', version: 1, status: 'OK', timings: { queueUs: timings.queueUs + (i & 255), inferUs: timings.inferUs + (i & 1023), totalUs: timings.totalUs + (i & 4095) } });
-    if ((i & 7) === 0) m.onExecution({ model: 'tiny', version: 1, batchSize: 8, inferUs: 480, handedAhead: false });
+    if ((i & 7) === 0) m.onExecution({ model: 'tiny', version: 1, batchSize: 8, inferUs: 480, handedAhead: false, underLoad: false });
   }
   const ns = Number(process.hrtime.bigint() - t0) / N;
   console.log(`observer hot path: ${ns.toFixed(0)} ns per request (incl. 1/8 execution)`);

@@ -1,0 +1,172 @@
+import t from 'tap';
+import { writeFileSync } from 'node:fs';
+import { availableParallelism } from 'node:os';
+import { join } from 'node:path';
+import * as ort from 'onnxruntime-node';
+import { runtimeSchema } from '../agent/config/schema.js';
+import { ModelRepository } from '../agent/models/index.js';
+import { ModelScheduler, type ExecutionRecord, type LoadedModel, type Tensor } from '../agent/runtime/index.js';
+import { loadModelVersion, type LoadOutcome } from '../agent/runtime/model-loader.js';
+import type { SessionInstance } from '../agent/runtime/session-instance.js';
+import { mulberry32 as seeded } from '../scripts/demo-models.js';
+import { silentLogger } from '../agent/logger.js';
+import { copyDemoRepo, DEMO_REPO, startRuntime, tempDir } from './helpers/runtime.js';
+
+function randomImage(rnd: () => number): Tensor {
+  const data = new Float32Array(3 * 112 * 112);
+  for (let i = 0; i < data.length; i++) data[i] = rnd() * 2 - 1;
+  return { dtype: 'float32', shape: [1, 3, 112, 112], data };
+}
+
+/** Loads one demo model version the way the runtime does, with `config` as its config.yaml. */
+async function load(t: { teardown(fn: () => void | Promise<void>): void }, model: string, config: string, execution: 'auto' | 'worker' = 'worker'): Promise<LoadOutcome> {
+  const repo = copyDemoRepo(t, [model]);
+  // Warm-up at 4 rows rather than 32 keeps each load short.
+  writeFileSync(join(repo, model, 'config.yaml'), `max_batch_size: 4\n${config}`);
+  const entry = new ModelRepository(repo).read(model);
+  const version = entry?.versions[0];
+  if (!entry || !version) throw new Error(`${model} is not in the repository`);
+  const cfg = runtimeSchema.parse({ execution_providers: ['cpu'] });
+  const outcome = await loadModelVersion(entry, version, {
+    providers: cfg.execution_providers, providerOptions: cfg.provider_options, graphOptimization: cfg.graph_optimization, execution,
+    inlineMaxRunUs: cfg.inline_max_run_us, inlineMaxOpenMs: cfg.inline_max_open_ms, cacheDir: join(tempDir(t, 'edge-data-'), 'cache'),
+  }, silentLogger());
+  t.teardown(async () => { await Promise.all(outcome.model.instances.map((s) => s.release())); });
+  return outcome;
+}
+
+t.test('which models get sessions for load, how many and with how many threads', async (t) => {
+  const cores = availableParallelism();
+  const auto = (await load(t, 'classifier', '')).underLoad;
+  if (cores >= 2) {
+    t.equal(auto?.count, Math.min(cores, 4), `auto on ${cores} cores: min(cores, 4) sessions`);
+    t.equal(auto?.intraOpThreads, Math.max(1, Math.floor(cores / Math.min(cores, 4))), 'the cores split between them');
+  } else {
+    t.equal(auto, undefined, 'auto on one core: none');
+  }
+  t.equal((await load(t, 'classifier', 'instances_under_load: 0\n')).underLoad, undefined, '0: none');
+  t.equal((await load(t, 'classifier', 'instance_count: 2\n')).underLoad, undefined, 'auto with two configured instances: none');
+  t.equal((await load(t, 'classifier', 'intra_op_threads: 1\n')).underLoad, undefined, 'auto with a thread count set: none');
+  const explicit = (await load(t, 'classifier', 'instance_count: 2\ninstances_under_load: 3\n')).underLoad;
+  t.equal(explicit?.count, 3, 'an explicit count applies beside several configured instances');
+  t.equal(explicit?.intraOpThreads, Math.max(1, Math.floor(cores / 3)), 'each with its share of the cores');
+  const inline = await load(t, 'tiny', 'instances_under_load: 2\n', 'auto');
+  t.equal(inline.execution, 'inline', 'tiny runs on the event loop');
+  t.equal(inline.underLoad, undefined, 'an inline model gets none: its runs never overlap anyway');
+
+  const plan = (await load(t, 'classifier', 'instances_under_load: 2\n')).underLoad;
+  const sessions = await (plan as NonNullable<typeof plan>).open();
+  t.teardown(async () => { await Promise.all(sessions.map((s) => s.release())); });
+  t.equal(sessions.length, 2, 'open() opens them all');
+  const out = await (sessions[1] as SessionInstance).run({ image: { dtype: 'float32', data: new Float32Array(3 * 112 * 112), dims: [1, 3, 112, 112] } });
+  t.same(out.logits?.dims, [1, 10], 'and each runs the model');
+});
+
+t.test('instances_under_load is checked like every key of config.yaml', async (t) => {
+  const repo = copyDemoRepo(t, ['classifier']);
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'instances_under_load: many\n');
+  const entry = new ModelRepository(repo).read('classifier');
+  t.equal(entry?.config, undefined, 'the config is refused');
+  t.match(entry?.configError, /instances_under_load/, 'and the error names the key');
+});
+
+/** Records when each run of a session was handed to it and when it answered. */
+interface Span { readonly underLoad: boolean; readonly start: number; end: number }
+
+function recording(session: SessionInstance, underLoad: boolean, spans: Span[], released: SessionInstance[]): SessionInstance {
+  return new Proxy(session, {
+    get(target, prop) {
+      if (prop === 'run') {
+        return async (feeds: Parameters<SessionInstance['run']>[0]) => {
+          const span: Span = { underLoad, start: performance.now(), end: Infinity };
+          spans.push(span);
+          try {
+            return await target.run(feeds);
+          } finally {
+            span.end = performance.now();
+          }
+        };
+      }
+      if (prop === 'release') return () => { released.push(target); return target.release(); };
+      const v = Reflect.get(target, prop, target) as unknown;
+      return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
+    },
+  });
+}
+
+t.test('several streams run on the sessions for load, a lone stream on the wide one, never both kinds at once', async (t) => {
+  const outcome = await load(t, 'classifier', 'instances_under_load: 2\n');
+  const spans: Span[] = [];
+  const released: SessionInstance[] = [];
+  const records: ExecutionRecord[] = [];
+  const model: LoadedModel = { ...outcome.model, instances: outcome.model.instances.map((s) => recording(s, false, spans, released)) };
+  const scheduler = new ModelScheduler(model, {
+    maxQueue: 1000, sequenceIdleTimeoutMs: 60_000, maxSequences: 100, refuseNonFinite: false, maxTensorBytes: 1 << 24,
+    observer: { onExecution: (e) => records.push(e) },
+  });
+  const opened = await (outcome.underLoad as NonNullable<LoadOutcome['underLoad']>).open();
+  t.equal(await scheduler.addUnderLoadInstances(Promise.resolve(opened.map((s) => recording(s, true, spans, released)))), 2, 'both joined');
+  t.same(scheduler.sessionCounts, { configured: 1, underLoad: 2 });
+
+  const rnd = seeded(21);
+  const reference = await ort.InferenceSession.create(join(DEMO_REPO, 'classifier', '1', 'model.onnx'));
+  t.teardown(() => reference.release());
+  let worst = 0;
+  const closedLoops = (streams: number, frames: number): Promise<unknown> => Promise.all(Array.from({ length: streams }, async () => {
+    const key = {};
+    for (let k = 0; k < frames; k++) {
+      const image = randomImage(rnd);
+      const got = await scheduler.submit({ inputs: { image }, streamKey: key });
+      const want = (await reference.run({ image: new ort.Tensor('float32', image.data as Float32Array, image.shape as number[]) })).logits?.data as Float32Array;
+      const logits = got.outputs.logits?.data as Float32Array;
+      for (let i = 0; i < want.length; i++) worst = Math.max(worst, Math.abs((logits[i] as number) - (want[i] as number)));
+    }
+  }));
+  const quiet = (): Promise<void> => new Promise((r) => setTimeout(r, 250));
+
+  await closedLoops(1, 4);
+  t.ok(records.length === 4 && records.every((r) => !r.underLoad), 'a lone stream runs on the wide session');
+  await quiet();
+  records.length = 0;
+  await closedLoops(8, 6);
+  const underLoad = records.filter((r) => r.underLoad).length;
+  t.ok(underLoad >= records.length - 1, `eight streams run on the sessions for load (${underLoad} of ${records.length} runs; the first may start on the wide one before the others arrive)`);
+  await quiet();
+  records.length = 0;
+  await closedLoops(1, 3);
+  t.ok(records.length === 3 && records.every((r) => !r.underLoad), 'once the others have gone quiet, a lone stream is back on the wide session');
+  t.ok(worst < 1e-4, `every frame equals its own direct run (largest difference ${worst})`);
+
+  const overlaps = spans.filter((a) => a.underLoad).flatMap((a) => spans.filter((b) => !b.underLoad && b.start < a.end && a.start < b.end));
+  t.equal(overlaps.length, 0, `no run of the wide session overlapped one of the sessions for load (${spans.length} runs)`);
+  t.ok(spans.some((a) => a.underLoad && spans.some((b) => b !== a && b.underLoad && b.start < a.end && a.start < b.end)), 'the sessions for load ran side by side');
+
+  await scheduler.close();
+  t.equal(released.length, 3, 'close releases the wide session and both sessions for load');
+  const late = await (outcome.underLoad as NonNullable<LoadOutcome['underLoad']>).open();
+  const lateReleased: SessionInstance[] = [];
+  t.equal(await scheduler.addUnderLoadInstances(Promise.resolve(late.map((s) => recording(s, true, [], lateReleased)))), 0, 'sessions that open after close do not join');
+  t.equal(lateReleased.length, 2, 'they are released instead');
+});
+
+t.test('the runtime opens them once the model serves, and reports them', async (t) => {
+  const repo = copyDemoRepo(t, ['classifier']);
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'instances_under_load: 2\n');
+  const records: ExecutionRecord[] = [];
+  const rt = await startRuntime(t, repo, { execution: 'worker' }, { onExecution: (e) => records.push(e) });
+  t.equal(rt.modelInfo('classifier').state, 'READY');
+  const deadline = Date.now() + 30_000;
+  while (rt.modelInfo('classifier').instancesUnderLoad < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  t.equal(rt.modelInfo('classifier').instancesUnderLoad, 2, 'model info counts them once they joined');
+  t.equal(rt.modelInfo('classifier').instanceCount, 1, 'beside the one configured instance');
+  const rnd = seeded(22);
+  await Promise.all(Array.from({ length: 6 }, async () => {
+    const key = {};
+    for (let k = 0; k < 4; k++) await rt.submit('classifier', undefined, { inputs: { image: randomImage(rnd) }, streamKey: key });
+  }));
+  t.ok(records.some((r) => r.underLoad), 'several streams ran on them');
+
+  // A runtime closed while they are still opening: close waits for them and releases them.
+  const second = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution: 'worker' });
+  await t.resolves(second.close(), 'close during the background open resolves');
+});
