@@ -49,5 +49,7 @@ t.test('under systemd: STATUS while loading, READY=1 once models are warm, WATCH
   run.child.kill('SIGTERM');
   const { code } = await run.exited;
   t.equal(code, 0);
+  // Its last datagram may still be in the listener's pipe after the agent exited.
+  await pid1.waitFor((m) => m.startsWith('STOPPING=1'), 1, 5000).catch(() => undefined);
   t.match(pid1.messages().find((m) => m.startsWith('STOPPING=1')), /^STOPPING=1\nSTATUS=stopping \(SIGTERM\)/);
 });

@@ -15,6 +15,13 @@ if (missing) t.plan(0, `sd_notify tests need ${missing}`);
 
 const monotonicUs = (): number => Number(process.hrtime.bigint() / 1000n);
 
+/**
+ * The listener lets systemd-notify return before it prints the datagram's line, so the last message can still
+ * be in its pipe when the notifier's promise resolves: wait until `count` have been read (or give up quietly
+ * after 5 s and let the assertion that follows show what arrived).
+ */
+const arrived = (pid1: NotifyListener, count: number): Promise<void> => pid1.waitFor(() => true, count, 5000).catch(() => undefined);
+
 t.test('without NOTIFY_SOCKET the notifier does nothing', async (t) => {
   const calls: string[] = [];
   const spy: NotifySender = { send: async (m) => { calls.push(m); } };
@@ -47,6 +54,7 @@ t.test('READY, STATUS, RELOADING (with MONOTONIC_USEC), STOPPING arrive as exact
   await n.status('serving 4/4 models');
   await n.stopping('draining');
   await n.close();
+  await arrived(pid1, 5);
   const got = pid1.messages();
   t.equal(got.length, 5, `five notifications: ${JSON.stringify(got)}`);
   t.equal(got[0], 'STATUS=starting: loading 4 models');
@@ -69,6 +77,7 @@ t.test('an abstract socket (@name) works the same', async (t) => {
   const n = new SystemdNotifier({ env: { NOTIFY_SOCKET: socket } });
   await n.ready('up');
   await n.stopping();
+  await arrived(pid1, 2);
   t.same(pid1.messages(), ['READY=1\nSTATUS=up', 'STOPPING=1']);
 });
 
@@ -78,6 +87,7 @@ t.test('status text is one line: control characters cannot inject assignments; l
   const n = new SystemdNotifier({ env: { NOTIFY_SOCKET: socket } });
   await n.status("model 'evil\nMAINPID=1\nREADY=1' failed\r\n");
   await n.status('x'.repeat(1000));
+  await arrived(pid1, 2);
   const got = pid1.messages();
   t.same(got[0], "STATUS=model 'evil MAINPID=1 READY=1' failed", 'newlines became spaces: still one STATUS assignment');
   t.equal(got[1]?.length, 'STATUS='.length + 200, 'cut to 200 characters');
@@ -130,6 +140,7 @@ t.test('a message that cannot be delivered is reported and does not block the ne
 
   const pid1 = await NotifyListener.start(t, socket);
   await n.stopping();
+  await arrived(pid1, 1);
   t.same(pid1.messages(), ['STOPPING=1'], 'the next message goes out');
 
   const lost: Error[] = [];
@@ -169,6 +180,7 @@ t.test('one relay process carries every message: the agent does not fork per not
   await n.ready('up');
   for (let i = 0; i < 10; i++) await n.watchdog();
   await n.stopping();
+  await arrived(pid1, 12);
   t.equal(pid1.messages().filter((m) => m === 'WATCHDOG=1').length, 10, 'every ping arrived');
   t.equal(started.length, 1, 'one process started for 12 messages (the relay, at construction)');
 });
@@ -189,6 +201,7 @@ t.test('a systemd-notify that hangs: the message is reported lost, its relay kil
   await n.watchdog();
   t.match(errors[0]?.message, /sd_notify 'WATCHDOG=1' was not delivered: .*gave no answer within 300 ms; its relay was killed/);
   await n.stopping();
+  await arrived(pid1, 1);
   t.same(pid1.messages(), ['STOPPING=1'], 'the next message is delivered');
   t.not(sender.relayPid, firstRelay, 'through a new relay');
   t.ok(firstRelay !== undefined && gone(firstRelay), 'the hung relay (and its process group) is gone');
