@@ -14,6 +14,9 @@ import type {
   InferenceRequest, InferenceResult, ModelStatistics, RequestOutcome, RuntimeObserver, StateSpec,
 } from './types.js';
 
+/** How long after frames last waited for busy sessions a model still counts as under load (at least). */
+const CONTENTION_WINDOW_MS = 20;
+
 /** A loaded, warmed model version: what the scheduler runs. */
 export interface LoadedModel {
   readonly name: string;
@@ -85,6 +88,8 @@ export class ModelScheduler {
   private live = 0;
   private readonly instances: Instance[];
   private underLoadCount = 0;
+  /** When a frame last found every session it could start on busy (performance.now() ms). */
+  private lastContendedAt = -Infinity;
   /** Settles once the under-load sessions being opened have joined (or been released). */
   private underLoadJoining: Promise<void> | undefined;
   private readonly latestByStream = new WeakMap<object, Pending>();
@@ -257,6 +262,7 @@ export class ModelScheduler {
           this.refuseQueued();
           return;
         }
+        if (this.queue.length > 0) this.lastContendedAt = now;
         // A configured session running while several sources feed the model is not handed more: once its run
         // ends, the load moves to the under-load sessions.
         if (!lane && this.underLoadCount > 0 && this.activeSources(now) > 1 && this.instances.some((i) => i.underLoad && i.session.available)) return;
@@ -273,15 +279,18 @@ export class ModelScheduler {
 
   /**
    * Whether the under-load sessions take the next batch (true) or the configured ones. The two kinds never run
-   * at once, as each kind alone is sized to fill the cores: the kind running keeps the work until it is idle;
-   * then several active sources pick the under-load sessions, and a lone one the configured, wider session
-   * (its frame's latency is what a wide session is for). A kind with no session available gives way to the other.
+   * at once, as each kind alone is sized to fill the cores: the kind running keeps the work until it is idle.
+   * Then the under-load sessions take over only under load: several sources active, and frames waiting for
+   * each other (more than one queued now, or one that found the sessions busy within the last two runs or
+   * 20 ms). Otherwise the configured, wider session serves: a lone stream, or cameras whose frames do not
+   * overlap, get a frame's latency on every core. A kind with no session available gives way to the other.
    */
   private underLoadLane(now: number): boolean {
     if (this.underLoadCount === 0) return false;
     const running = this.instances.find((i) => i.inFlight.length > 0);
     if (running) return running.underLoad;
-    const wanted = this.activeSources(now) > 1;
+    const contended = this.queue.length > 1 || now - this.lastContendedAt <= Math.max(CONTENTION_WINDOW_MS, 2 * this.lastExecutionMs);
+    const wanted = contended && this.activeSources(now) > 1;
     return this.instances.some((i) => i.underLoad === wanted && i.session.available) ? wanted : !wanted;
   }
 
