@@ -5,11 +5,12 @@ import { join } from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { runtimeSchema } from '../agent/config/schema.js';
 import { ModelRepository } from '../agent/models/index.js';
-import { ModelScheduler, type ExecutionRecord, type LoadedModel, type Tensor } from '../agent/runtime/index.js';
+import { InferenceRuntime, ModelScheduler, type ExecutionRecord, type LoadedModel, type Tensor } from '../agent/runtime/index.js';
 import { loadModelVersion, type LoadOutcome } from '../agent/runtime/model-loader.js';
 import type { SessionInstance } from '../agent/runtime/session-instance.js';
 import { mulberry32 as seeded } from '../scripts/demo-models.js';
-import { silentLogger } from '../agent/logger.js';
+import { Writable } from 'node:stream';
+import { createLogger, silentLogger } from '../agent/logger.js';
 import { copyDemoRepo, DEMO_REPO, startRuntime, tempDir } from './helpers/runtime.js';
 
 function randomImage(rnd: () => number): Tensor {
@@ -105,14 +106,14 @@ t.test('several streams run on the sessions for load, a lone stream on the wide 
     observer: { onExecution: (e) => records.push(e) },
   });
   // Opening them failed (out of memory, a file gone): the configured session goes on serving alone.
-  await t.rejects(scheduler.addUnderLoadInstances(Promise.reject(new Error('no memory for another session'))), /no memory/, 'a failed open is reported to the caller');
+  await t.rejects(scheduler.addUnderLoadInstances(() => Promise.reject(new Error('no memory for another session'))), /no memory/, 'a failed open is reported to the caller');
   t.same(scheduler.sessionCounts, { configured: 1, underLoad: 0 }, 'and nothing joined');
   const alone = await scheduler.submit({ inputs: { image: randomImage(seeded(20)) }, streamKey: {} });
   t.same(alone.outputs.logits?.shape, [1, 10], 'the model still serves on its configured session');
   await new Promise((r) => setTimeout(r, 250)); // that frame's stream has gone quiet before the lone stream below
   records.length = 0;
   const opened = await (outcome.underLoad as NonNullable<LoadOutcome['underLoad']>).open();
-  t.equal(await scheduler.addUnderLoadInstances(Promise.resolve(opened.map((s) => recording(s, true, spans, released)))), 2, 'both joined');
+  t.equal(await scheduler.addUnderLoadInstances(() => Promise.resolve(opened.map((s) => recording(s, true, spans, released)))), 2, 'both joined');
   t.same(scheduler.sessionCounts, { configured: 1, underLoad: 2 });
 
   const rnd = seeded(21);
@@ -167,12 +168,23 @@ t.test('several streams run on the sessions for load, a lone stream on the wide 
   t.equal(overlaps.length, 0, `no run of the wide session overlapped one of the sessions for load (${spans.length} runs)`);
   t.ok(spans.some((a) => a.underLoad && spans.some((b) => b !== a && b.underLoad && b.start < a.end && a.start < b.end)), 'the sessions for load ran side by side');
 
-  await scheduler.close();
-  t.equal(released.length, 3, 'close releases the wide session and both sessions for load');
+  // Sessions still opening when close begins: close waits for them, and they are released, not joined.
   const late = await (outcome.underLoad as NonNullable<LoadOutcome['underLoad']>).open();
   const lateReleased: SessionInstance[] = [];
-  t.equal(await scheduler.addUnderLoadInstances(Promise.resolve(late.map((s) => recording(s, true, [], lateReleased)))), 0, 'sessions that open after close do not join');
+  let finishOpening: (sessions: SessionInstance[]) => void = () => undefined;
+  const joining = scheduler.addUnderLoadInstances(() => new Promise((resolve) => { finishOpening = resolve; }));
+  let closed = false;
+  const closing = scheduler.close().then(() => { closed = true; });
+  await new Promise((r) => setTimeout(r, 50));
+  t.notOk(closed, 'close waits for sessions still opening');
+  finishOpening(late.map((s) => recording(s, true, [], lateReleased)));
+  t.equal(await joining, 0, 'sessions that finish opening after close began do not join');
+  await closing;
   t.equal(lateReleased.length, 2, 'they are released instead');
+  t.equal(released.length, 3, 'close releases the wide session and both sessions for load');
+  let called = false;
+  t.equal(await scheduler.addUnderLoadInstances(() => { called = true; return Promise.resolve([]); }), 0, 'after close nothing joins');
+  t.notOk(called, 'and nothing is opened');
 });
 
 t.test('the runtime opens them once the model serves, and reports them', async (t) => {
@@ -191,6 +203,20 @@ t.test('the runtime opens them once the model serves, and reports them', async (
     for (let k = 0; k < 4; k++) await rt.submit('classifier', undefined, { inputs: { image: randomImage(rnd) }, streamKey: key });
   }));
   t.ok(records.some((r) => r.underLoad), 'several streams ran on them');
+
+  // Start-up loads every model before any sessions for load open (a load times its runs to place the model,
+  // and their warm-up would share the cores); each model's opening is logged at debug level.
+  const lines: { msg: string; model?: string }[] = [];
+  const log = createLogger({ level: 'debug', destination: new Writable({ write(chunk, _enc, cb) { lines.push(JSON.parse(String(chunk)) as { msg: string; model?: string }); cb(); } }) });
+  const both = copyDemoRepo(t, ['classifier', 'tiny']);
+  writeFileSync(join(both, 'classifier', 'config.yaml'), 'instances_under_load: 2\n');
+  writeFileSync(join(both, 'tiny', 'config.yaml'), 'instances_under_load: 0\n');
+  const third = new InferenceRuntime({ repository: new ModelRepository(both), config: runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'worker' }), dataDir: tempDir(t, 'edge-data-'), log });
+  await third.start();
+  t.teardown(() => third.close());
+  while (third.modelInfo('classifier').instancesUnderLoad < 2 && Date.now() < deadline + 30_000) await new Promise((r) => setTimeout(r, 20));
+  const order = lines.filter((l) => l.msg === 'model ready' || l.msg === 'opening instances under load').map((l) => `${l.msg} ${l.model}`);
+  t.same(order, ['model ready classifier', 'model ready tiny', 'opening instances under load classifier'], 'the classifier\'s sessions for load open only after tiny, loaded after it, is ready');
 
   // A runtime closed while they are still opening: close waits for them and releases them.
   const second = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution: 'worker' });

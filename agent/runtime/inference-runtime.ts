@@ -54,6 +54,15 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   /** Set by close(): loads queued or finishing after it must not leave sessions (and worker threads) behind. */
   private closing = false;
   private sweeper: NodeJS.Timeout | undefined;
+  /**
+   * Sessions for load open in the background, one model at a time, and never while a model loads: a load times
+   * its runs to place the model (`auto`), and the one-thread sessions' warm-up on the same cores once made tiny
+   * read slower than its inline bound. Loads in progress (and start-up, which loads every model) hold them back.
+   */
+  private loadsInProgress = 0;
+  private starting = false;
+  private readonly underLoadWaiting: (() => Promise<void>)[] = [];
+  private underLoadOpening: Promise<void> | undefined;
 
   constructor(private readonly options: InferenceRuntimeOptions) {}
 
@@ -63,7 +72,13 @@ export class InferenceRuntime implements InferenceRuntimeApi {
     for (const entry of entries) {
       this.slots.set(entry.name, { entry, state: 'LOADING', others: new Set(), op: Promise.resolve() });
     }
-    for (const entry of entries) await this.loadModel(entry.name).catch(() => undefined);
+    this.starting = true;
+    try {
+      for (const entry of entries) await this.loadModel(entry.name).catch(() => undefined);
+    } finally {
+      this.starting = false;
+    }
+    this.openNextUnderLoad();
     const idle = this.options.config.sequence_idle_timeout_s * 1000;
     this.sweeper = setInterval(() => {
       for (const slot of this.slots.values()) slot.active?.sequences.sweep();
@@ -222,6 +237,29 @@ export class InferenceRuntime implements InferenceRuntimeApi {
   }
 
   private async activateLoaded(slot: ModelSlot, version: number, options: ActivateOptions = {}): Promise<void> {
+    this.loadsInProgress++;
+    try {
+      // Counted first, so no open starts meanwhile; one already opening is waited for.
+      await this.underLoadOpening;
+      await this.loadAndSwitch(slot, version, options);
+    } finally {
+      this.loadsInProgress--;
+      this.openNextUnderLoad();
+    }
+  }
+
+  /** Opens the next model's sessions for load, if nothing loads and none are opening. */
+  private openNextUnderLoad(): void {
+    if (this.starting || this.closing || this.loadsInProgress > 0 || this.underLoadOpening) return;
+    const next = this.underLoadWaiting.shift();
+    if (!next) return;
+    this.underLoadOpening = next().finally(() => {
+      this.underLoadOpening = undefined;
+      this.openNextUnderLoad();
+    });
+  }
+
+  private async loadAndSwitch(slot: ModelSlot, version: number, options: ActivateOptions): Promise<void> {
     const model = slot.entry.name;
     const ve = slot.entry.versions.find((v) => v.version === version);
     if (!ve) throw new ModelNotFoundError(model, version);
@@ -276,10 +314,13 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       if (underLoad) {
         // In the background: the model serves on its configured instances meanwhile, so READY (and cold start)
         // does not wait for sessions that only pay under load.
-        void scheduler.addUnderLoadInstances(underLoad.open()).then((joined) => {
-          if (joined > 0) this.options.log.info({ model, version: m.version, instances_under_load: joined, intra_op_threads: underLoad.intraOpThreads }, 'instances under load ready');
-        }, (err: unknown) => {
-          this.options.log.warn({ model, version: m.version, err: errorMessage(err) }, 'instances under load failed to open: the configured instances serve alone');
+        this.underLoadWaiting.push(() => {
+          this.options.log.debug({ model, version: m.version, instances_under_load: underLoad.count }, 'opening instances under load');
+          return scheduler.addUnderLoadInstances(() => underLoad.open()).then((joined) => {
+            if (joined > 0) this.options.log.info({ model, version: m.version, instances_under_load: joined, intra_op_threads: underLoad.intraOpThreads }, 'instances under load ready');
+          }, (err: unknown) => {
+            this.options.log.warn({ model, version: m.version, err: errorMessage(err) }, 'instances under load failed to open: the configured instances serve alone');
+          });
         });
       }
       if (previous && previous !== scheduler) {

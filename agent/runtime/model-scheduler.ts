@@ -133,11 +133,13 @@ export class ModelScheduler {
 
   /**
    * Adds the sessions that serve instead of the configured ones while several sources feed the model
-   * (`instances_under_load`), once they are open and warm; until then the configured ones serve alone. Sessions
-   * that arrive once the scheduler stopped accepting are released instead. Resolves with how many joined.
+   * (`instances_under_load`), once they are open and warm; until then the configured ones serve alone. Nothing
+   * is opened once the scheduler stopped accepting, and sessions that arrive after that are released instead.
+   * Resolves with how many joined.
    */
-  addUnderLoadInstances(opening: Promise<readonly SessionInstance[]>): Promise<number> {
-    const joined = opening.then(async (sessions) => {
+  addUnderLoadInstances(open: () => Promise<readonly SessionInstance[]>): Promise<number> {
+    if (this.closing || !this.accepting) return Promise.resolve(0);
+    const joined = open().then(async (sessions) => {
       if (this.closing || !this.accepting) {
         await Promise.all(sessions.map((s) => s.release().catch(() => undefined)));
         return 0;
