@@ -147,7 +147,11 @@ t.test('a stream\'s own sequence outlives the idle timeout and a version switch;
 });
 
 t.test('two reloads while the first old version still drains: inFlight, drain and close count every version', async (t) => {
-  const rt = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution: 'worker' });
+  // One session, no sessions for load: the backlog below is sized against one session's pace, and sessions
+  // for load would run it about a fifth faster (and the second reload waits for the first one's to open).
+  const repo = copyDemoRepo(t, ['classifier']);
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'instances_under_load: 0\n');
+  const rt = await startRuntime(t, repo, { execution: 'worker' });
   const rnd = seeded(15);
   const image = f32([1, 3, 112, 112], rnd);
   let answered = 0;
