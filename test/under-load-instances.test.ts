@@ -187,38 +187,50 @@ t.test('several streams run on the sessions for load, a lone stream on the wide 
   t.notOk(called, 'and nothing is opened');
 });
 
-t.test('the runtime opens them once the model serves, and reports them', async (t) => {
-  const repo = copyDemoRepo(t, ['classifier']);
-  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'instances_under_load: 2\n');
-  const records: ExecutionRecord[] = [];
-  const rt = await startRuntime(t, repo, { execution: 'worker' }, { onExecution: (e) => records.push(e) });
-  t.equal(rt.modelInfo('classifier').state, 'READY');
-  const deadline = Date.now() + 30_000;
-  while (rt.modelInfo('classifier').instancesUnderLoad < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
-  t.equal(rt.modelInfo('classifier').instancesUnderLoad, 2, 'model info counts them once they joined');
-  t.equal(rt.modelInfo('classifier').instanceCount, 1, 'beside the one configured instance');
-  const rnd = seeded(22);
-  await Promise.all(Array.from({ length: 6 }, async () => {
-    const key = {};
-    for (let k = 0; k < 4; k++) await rt.submit('classifier', undefined, { inputs: { image: randomImage(rnd) }, streamKey: key });
-  }));
-  t.ok(records.some((r) => r.underLoad), 'several streams ran on them');
-
-  // Start-up loads every model before any sessions for load open (a load times its runs to place the model,
-  // and their warm-up would share the cores); each model's opening is logged at debug level.
+t.test('the runtime opens them when the model first sees load, never while a model loads, and reports them', async (t) => {
   const lines: { msg: string; model?: string }[] = [];
   const log = createLogger({ level: 'debug', destination: new Writable({ write(chunk, _enc, cb) { lines.push(JSON.parse(String(chunk)) as { msg: string; model?: string }); cb(); } }) });
-  const both = copyDemoRepo(t, ['classifier', 'tiny']);
-  writeFileSync(join(both, 'classifier', 'config.yaml'), 'instances_under_load: 2\n');
-  writeFileSync(join(both, 'tiny', 'config.yaml'), 'instances_under_load: 0\n');
-  const third = new InferenceRuntime({ repository: new ModelRepository(both), config: runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'worker' }), dataDir: tempDir(t, 'edge-data-'), log });
-  await third.start();
-  t.teardown(() => third.close());
-  while (third.modelInfo('classifier').instancesUnderLoad < 2 && Date.now() < deadline + 30_000) await new Promise((r) => setTimeout(r, 20));
-  const order = lines.filter((l) => l.msg === 'model ready' || l.msg === 'opening instances under load').map((l) => `${l.msg} ${l.model}`);
-  t.same(order, ['model ready classifier', 'model ready tiny', 'opening instances under load classifier'], 'the classifier\'s sessions for load open only after tiny, loaded after it, is ready');
+  const repo = copyDemoRepo(t, ['classifier', 'tiny']);
+  writeFileSync(join(repo, 'classifier', 'config.yaml'), 'instances_under_load: 2\n');
+  writeFileSync(join(repo, 'tiny', 'config.yaml'), 'instances_under_load: 0\n');
+  const records: ExecutionRecord[] = [];
+  const rt = new InferenceRuntime({
+    repository: new ModelRepository(repo), config: runtimeSchema.parse({ execution_providers: ['cpu'], execution: 'worker' }),
+    dataDir: tempDir(t, 'edge-data-'), log, observer: { onExecution: (e) => records.push(e) },
+  });
+  await rt.start();
+  t.teardown(() => rt.close());
+  t.equal(rt.modelInfo('classifier').state, 'READY');
+  const rnd = seeded(22);
+  const streams = (n: number, frames: number): Promise<unknown> => Promise.all(Array.from({ length: n }, async () => {
+    const key = {};
+    for (let k = 0; k < frames; k++) await rt.submit('classifier', undefined, { inputs: { image: randomImage(rnd) }, streamKey: key });
+  }));
+  const opening = (): number => lines.findIndex((l) => l.msg === 'opening instances under load');
+
+  await streams(1, 5);
+  await new Promise((r) => setTimeout(r, 200));
+  t.equal(rt.modelInfo('classifier').instancesUnderLoad, 0, 'a lone stream opens none');
+  t.equal(opening(), -1, 'nor starts opening them');
+
+  // Load arrives while tiny reloads: the sessions open once tiny is ready, not during its load (a load times
+  // its runs to place the model, and their warm-up would share the cores).
+  const reloading = rt.loadModel('tiny');
+  await new Promise((r) => setImmediate(r)); // its load has begun (it opens a worker thread, far longer than this)
+  await streams(6, 4);
+  await reloading;
+  const deadline = Date.now() + 30_000;
+  while (rt.modelInfo('classifier').instancesUnderLoad < 2 && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+  t.equal(rt.modelInfo('classifier').instancesUnderLoad, 2, 'several streams waiting for each other open them, and model info counts them');
+  t.equal(rt.modelInfo('classifier').instanceCount, 1, 'beside the one configured instance');
+  const tinyReady = lines.map((l) => `${l.msg} ${l.model}`).lastIndexOf('model ready tiny');
+  t.ok(tinyReady >= 0 && opening() > tinyReady, `they started opening after tiny's reload was ready (log lines ${tinyReady} and ${opening()})`);
+  records.length = 0;
+  await streams(6, 4);
+  t.ok(records.some((r) => r.underLoad), 'several streams ran on them');
 
   // A runtime closed while they are still opening: close waits for them and releases them.
   const second = await startRuntime(t, copyDemoRepo(t, ['classifier']), { execution: 'worker' });
+  await Promise.all(Array.from({ length: 4 }, () => second.submit('classifier', undefined, { inputs: { image: randomImage(rnd) }, streamKey: {} })));
   await t.resolves(second.close(), 'close during the background open resolves');
 });

@@ -43,7 +43,8 @@ export const modelConfigSchema = z.strictObject({
    * lone stream keeps the wide session's latency; under load, sessions of one thread each lose nothing to
    * threads waiting on each other while gRPC and the clients take a core. `auto`: min(cores, 4) when the
    * machine has 2 or more cores, the model has one instance and no thread count set, and its file is at most
-   * 64 MB (each session holds its own weights); 0: none. Opened in the background once the model serves.
+   * 64 MB (each session holds its own weights); 0: none. Opened in the background the first time the model
+   * sees load, so a model that only ever serves one stream never holds them.
    */
   instances_under_load: z.union([z.literal('auto'), z.number().int().min(0).max(16)]).default('auto'),
   execution_providers: z.array(z.enum(EXECUTION_PROVIDERS)).min(1).optional(),

@@ -312,15 +312,19 @@ export class InferenceRuntime implements InferenceRuntimeApi {
       this.options.observer?.onModelEvent?.({ type: 'model-ready', model, version: m.version, provider: m.provider, variant: m.variant });
       const underLoad = outcome.underLoad;
       if (underLoad) {
-        // In the background: the model serves on its configured instances meanwhile, so READY (and cold start)
-        // does not wait for sessions that only pay under load.
-        this.underLoadWaiting.push(() => {
+        // Opened in the background once the model first sees load: READY (and cold start) does not wait for
+        // sessions that only pay under load, and a model that never sees load never holds them.
+        const openUnderLoad = (): Promise<void> => {
           this.options.log.debug({ model, version: m.version, instances_under_load: underLoad.count }, 'opening instances under load');
           return scheduler.addUnderLoadInstances(() => underLoad.open()).then((joined) => {
             if (joined > 0) this.options.log.info({ model, version: m.version, instances_under_load: joined, intra_op_threads: underLoad.intraOpThreads }, 'instances under load ready');
           }, (err: unknown) => {
             this.options.log.warn({ model, version: m.version, err: errorMessage(err) }, 'instances under load failed to open: the configured instances serve alone');
           });
+        };
+        scheduler.whenLoaded(() => {
+          this.underLoadWaiting.push(openUnderLoad);
+          this.openNextUnderLoad();
         });
       }
       if (previous && previous !== scheduler) {

@@ -90,6 +90,8 @@ export class ModelScheduler {
   private underLoadCount = 0;
   /** When a frame last found every session it could start on busy (performance.now() ms). */
   private lastContendedAt = -Infinity;
+  /** Told once, the first time frames of several sources wait for each other (see `whenLoaded`). */
+  private onFirstLoad: (() => void) | undefined;
   /** Settles once the under-load sessions being opened have joined (or been released). */
   private underLoadJoining: Promise<void> | undefined;
   private readonly latestByStream = new WeakMap<object, Pending>();
@@ -151,6 +153,14 @@ export class ModelScheduler {
     });
     this.underLoadJoining = joined.then(() => undefined, () => undefined);
     return joined;
+  }
+
+  /**
+   * Calls `fn` once, the first time frames of several sources wait for busy sessions: the moment sessions for
+   * load would start to pay. A model that only ever serves one stream never opens them (nor holds their memory).
+   */
+  whenLoaded(fn: () => void): void {
+    this.onFirstLoad = fn;
   }
 
   /** Sessions serving this version: the configured ones, and those that serve under load once they joined. */
@@ -264,7 +274,14 @@ export class ModelScheduler {
           this.refuseQueued();
           return;
         }
-        if (this.queue.length > 0) this.lastContendedAt = now;
+        if (this.queue.length > 0) {
+          this.lastContendedAt = now;
+          if (this.onFirstLoad && this.activeSources(now) > 1) {
+            const told = this.onFirstLoad;
+            this.onFirstLoad = undefined;
+            told();
+          }
+        }
         // A configured session running while several sources feed the model is not handed more: once its run
         // ends, the load moves to the under-load sessions.
         if (!lane && this.underLoadCount > 0 && this.activeSources(now) > 1 && this.instances.some((i) => i.underLoad && i.session.available)) return;
